@@ -1,0 +1,264 @@
+//! `ladimo`: inspect, run and score LLaMA-family / HyperCLOVA X checkpoints (and, later, MoEfy them).
+//!
+//! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
+//! (`smollm2-135m`), which is fetched into the cache on first use.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ladimo_io::{Checkpoint, DType, fetch};
+use ladimo_model::Transformer;
+use ladimo_model::generate::{SamplingConfig, generate};
+use ladimo_model::perplexity::perplexity;
+
+#[derive(Parser)]
+#[command(
+    name = "ladimo",
+    version,
+    about = "Layer-wise distillation MoEfier for LLaMA-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Architecture, hyperparameters, parameter counts and tensor dtypes of a checkpoint.
+    Inspect { model: String },
+    /// Generate text after a prompt (streaming, KV cache).
+    Generate {
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Wrap the prompt in the checkpoint's chat template (ChatML) as one user turn.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Perplexity of a text file: non-overlapping windows, each scored on its own, no BOS.
+    Perplexity {
+        model: String,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Use only the first N tokens of the file.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// A path, or a known model's name (fetched on first use).
+fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    if let Ok(m) = fetch::known_model(arg) {
+        return Ok(fetch::fetch_model(m)?);
+    }
+    bail!("{arg}: no such file or directory (and not a known model name)")
+}
+
+fn open(arg: &str) -> Result<Checkpoint> {
+    let path = resolve_model(arg)?;
+    Ok(Checkpoint::open(&path)?)
+}
+
+fn load(ckpt: &Checkpoint) -> Result<Transformer> {
+    let t = Instant::now();
+    let model = Transformer::from_checkpoint(ckpt, &ladimo_backend::device())?;
+    tracing::info!(
+        "loaded {} in {:.2?} on {}",
+        ckpt.path.display(),
+        t.elapsed(),
+        ladimo_backend::name()
+    );
+    Ok(model)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { model } => inspect(&open(&model)?),
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+        } => {
+            let ckpt = open(&model)?;
+            let tok = ckpt.tokenizer()?;
+            let text = if chat {
+                tok.apply_chat_template(&prompt)
+                    .context("the checkpoint has no ChatML chat template")?
+            } else {
+                prompt.clone()
+            };
+            let ids = tok.encode(&text)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty after tokenization");
+            }
+            let model = load(&ckpt)?;
+            let mut stop = ckpt.config.eos_token_ids.clone();
+            if chat && let Some(id) = tok.token_to_id("<|im_end|>") {
+                stop.push(id);
+            }
+            let cfg = SamplingConfig {
+                temperature,
+                top_p,
+                seed,
+                max_new_tokens,
+                stop_tokens: stop,
+            };
+            print!("{prompt}");
+            std::io::stdout().flush()?;
+            let mut out = Vec::new();
+            let mut shown = 0;
+            let t = Instant::now();
+            let n = generate(&model, &ids, &cfg, |id| {
+                out.push(id);
+                // Decode everything so far and print what is new, holding back an incomplete UTF-8 tail.
+                if let Ok(s) = tok.decode(&out)
+                    && !s.ends_with('\u{FFFD}')
+                    && s.len() > shown
+                {
+                    print!("{}", &s[shown..]);
+                    let _ = std::io::stdout().flush();
+                    shown = s.len();
+                }
+            })
+            .len();
+            println!();
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "[{n} tokens in {secs:.2} s, {:.1} tokens/s, backend {}]",
+                n as f64 / secs,
+                ladimo_backend::name()
+            );
+            Ok(())
+        }
+        Cmd::Perplexity {
+            model,
+            text,
+            seq_len,
+            max_tokens,
+        } => {
+            if seq_len < 2 {
+                bail!("--seq-len must be at least 2");
+            }
+            let bytes = std::fs::read(&text).with_context(|| format!("{}: cannot read", text.display()))?;
+            let s =
+                String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", text.display()))?;
+            if s.trim().is_empty() {
+                bail!("{}: the text is empty", text.display());
+            }
+            let ckpt = open(&model)?;
+            let mut ids = ckpt.tokenizer()?.encode(&s)?;
+            if let Some(m) = max_tokens {
+                if m > ids.len() {
+                    tracing::warn!(
+                        "{}: --max-tokens {m} but the text has only {} tokens",
+                        text.display(),
+                        ids.len()
+                    );
+                }
+                ids.truncate(m);
+            }
+            if ids.len() < 2 {
+                bail!(
+                    "{}: only {} token(s); perplexity needs at least 2",
+                    text.display(),
+                    ids.len()
+                );
+            }
+            let model = load(&ckpt)?;
+            let t = Instant::now();
+            let r = perplexity(&model, &ids, seq_len, |done, total| eprint!("\rwindow {done}/{total}"));
+            eprintln!();
+            println!("perplexity: {:.4}", r.perplexity);
+            println!(
+                "tokens: {} ({} predicted, {} windows of up to {seq_len}, {:.1} s)",
+                ids.len(),
+                r.predicted_tokens,
+                r.windows,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn inspect(ckpt: &Checkpoint) -> Result<()> {
+    let c = &ckpt.config;
+    println!("file:          {} ({:?})", ckpt.path.display(), ckpt.format);
+    println!("architecture:  {:?}", c.architecture);
+    println!("layers:        {}", c.num_layers);
+    println!("hidden:        {}", c.hidden_size);
+    println!("ffn:           {}", c.intermediate_size);
+    println!(
+        "heads:         {} (kv {}, head_dim {})",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("vocab:         {}", c.vocab_size);
+    println!("rope:          theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+    println!("rms eps:       {}", c.rms_norm_eps);
+    println!("context:       {}", c.max_position_embeddings);
+    println!("tied emb:      {}", c.tie_word_embeddings);
+    if c.architecture == ladimo_io::Architecture::HyperClovaX {
+        println!(
+            "muP:           embedding x{} attention x{} residual x{} logits x{}; post-norm {}",
+            c.embedding_multiplier, c.attention_multiplier, c.residual_multiplier, c.logits_scaling, c.use_post_norm
+        );
+    }
+    let m = |x: usize| format!("{:>12} ({:.1} M)", x, x as f64 / 1e6);
+    println!("parameters:");
+    println!("  total        {}", m(c.total_params()));
+    println!("  embeddings   {}", m(c.embedding_params()));
+    println!("  attention    {}", m(c.num_layers * c.attention_params()));
+    println!("  ffn          {}", m(c.num_layers * c.ffn_params()));
+    println!("  norms        {}", m(c.num_layers * c.norm_params() + c.hidden_size));
+    let infos = ckpt.weights.infos();
+    let in_file: usize = infos.iter().map(|i| i.shape.iter().product::<usize>()).sum();
+    println!("  in file      {} in {} tensors", m(in_file), infos.len());
+    let mut by_dtype: std::collections::BTreeMap<DType, (usize, usize)> = Default::default();
+    for i in &infos {
+        let e = by_dtype.entry(i.dtype).or_default();
+        e.0 += 1;
+        e.1 += i.shape.iter().product::<usize>();
+    }
+    println!("dtypes:");
+    for (d, (n, p)) in by_dtype {
+        println!("  {d:<6} {n:>4} tensors {}", m(p));
+    }
+    match ckpt.tokenizer() {
+        Ok(t) => println!("tokenizer:     {} tokens", t.vocab_size()),
+        Err(e) => println!("tokenizer:     none ({e})"),
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Tokenizers: Hugging Face `tokenizer.json`, or one rebuilt from GGUF `tokenizer.ggml.*` metadata.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, GgufValue};
+
+/// A text <-> token-id mapping (a thin wrapper over the `tokenizers` crate).
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The chat template, when the checkpoint carries one (only ChatML is rendered).
+    pub chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::format(&path, format!("cannot read tokenizer: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let chat_template = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(Value::as_str).map(String::from));
+        Ok(Self { inner, chat_template })
+    }
+
+    /// Rebuild the tokenizer that llama.cpp uses for this GGUF (byte-level BPE, `gpt2` model).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let json = gguf_tokenizer_json(file)?;
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| Error::format(&file.path, format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let chat_template = file
+            .get("tokenizer.chat_template")
+            .and_then(GgufValue::as_str)
+            .map(String::from);
+        Ok(Self { inner, chat_template })
+    }
+
+    /// Token ids of `text`, with no BOS or other added tokens; special-token strings are recognised.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Format {
+            path: "<tokenizer>".into(),
+            msg: e.to_string(),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Format {
+            path: "<tokenizer>".into(),
+            msg: e.to_string(),
+        })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Render a single user turn with the checkpoint's chat template (ChatML only).
+    pub fn apply_chat_template(&self, user: &str) -> Option<String> {
+        let t = self.chat_template.as_deref()?;
+        if !t.contains("<|im_start|>") {
+            return None;
+        }
+        let system = if t.contains("You are a helpful AI assistant named SmolLM") {
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        } else {
+            ""
+        };
+        Some(format!(
+            "{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ))
+    }
+}
+
+/// The `tokenizer.json` equivalent of a GGUF's byte-level BPE tokenizer.
+fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
+    let path = &file.path;
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
+    if model != "gpt2" {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "GGUF tokenizer model `{model}` (supported: gpt2 byte-level BPE); use a Hugging Face directory with tokenizer.json"
+            ),
+        ));
+    }
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("default");
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        // llama.cpp's SMOLLM pre-tokenizer: every digit on its own, then the GPT-2 regex.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "gpt2" | "default" => byte_level,
+        other => {
+            return Err(Error::unsupported(
+                path,
+                format!("GGUF pre-tokenizer `{other}` (supported: smollm, gpt2, default)"),
+            ));
+        }
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        file.get(key)
+            .and_then(GgufValue::as_array)
+            .ok_or_else(|| Error::format(path, format!("missing metadata `{key}`")))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| Error::format(path, format!("`{key}` holds a non-string")))
+            })
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+        .map(|a| a.iter().filter_map(GgufValue::as_i64).collect())
+        .unwrap_or_default();
+    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Control (3) and user-defined (4) tokens are matched whole, before the model sees the text.
+    let added: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t == 3 || t == 4)
+        .map(|(i, &t)| {
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": t == 3})
+        })
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}

@@ -1,0 +1,89 @@
+//! The feed-forward block behind a trait, and the dense SwiGLU FFN of LLaMA.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor, activation::silu};
+use ladimo_io::HostTensor;
+
+use crate::util::{to_tensor, transpose_host};
+
+/// What a decoder layer needs from its feed-forward block. A dense SwiGLU and an MoE block both
+/// implement it, so a model can mix them layer by layer.
+pub trait FeedForward: Send + Sync + std::fmt::Debug {
+    /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+    /// All parameters of the block.
+    fn total_params(&self) -> usize;
+    /// Parameters one token activates, on average over the tokens seen so far (exact for dense).
+    fn active_params_per_token(&self) -> f64;
+    /// A short description for logs and `inspect` (e.g. `dense 576x1536`).
+    fn describe(&self) -> String;
+}
+
+/// LLaMA's FFN: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct DenseFfn {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+fn linear(w: &HostTensor, b: Option<HostTensor>, device: &Device) -> Linear {
+    Linear {
+        weight: Param::from_tensor(to_tensor(transpose_host(w), device)),
+        bias: b.map(|b| Param::from_tensor(to_tensor(b, device))),
+    }
+}
+
+impl DenseFfn {
+    /// From PyTorch-layout weights: gate/up `[inter, hidden]`, down `[hidden, inter]`.
+    pub fn from_host(
+        gate: &HostTensor,
+        up: &HostTensor,
+        down: &HostTensor,
+        biases: Option<[HostTensor; 3]>,
+        device: &Device,
+    ) -> Self {
+        let [bg, bu, bd] = match biases {
+            Some([a, b, c]) => [Some(a), Some(b), Some(c)],
+            None => [None, None, None],
+        };
+        Self {
+            gate_proj: linear(gate, bg, device),
+            up_proj: linear(up, bu, device),
+            down_proj: linear(down, bd, device),
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.gate_proj.weight.dims()[0]
+    }
+
+    pub fn intermediate_size(&self) -> usize {
+        self.gate_proj.weight.dims()[1]
+    }
+
+    /// Works on any rank (`[.., hidden]`), for callers that hold tokens flattened.
+    pub fn forward_any<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let g = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}
+
+impl FeedForward for DenseFfn {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_any(x)
+    }
+
+    fn total_params(&self) -> usize {
+        self.num_params()
+    }
+
+    fn active_params_per_token(&self) -> f64 {
+        self.num_params() as f64
+    }
+
+    fn describe(&self) -> String {
+        format!("dense {}x{}", self.hidden_size(), self.intermediate_size())
+    }
+}

