@@ -97,9 +97,9 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
         .unwrap_or_else(|| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_torch_forward.py");
     let out = Command::new(&python)
-        .args([script, &path.to_string_lossy(), "--prompt-len", &prompt_len.to_string()])
+        .args([script, "--gguf", &path.to_string_lossy(), "--prefill-len", &prompt_len.to_string()])
         .args([
-            "--decode-tokens",
+            "--decode-new",
             &decode_tokens.to_string(),
             "--repeats",
             &repeats.to_string(),
