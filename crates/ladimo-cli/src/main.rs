@@ -152,7 +152,7 @@ fn run(cli: Cli) -> Result<()> {
                     let _ = std::io::stdout().flush();
                     shown = s.len();
                 }
-            })
+            })?
             .len();
             println!();
             let secs = t.elapsed().as_secs_f64();
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let model = load(&ckpt)?;
             let t = Instant::now();
-            let r = perplexity(&model, &ids, seq_len, |done, total| eprint!("\rwindow {done}/{total}"));
+            let r = perplexity(&model, &ids, seq_len, |done, total| eprint!("\rwindow {done}/{total}"))?;
             eprintln!();
             println!("perplexity: {:.4}", r.perplexity);
             println!(

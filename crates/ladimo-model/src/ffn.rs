@@ -7,11 +7,14 @@ use ladimo_io::HostTensor;
 
 use crate::util::{to_tensor, transpose_host};
 
+/// An error a feed-forward block hits at run time (e.g. NaN router logits in an MoE block).
+pub type FfnError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a decoder layer needs from its feed-forward block. A dense SwiGLU and an MoE block both
 /// implement it, so a model can mix them layer by layer.
 pub trait FeedForward: Send + Sync + std::fmt::Debug {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, FfnError>;
     /// All parameters of the block.
     fn total_params(&self) -> usize;
     /// Parameters one token activates, on average over the tokens seen so far (exact for dense).
@@ -71,8 +74,8 @@ impl DenseFfn {
 }
 
 impl FeedForward for DenseFfn {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_any(x)
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, FfnError> {
+        Ok(self.forward_any(x))
     }
 
     fn total_params(&self) -> usize {

@@ -3,7 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::llama::{KvCache, Transformer};
+use crate::llama::{KvCache, ModelError, Transformer};
 use crate::util::{ids_tensor, to_vec};
 
 #[derive(Debug, Clone)]
@@ -77,7 +77,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Generate after `prompt`, calling `on_token` with each new id as soon as it is chosen.
 /// Returns the generated ids (the stop token included if one was hit).
-pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig, mut on_token: impl FnMut(u32)) -> Vec<u32> {
+pub fn generate(
+    model: &Transformer,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, ModelError> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut cache = KvCache::new(model.layers.len());
@@ -87,7 +92,7 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig, mut o
         if cache.len() + input.len() > model.rope.max_positions {
             break;
         }
-        let logits = to_vec(model.forward_last(ids_tensor(&input, 1, &model.device), &mut cache));
+        let logits = to_vec(model.forward_last(ids_tensor(&input, 1, &model.device), &mut cache)?);
         let next = sample(&logits, cfg, &mut rng);
         out.push(next);
         on_token(next);
@@ -96,5 +101,5 @@ pub fn generate(model: &Transformer, prompt: &[u32], cfg: &SamplingConfig, mut o
         }
         input = vec![next];
     }
-    out
+    Ok(out)
 }

@@ -15,6 +15,6 @@ pub mod perplexity;
 mod rope;
 pub mod util;
 
-pub use ffn::{DenseFfn, FeedForward};
+pub use ffn::{DenseFfn, FeedForward, FfnError};
 pub use llama::{Attention, DecoderLayer, KvCache, ModelError, ParamCounts, Transformer, load_dense_ffn};
 pub use rope::Rope;

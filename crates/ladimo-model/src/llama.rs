@@ -28,6 +28,12 @@ pub enum ModelError {
     Io(#[from] ladimo_io::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error("layer {layer} feed-forward: {source}")]
+    Ffn {
+        layer: usize,
+        #[source]
+        source: crate::ffn::FfnError,
+    },
 }
 
 fn linear(
@@ -164,10 +170,15 @@ impl DecoderLayer {
         h + scale(f, self.residual_multiplier)
     }
 
-    pub fn forward(&self, h: Tensor<3>, rope: &Rope, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        h: Tensor<3>,
+        rope: &Rope,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Result<Tensor<3>, crate::ffn::FfnError> {
         let (h, x) = self.attention_part(h, rope, cache);
-        let f = self.ffn.forward(x);
-        self.ffn_residual(h, f)
+        let f = self.ffn.forward(x)?;
+        Ok(self.ffn_residual(h, f))
     }
 }
 
@@ -317,15 +328,17 @@ impl Transformer {
     }
 
     /// Final hidden states (after the last norm) for `ids: [batch, seq]`, extending `cache`.
-    pub fn forward_hidden(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+    pub fn forward_hidden(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Result<Tensor<3>, ModelError> {
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
         let mut h = self.embed(ids);
-        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, &self.rope, c);
+        for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            h = layer
+                .forward(h, &self.rope, c)
+                .map_err(|source| ModelError::Ffn { layer: i, source })?;
         }
-        self.norm.forward(h)
+        Ok(self.norm.forward(h))
     }
 
     /// Logits `[batch, seq, vocab]` of final hidden states.
@@ -339,17 +352,17 @@ impl Transformer {
     }
 
     /// Logits for every position of `ids: [batch, seq]` (no cache kept).
-    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>, ModelError> {
         let mut cache = KvCache::new(self.layers.len());
-        self.logits(self.forward_hidden(ids, &mut cache))
+        Ok(self.logits(self.forward_hidden(ids, &mut cache)?))
     }
 
     /// Logits of the last position only, extending the cache: the step of generation.
-    pub fn forward_last(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
-        let hidden = self.forward_hidden(ids, cache);
+    pub fn forward_last(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Result<Tensor<2>, ModelError> {
+        let hidden = self.forward_hidden(ids, cache)?;
         let [b, s, _] = hidden.dims();
         let last = hidden.narrow(1, s - 1, 1);
-        self.logits(last).reshape([b, self.config.vocab_size])
+        Ok(self.logits(last).reshape([b, self.config.vocab_size]))
     }
 
     /// Parameter counts: (embeddings incl. untied head, attention, FFN total, FFN active per token, norms).

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax};
 
-use crate::llama::Transformer;
+use crate::llama::{ModelError, Transformer};
 use crate::util::{ids_tensor, to_vec};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -16,17 +16,17 @@ pub struct PerplexityResult {
 }
 
 /// Sum of NLL and count of predicted tokens for one window.
-pub fn window_nll(model: &Transformer, window: &[u32]) -> (f64, usize) {
+pub fn window_nll(model: &Transformer, window: &[u32]) -> Result<(f64, usize), ModelError> {
     let n = window.len();
     if n < 2 {
-        return (0.0, 0);
+        return Ok((0.0, 0));
     }
-    let logits = model.forward(ids_tensor(window, 1, &model.device));
+    let logits = model.forward(ids_tensor(window, 1, &model.device))?;
     let logp = log_softmax(logits.narrow(1, 0, n - 1), 2);
     let targets: Vec<i64> = window[1..].iter().map(|&t| t as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n - 1]), &model.device).reshape([1, n - 1, 1]);
     let picked = to_vec(logp.gather(2, targets));
-    (-picked.iter().map(|&x| x as f64).sum::<f64>(), n - 1)
+    Ok((-picked.iter().map(|&x| x as f64).sum::<f64>(), n - 1))
 }
 
 /// Cut `tokens` into windows of `seq_len` (the last may be shorter; one of a single token is
@@ -37,21 +37,21 @@ pub fn perplexity(
     tokens: &[u32],
     seq_len: usize,
     mut on_window: impl FnMut(usize, usize),
-) -> PerplexityResult {
+) -> Result<PerplexityResult, ModelError> {
     assert!(seq_len >= 2, "seq_len must be at least 2");
     let windows: Vec<&[u32]> = tokens.chunks(seq_len).filter(|w| w.len() >= 2).collect();
     let (mut nll, mut count) = (0.0, 0);
     for (i, w) in windows.iter().enumerate() {
-        let (s, c) = window_nll(model, w);
+        let (s, c) = window_nll(model, w)?;
         nll += s;
         count += c;
         on_window(i + 1, windows.len());
     }
     let mean = if count > 0 { nll / count as f64 } else { f64::NAN };
-    PerplexityResult {
+    Ok(PerplexityResult {
         perplexity: mean.exp(),
         mean_nll: mean,
         predicted_tokens: count,
         windows: windows.len(),
-    }
+    })
 }

