@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::tensor::{Tensor, TensorData};
 use clap::Subcommand;
 use ladimo_io::{Checkpoint, fetch};
 use ladimo_model::util::{ids_tensor, to_vec};
@@ -24,6 +25,13 @@ pub enum Bench {
         #[arg(long)]
         python: Option<String>,
     },
+    /// SmolLM2-sized MoE blocks: dense FFN vs sparse dispatch at top-k of 8 and 16 experts.
+    Moe {
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -34,6 +42,7 @@ pub fn run(b: Bench) -> Result<()> {
             repeats,
             python,
         } => forward(prompt_len, decode_tokens, repeats, python),
+        Bench::Moe { tokens, repeats } => moe(&tokens, repeats),
     }
 }
 
@@ -141,6 +150,97 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("failed")
         ),
         Err(e) => println!("pytorch reference skipped: cannot run {python}: {e}"),
+    }
+    Ok(())
+}
+
+/// Deterministic uniform values in [-a, a].
+fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect()
+}
+
+fn time_median(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    median(
+        (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into 8 or 16 experts) against the dense FFN.
+pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
+    use ladimo_io::HostTensor;
+    use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy};
+    let device = ladimo_backend::device();
+    let (h, f) = (576, 1536);
+    let dense = HostFfn {
+        gate: HostTensor::new(vec![f, h], uniform(f * h, 0.05, 1)),
+        up: HostTensor::new(vec![f, h], uniform(f * h, 0.05, 2)),
+        down: HostTensor::new(vec![h, f], uniform(f * h, 0.05, 3)),
+    };
+    let dense_dev = dense.to_dense(&device);
+    println!(
+        "MoE dispatch, backend {}, hidden {h}, FFN {f}, f32, median of {repeats}",
+        ladimo_backend::name()
+    );
+    println!("target: MoE <= 1.15 x (activated fraction x dense) + router");
+    println!(
+        "{:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8}",
+        "tokens", "experts", "policy", "dense ms", "router ms", "moe ms", "active", "moe/target", "ok"
+    );
+    for &n_tok in tokens {
+        let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), &device);
+        let t_dense = time_median(repeats, || {
+            let _ = to_vec(dense_dev.forward_any(x.clone()));
+        });
+        for (n_exp, ks) in [(8usize, [2usize, 4, 6]), (16, [4, 8, 12])] {
+            let experts: Vec<HostFfn> = (0..n_exp)
+                .map(|e| dense.select_neurons(&(e * f / n_exp..(e + 1) * f / n_exp).collect::<Vec<_>>()))
+                .collect();
+            let router = HostTensor::new(vec![n_exp, h], uniform(n_exp * h, 0.2, 5 + n_exp as u64));
+            for k in ks {
+                let combine = Combine {
+                    weights: CombineWeights::Renormalized,
+                    scale: 1.0,
+                };
+                let moe = MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k }, &device)?;
+                let t_router = time_median(repeats, || {
+                    let p = moe.router_probs(x.clone()).expect("router");
+                    let _ = moe.route(&p);
+                });
+                moe.reset_stats();
+                let t_moe = time_median(repeats, || {
+                    let _ = to_vec(moe.forward_tokens(x.clone()).expect("moe"));
+                });
+                let st = moe.stats();
+                let frac = st.routed_params / st.tokens as f64 / (3 * h * f) as f64;
+                let target = 1.15 * frac * t_dense + t_router;
+                let ratio = t_moe / target;
+                println!(
+                    "{n_tok:>6} {n_exp:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>8.1}% {:>12.2} {:>8}",
+                    format!("top-{k}"),
+                    t_dense * 1e3,
+                    t_router * 1e3,
+                    t_moe * 1e3,
+                    frac * 100.0,
+                    ratio,
+                    if ratio <= 1.0 { "yes" } else { "no" }
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,332 @@
+//! The MoE block: router, routed experts, optional shared experts, combine rule, sparse dispatch.
+
+use std::sync::Mutex;
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData, activation::softmax};
+use ladimo_io::HostTensor;
+use ladimo_model::util::{to_tensor, to_vec, transpose_host};
+use ladimo_model::{DenseFfn, FeedForward, FfnError};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Policy, RoutingPolicy, order_by_prob};
+use crate::{HostFfn, MoeError};
+
+/// Which weight each chosen expert's output gets before the outputs are summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CombineWeights {
+    /// The router's softmax probability of the expert (over all experts).
+    Raw,
+    /// The probability renormalised over the chosen experts (Mixtral's rule).
+    Renormalized,
+    /// 1 for every chosen expert: the router only selects. With every expert chosen, experts cut
+    /// from a dense FFN sum back to it exactly.
+    Unit,
+}
+
+/// The combine rule: `y = scale * sum_{e chosen} w_e * expert_e(x)` (+ shared experts' output).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Combine {
+    pub weights: CombineWeights,
+    pub scale: f32,
+}
+
+impl Default for Combine {
+    fn default() -> Self {
+        Self {
+            weights: CombineWeights::Renormalized,
+            scale: 1.0,
+        }
+    }
+}
+
+/// The trainable parameters (a burn module, so an optimizer can update them).
+#[derive(Module, Debug)]
+pub struct MoeParams {
+    /// hidden -> number of experts.
+    pub router: Linear,
+    pub experts: Vec<DenseFfn>,
+    /// Always-on shared experts, merged into one FFN (their sum is one wider SwiGLU).
+    pub shared: Option<DenseFfn>,
+}
+
+/// Exact routing counts since the last reset.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingStats {
+    pub tokens: u64,
+    /// Tokens routed to each expert.
+    pub load: Vec<u64>,
+    /// Sum over tokens of the routed-expert parameters that ran.
+    pub routed_params: f64,
+}
+
+#[derive(Debug)]
+pub struct MoeBlock {
+    pub params: MoeParams,
+    pub combine: Combine,
+    pub policy: Policy,
+    stats: Mutex<RoutingStats>,
+    expert_params: Vec<usize>,
+}
+
+impl MoeBlock {
+    /// Build and validate a block from host weights. `router` is `[num_experts, hidden]`
+    /// (PyTorch layout), `router_bias` `[num_experts]`.
+    pub fn new(
+        router: &HostTensor,
+        router_bias: Option<&HostTensor>,
+        experts: &[HostFfn],
+        shared: Option<&HostFfn>,
+        combine: Combine,
+        policy: Policy,
+        device: &Device,
+    ) -> Result<Self, MoeError> {
+        let n = experts.len();
+        if n == 0 {
+            return Err(MoeError::Shape("an MoE block needs at least one expert".into()));
+        }
+        let hidden = experts[0].gate.shape.get(1).copied().unwrap_or(0);
+        for (i, e) in experts.iter().enumerate() {
+            e.check(hidden, &format!("expert {i}"))?;
+        }
+        if let Some(s) = shared {
+            s.check(hidden, "shared experts")?;
+        }
+        if router.shape != [n, hidden] {
+            return Err(MoeError::Shape(format!(
+                "router is {:?} but {n} experts of hidden size {hidden} need [{n}, {hidden}]",
+                router.shape
+            )));
+        }
+        if let Some(b) = router_bias
+            && b.shape != [n]
+        {
+            return Err(MoeError::Shape(format!("router bias is {:?}, expected [{n}]", b.shape)));
+        }
+        policy.validate(n)?;
+        if !combine.scale.is_finite() {
+            return Err(MoeError::Shape(format!(
+                "combine scale {} is not finite",
+                combine.scale
+            )));
+        }
+        let params = MoeParams {
+            router: Linear {
+                weight: Param::from_tensor(to_tensor(transpose_host(router), device)),
+                bias: router_bias.map(|b| Param::from_tensor(to_tensor(b.clone(), device))),
+            },
+            experts: experts.iter().map(|e| e.to_dense(device)).collect(),
+            shared: shared.map(|s| s.to_dense(device)),
+        };
+        Ok(Self::from_params(params, combine, policy))
+    }
+
+    /// Wrap trained parameters (the policy must already be valid for them).
+    pub fn from_params(params: MoeParams, combine: Combine, policy: Policy) -> Self {
+        let expert_params = params.experts.iter().map(|e| e.num_params()).collect::<Vec<_>>();
+        let n = expert_params.len();
+        Self {
+            params,
+            combine,
+            policy,
+            stats: Mutex::new(RoutingStats {
+                load: vec![0; n],
+                ..Default::default()
+            }),
+            expert_params,
+        }
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.expert_params.len()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.params.router.weight.dims()[0]
+    }
+
+    /// Replace the routing policy (validated against the number of experts).
+    pub fn set_policy(&mut self, policy: Policy) -> Result<(), MoeError> {
+        policy.validate(self.num_experts())?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> RoutingStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    pub fn reset_stats(&self) {
+        let n = self.num_experts();
+        *self.stats.lock().unwrap() = RoutingStats {
+            load: vec![0; n],
+            ..Default::default()
+        };
+    }
+
+    fn router_params(&self) -> usize {
+        self.params.router.num_params()
+    }
+
+    fn shared_params(&self) -> usize {
+        self.params.shared.as_ref().map(|s| s.num_params()).unwrap_or(0)
+    }
+
+    /// Router probabilities `[tokens, experts]` on the host, refusing non-finite logits.
+    pub fn router_probs(&self, x: Tensor<2>) -> Result<Vec<f32>, MoeError> {
+        let n = x.dims()[0];
+        let probs = to_vec(softmax(self.params.router.forward(x), 1));
+        let e = self.num_experts();
+        let bad = probs.chunks(e).filter(|p| p.iter().any(|v| !v.is_finite())).count();
+        if bad > 0 {
+            return Err(MoeError::NonFiniteRouter { bad, tokens: n });
+        }
+        Ok(probs)
+    }
+
+    /// Per token, the chosen experts and their combine weights (scale included).
+    pub fn route(&self, probs: &[f32]) -> Vec<Vec<(usize, f32)>> {
+        let e = self.num_experts();
+        let (mut order, mut chosen) = (Vec::with_capacity(e), Vec::with_capacity(e));
+        probs
+            .chunks(e)
+            .map(|p| {
+                order_by_prob(p, &mut order);
+                self.policy.select(p, &order, &mut chosen);
+                let norm: f32 = match self.combine.weights {
+                    CombineWeights::Renormalized => chosen.iter().map(|&i| p[i]).sum(),
+                    _ => 1.0,
+                };
+                chosen
+                    .iter()
+                    .map(|&i| {
+                        let w = match self.combine.weights {
+                            CombineWeights::Raw => p[i],
+                            CombineWeights::Renormalized => p[i] / norm,
+                            CombineWeights::Unit => 1.0,
+                        };
+                        (i, w * self.combine.scale)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Sparse dispatch on flattened tokens `x: [tokens, hidden]`: each expert runs once, on the
+    /// tokens routed to it, and the weighted outputs are scatter-added.
+    pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
+        let [n, h] = x.dims();
+        let device = x.device();
+        let routes = self.route(&self.router_probs(x.clone())?);
+        let e = self.num_experts();
+        let mut groups: Vec<(Vec<i64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
+        for (t, r) in routes.iter().enumerate() {
+            for &(i, w) in r {
+                groups[i].0.push(t as i64);
+                groups[i].1.push(w);
+            }
+        }
+        self.record(&groups, n);
+        let unit = self.combine.weights == CombineWeights::Unit && self.combine.scale == 1.0;
+        let (mut outs, mut index) = (Vec::new(), Vec::new());
+        for (expert, (tokens, weights)) in self.params.experts.iter().zip(groups) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let m = tokens.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens.clone(), [m]), &device);
+            let y = expert.forward_any(x.clone().select(0, idx));
+            let y = if unit {
+                y
+            } else {
+                y * Tensor::<2>::from_data(TensorData::new(weights, [m, 1]), &device)
+            };
+            outs.push(y);
+            index.extend(tokens);
+        }
+        let mut out = match &self.params.shared {
+            Some(s) => s.forward_any(x),
+            None => Tensor::zeros([n, h], &device),
+        };
+        if !outs.is_empty() {
+            let m = index.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(index, [m]), &device);
+            out = out.select_assign(0, idx, Tensor::cat(outs, 0), IndexingUpdateOp::Add);
+        }
+        Ok(out)
+    }
+
+    /// Reference path: every expert runs on every token and unchosen outputs get weight 0. Exact
+    /// but costs the whole FFN; for tests, and for training where a dense graph is simpler.
+    pub fn forward_dense(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
+        let [n, _] = x.dims();
+        let device = x.device();
+        let routes = self.route(&self.router_probs(x.clone())?);
+        let e = self.num_experts();
+        let mut w = vec![0f32; n * e];
+        for (t, r) in routes.iter().enumerate() {
+            for &(i, v) in r {
+                w[t * e + i] = v;
+            }
+        }
+        let w = Tensor::<2>::from_data(TensorData::new(w, [n, e]), &device);
+        let mut out = match &self.params.shared {
+            Some(s) => s.forward_any(x.clone()),
+            None => Tensor::zeros(x.dims(), &device),
+        };
+        for (i, expert) in self.params.experts.iter().enumerate() {
+            out = out + expert.forward_any(x.clone()) * w.clone().narrow(1, i, 1);
+        }
+        Ok(out)
+    }
+
+    fn record(&self, groups: &[(Vec<i64>, Vec<f32>)], tokens: usize) {
+        let mut s = self.stats.lock().unwrap();
+        s.tokens += tokens as u64;
+        for (i, (t, _)) in groups.iter().enumerate() {
+            s.load[i] += t.len() as u64;
+            s.routed_params += (t.len() * self.expert_params[i]) as f64;
+        }
+    }
+}
+
+impl FeedForward for MoeBlock {
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, FfnError> {
+        let [b, s, h] = x.dims();
+        Ok(self.forward_tokens(x.reshape([b * s, h]))?.reshape([b, s, h]))
+    }
+
+    fn total_params(&self) -> usize {
+        self.router_params() + self.shared_params() + self.expert_params.iter().sum::<usize>()
+    }
+
+    /// Router + shared experts + the routed-expert parameters that ran, averaged over every token
+    /// seen since the last reset (all routed experts when none has been seen).
+    fn active_params_per_token(&self) -> f64 {
+        let s = self.stats.lock().unwrap();
+        let routed = if s.tokens == 0 {
+            self.expert_params.iter().sum::<usize>() as f64
+        } else {
+            s.routed_params / s.tokens as f64
+        };
+        (self.router_params() + self.shared_params()) as f64 + routed
+    }
+
+    fn describe(&self) -> String {
+        let shared = self
+            .params
+            .shared
+            .as_ref()
+            .map(|s| format!(" + shared {}", s.intermediate_size()))
+            .unwrap_or_default();
+        format!(
+            "moe {} experts{shared}, {}, {:?} x{}",
+            self.num_experts(),
+            self.policy,
+            self.combine.weights,
+            self.combine.scale
+        )
+    }
+}

@@ -1,0 +1,12 @@
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MoeError {
+    /// Weights whose shapes disagree with each other or with the hidden size.
+    #[error("MoE shapes: {0}")]
+    Shape(String),
+    /// A policy that cannot run on this many experts (e.g. k > N), or nonsense parameters.
+    #[error("routing policy {policy}: {msg}")]
+    Policy { policy: String, msg: String },
+    /// The router produced NaN or infinite logits (bad weights or inputs upstream).
+    #[error("router logits are not finite (NaN or inf) for {bad} of {tokens} tokens")]
+    NonFiniteRouter { bad: usize, tokens: usize },
+}
