@@ -29,7 +29,7 @@ pub enum Bench {
     Moe {
         #[arg(long, value_delimiter = ',', default_value = "512,2048")]
         tokens: Vec<usize>,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 11)]
         repeats: usize,
     },
 }
@@ -203,9 +203,6 @@ pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
     );
     for &n_tok in tokens {
         let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), &device);
-        let t_dense = time_median(repeats, || {
-            let _ = to_vec(dense_dev.forward_any(x.clone()));
-        });
         for (n_exp, ks) in [(8usize, [2usize, 4, 6]), (16, [4, 8, 12])] {
             let experts: Vec<HostFfn> = (0..n_exp)
                 .map(|e| dense.select_neurons(&(e * f / n_exp..(e + 1) * f / n_exp).collect::<Vec<_>>()))
@@ -221,10 +218,22 @@ pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
                     let p = moe.router_probs(x.clone()).expect("router");
                     let _ = moe.route(&p);
                 });
+                // Dense and MoE alternate, so both see the same machine load (medians of each).
                 moe.reset_stats();
-                let t_moe = time_median(repeats, || {
+                let (mut td, mut tm) = (Vec::new(), Vec::new());
+                for i in 0..=repeats {
+                    let t = Instant::now();
+                    let _ = to_vec(dense_dev.forward_any(x.clone()));
+                    let d = t.elapsed().as_secs_f64();
+                    let t = Instant::now();
                     let _ = to_vec(moe.forward_tokens(x.clone()).expect("moe"));
-                });
+                    let m = t.elapsed().as_secs_f64();
+                    if i > 0 {
+                        td.push(d);
+                        tm.push(m);
+                    }
+                }
+                let (t_dense, t_moe) = (median(td), median(tm));
                 let st = moe.stats();
                 let frac = st.routed_params / st.tokens as f64 / (3 * h * f) as f64;
                 let target = 1.15 * frac * t_dense + t_router;

@@ -9,11 +9,19 @@
 //! - `wgpu`: WGPU (Vulkan, Metal, DX12; on a machine without a GPU, Mesa's lavapipe).
 //! - `cuda`: CUDA.
 //!
+//! With the default feature `fast-alloc`, linking this crate also makes mimalloc the global
+//! allocator (eager CPU backends allocate a fresh buffer per op; the system allocator hands large
+//! ones back to the OS and page-faults them in again, which made ops 2-4x slower here).
+//!
 //! [`device`] returns the preferred compiled backend: cuda, then wgpu, then cpu, then ndarray.
 //! The environment variable `LADIMO_BACKEND` (`cpu`, `ndarray`, `wgpu`, `cuda`) picks another one
 //! among those compiled in.
 
 pub use burn::tensor::Device;
+
+#[cfg(feature = "fast-alloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every backend compiled into this binary, preferred first.
 pub fn compiled() -> Vec<&'static str> {
