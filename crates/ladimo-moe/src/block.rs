@@ -230,30 +230,31 @@ impl MoeBlock {
         }
         self.record(&groups, n);
         let unit = self.combine.weights == CombineWeights::Unit && self.combine.scale == 1.0;
-        let (mut outs, mut index) = (Vec::new(), Vec::new());
+        let mut out = match &self.params.shared {
+            Some(s) => s.forward_any(x.clone()),
+            None => Tensor::zeros([n, h], &device),
+        };
         for (expert, (tokens, weights)) in self.params.experts.iter().zip(groups) {
             if tokens.is_empty() {
                 continue;
             }
             let m = tokens.len();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens.clone(), [m]), &device);
-            let y = expert.forward_any(x.clone().select(0, idx));
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [m]), &device);
+            let a = expert.activation(x.clone().select(0, idx.clone()));
             let y = if unit {
-                y
+                expert.down_proj.forward(a)
             } else {
-                y * Tensor::<2>::from_data(TensorData::new(weights, [m, 1]), &device)
+                let w = Tensor::<2>::from_data(TensorData::new(weights, [m, 1]), &device);
+                // Weighting the activation ([m, inter]) before the down projection touches fewer
+                // values than weighting its output ([m, hidden]) for small experts; a bias forbids it.
+                if expert.down_proj.bias.is_none() && expert.intermediate_size() <= h {
+                    expert.down_proj.forward(a * w)
+                } else {
+                    expert.down_proj.forward(a) * w
+                }
             };
-            outs.push(y);
-            index.extend(tokens);
-        }
-        let mut out = match &self.params.shared {
-            Some(s) => s.forward_any(x),
-            None => Tensor::zeros([n, h], &device),
-        };
-        if !outs.is_empty() {
-            let m = index.len();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(index, [m]), &device);
-            out = out.select_assign(0, idx, Tensor::cat(outs, 0), IndexingUpdateOp::Add);
+            // `out` is uniquely owned, so the backend can add in place.
+            out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
         }
         Ok(out)
     }
