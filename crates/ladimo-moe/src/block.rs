@@ -52,6 +52,107 @@ pub struct MoeParams {
     pub shared: Option<DenseFfn>,
 }
 
+impl MoeParams {
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Router probabilities `[tokens, experts]` on the device (differentiable) and on the host,
+    /// refusing non-finite logits.
+    pub fn router_probs(&self, x: Tensor<2>) -> Result<(Tensor<2>, Vec<f32>), MoeError> {
+        let n = x.dims()[0];
+        let probs = softmax(self.router.forward(x), 1);
+        let host = to_vec(probs.clone());
+        let e = self.num_experts();
+        let bad = host.chunks(e).filter(|p| p.iter().any(|v| !v.is_finite())).count();
+        if bad > 0 {
+            return Err(MoeError::NonFiniteRouter { bad, tokens: n });
+        }
+        Ok((probs, host))
+    }
+
+    /// Sparse forward (see [`MoeBlock::forward_tokens`]); also returns how many tokens each
+    /// expert received.
+    pub fn forward_sparse(
+        &self,
+        combine: &Combine,
+        policy: &Policy,
+        x: Tensor<2>,
+    ) -> Result<(Tensor<2>, Vec<usize>), MoeError> {
+        let [n, h] = x.dims();
+        let e = self.num_experts();
+        let device = x.device();
+        let (probs, host) = self.router_probs(x.clone())?;
+        let chosen = choose(policy, &host, e);
+        let mut groups: Vec<Vec<i64>> = vec![Vec::new(); e];
+        let mut mask = vec![0f32; n * e];
+        for (t, c) in chosen.iter().enumerate() {
+            for &i in c {
+                groups[i].push(t as i64);
+                mask[t * e + i] = 1.0;
+            }
+        }
+        // Combine weights as device tensors, so the router gets gradients through them.
+        let weights = match combine.weights {
+            CombineWeights::Unit => None,
+            CombineWeights::Raw => Some(probs),
+            CombineWeights::Renormalized => {
+                let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, e]), &device);
+                let norm = (probs.clone() * mask).sum_dim(1);
+                Some(probs / norm)
+            }
+        };
+        let weights = match weights {
+            Some(w) if combine.scale != 1.0 => Some(w.mul_scalar(combine.scale)),
+            w => w,
+        };
+        let mut out = match &self.shared {
+            Some(s) => s.forward_any(x.clone()),
+            None => Tensor::zeros([n, h], &device),
+        };
+        let load: Vec<usize> = groups.iter().map(Vec::len).collect();
+        for (i, (expert, tokens)) in self.experts.iter().zip(groups).enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let m = tokens.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [m]), &device);
+            let a = expert.activation(x.clone().select(0, idx.clone()));
+            let y = match &weights {
+                None if combine.scale == 1.0 => expert.down_proj.forward(a),
+                None => expert.down_proj.forward(a).mul_scalar(combine.scale),
+                Some(w) => {
+                    let w = w.clone().narrow(1, i, 1).select(0, idx.clone());
+                    // Weighting the activation ([m, inter]) before the down projection touches
+                    // fewer values than weighting its output ([m, hidden]) for small experts; a
+                    // bias forbids it.
+                    if expert.down_proj.bias.is_none() && expert.intermediate_size() <= h {
+                        expert.down_proj.forward(a * w)
+                    } else {
+                        expert.down_proj.forward(a) * w
+                    }
+                }
+            };
+            // `out` is uniquely owned, so the backend can add in place.
+            out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
+        }
+        Ok((out, load))
+    }
+}
+
+/// Per token, the experts `policy` runs (most probable first).
+fn choose(policy: &Policy, probs: &[f32], e: usize) -> Vec<Vec<usize>> {
+    let (mut order, mut chosen) = (Vec::with_capacity(e), Vec::with_capacity(e));
+    probs
+        .chunks(e)
+        .map(|p| {
+            order_by_prob(p, &mut order);
+            policy.select(p, &order, &mut chosen);
+            chosen.clone()
+        })
+        .collect()
+}
+
 /// Exact routing counts since the last reset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RoutingStats {
@@ -176,25 +277,16 @@ impl MoeBlock {
 
     /// Router probabilities `[tokens, experts]` on the host, refusing non-finite logits.
     pub fn router_probs(&self, x: Tensor<2>) -> Result<Vec<f32>, MoeError> {
-        let n = x.dims()[0];
-        let probs = to_vec(softmax(self.params.router.forward(x), 1));
-        let e = self.num_experts();
-        let bad = probs.chunks(e).filter(|p| p.iter().any(|v| !v.is_finite())).count();
-        if bad > 0 {
-            return Err(MoeError::NonFiniteRouter { bad, tokens: n });
-        }
-        Ok(probs)
+        Ok(self.params.router_probs(x)?.1)
     }
 
     /// Per token, the chosen experts and their combine weights (scale included).
     pub fn route(&self, probs: &[f32]) -> Vec<Vec<(usize, f32)>> {
         let e = self.num_experts();
-        let (mut order, mut chosen) = (Vec::with_capacity(e), Vec::with_capacity(e));
-        probs
-            .chunks(e)
-            .map(|p| {
-                order_by_prob(p, &mut order);
-                self.policy.select(p, &order, &mut chosen);
+        choose(&self.policy, probs, e)
+            .into_iter()
+            .zip(probs.chunks(e))
+            .map(|(chosen, p)| {
                 let norm: f32 = match self.combine.weights {
                     CombineWeights::Renormalized => chosen.iter().map(|&i| p[i]).sum(),
                     _ => 1.0,
@@ -215,47 +307,12 @@ impl MoeBlock {
     }
 
     /// Sparse dispatch on flattened tokens `x: [tokens, hidden]`: each expert runs once, on the
-    /// tokens routed to it, and the weighted outputs are scatter-added.
+    /// tokens routed to it, and the weighted outputs are scatter-added. Differentiable in the
+    /// expert weights and (through the combine weights) in the router.
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
-        let [n, h] = x.dims();
-        let device = x.device();
-        let routes = self.route(&self.router_probs(x.clone())?);
-        let e = self.num_experts();
-        let mut groups: Vec<(Vec<i64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
-        for (t, r) in routes.iter().enumerate() {
-            for &(i, w) in r {
-                groups[i].0.push(t as i64);
-                groups[i].1.push(w);
-            }
-        }
-        self.record(&groups, n);
-        let unit = self.combine.weights == CombineWeights::Unit && self.combine.scale == 1.0;
-        let mut out = match &self.params.shared {
-            Some(s) => s.forward_any(x.clone()),
-            None => Tensor::zeros([n, h], &device),
-        };
-        for (expert, (tokens, weights)) in self.params.experts.iter().zip(groups) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let m = tokens.len();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [m]), &device);
-            let a = expert.activation(x.clone().select(0, idx.clone()));
-            let y = if unit {
-                expert.down_proj.forward(a)
-            } else {
-                let w = Tensor::<2>::from_data(TensorData::new(weights, [m, 1]), &device);
-                // Weighting the activation ([m, inter]) before the down projection touches fewer
-                // values than weighting its output ([m, hidden]) for small experts; a bias forbids it.
-                if expert.down_proj.bias.is_none() && expert.intermediate_size() <= h {
-                    expert.down_proj.forward(a * w)
-                } else {
-                    expert.down_proj.forward(a) * w
-                }
-            };
-            // `out` is uniquely owned, so the backend can add in place.
-            out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
-        }
+        let n = x.dims()[0];
+        let (out, load) = self.params.forward_sparse(&self.combine, &self.policy, x)?;
+        self.record(&load, n);
         Ok(out)
     }
 
@@ -283,12 +340,12 @@ impl MoeBlock {
         Ok(out)
     }
 
-    fn record(&self, groups: &[(Vec<i64>, Vec<f32>)], tokens: usize) {
+    fn record(&self, load: &[usize], tokens: usize) {
         let mut s = self.stats.lock().unwrap();
         s.tokens += tokens as u64;
-        for (i, (t, _)) in groups.iter().enumerate() {
-            s.load[i] += t.len() as u64;
-            s.routed_params += (t.len() * self.expert_params[i]) as f64;
+        for (i, &l) in load.iter().enumerate() {
+            s.load[i] += l as u64;
+            s.routed_params += (l * self.expert_params[i]) as f64;
         }
     }
 }
