@@ -1,0 +1,19 @@
+//! LaDiMo stage 1: expert construction and layer-wise distillation.
+//!
+//! ```text
+//! calibration tokens -> capture (teacher FFN inputs x and outputs y per layer, f16 on disk)
+//!                    -> per layer: partition neurons -> experts + centroid router -> MoE block
+//!                                  -> train (AdamW, MSE to y under the training routing policy)
+//!                                  -> layerNNN.moe.safetensors + layerNNN.json
+//! ```
+//! - [`partition`]: cut an FFN's intermediate neurons into experts (contiguous, random, balanced
+//!   k-means on weight rows, co-activation clustering) and pick always-on shared neurons.
+//! - [`capture`]: the teacher's per-layer FFN inputs and outputs, bounded memory, on disk.
+//! - [`train`]: distil one layer's MoE block; a run covers a range of layers and resumes.
+
+pub mod capture;
+mod error;
+pub mod partition;
+pub mod train;
+
+pub use error::DistillError;

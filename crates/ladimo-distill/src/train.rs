@@ -1,0 +1,414 @@
+//! Distil one layer's MoE block to reproduce the dense FFN output on the teacher's hidden states.
+//!
+//! Per layer: partition the FFN's neurons, copy the weights into experts, initialise the router
+//! from the partition, then train router and experts with AdamW (linear warm-up, cosine decay) to
+//! minimise `MSE(moe(x), y)` (optionally plus `w * (1 - cos)`) under the training routing policy.
+//! The last `val_frac` of the captured tokens are held back to report the relative error
+//! `||moe(x) - y|| / ||y||` before and after training. Each finished layer is written to
+//! `layerNNN.moe.safetensors` + `layerNNN.json` (temporary names, then renamed); a run skips
+//! layers already finished, so a killed run resumes and ends with the same result.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use ladimo_io::HostTensor;
+use ladimo_model::util::{to_vec, transpose_host};
+use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+
+use crate::DistillError;
+use crate::partition::{ActivationSample, Partition, build_partition, router_from_partition, strategy_by_name};
+
+/// How each layer is cut and trained. Every field has a default; unknown fields are an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Routed experts per layer.
+    pub experts: usize,
+    /// Always-on shared neurons (the most often active ones); the rest are split into experts.
+    pub shared_neurons: usize,
+    /// Partition strategy: contiguous, random, kmeans, coactivation.
+    pub strategy: String,
+    pub seed: u64,
+    /// The routing policy used while training.
+    pub train_policy: Policy,
+    /// How expert outputs combine (saved with the block).
+    pub combine: Combine,
+    pub epochs: usize,
+    pub batch_tokens: usize,
+    pub lr: f64,
+    /// Fraction of the steps spent warming the learning rate up linearly.
+    pub warmup_frac: f64,
+    /// The cosine schedule decays to `lr * min_lr_frac`.
+    pub min_lr_frac: f64,
+    pub weight_decay: f32,
+    /// Loss = MSE + cosine_weight * (1 - cosine similarity).
+    pub cosine_weight: f64,
+    /// Fraction of the captured tokens kept out of training to measure the relative error.
+    pub val_frac: f64,
+    /// Record the training loss every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            experts: 8,
+            shared_neurons: 0,
+            strategy: "kmeans".into(),
+            seed: 0,
+            train_policy: Policy::TopK { k: 6 },
+            combine: Combine {
+                weights: CombineWeights::Renormalized,
+                scale: 6.0,
+            },
+            epochs: 1,
+            batch_tokens: 512,
+            lr: 1e-4,
+            warmup_frac: 0.05,
+            min_lr_frac: 0.1,
+            weight_decay: 0.0,
+            cosine_weight: 0.0,
+            val_frac: 0.05,
+            log_every: 10,
+        }
+    }
+}
+
+/// What training one layer did; saved as `layerNNN.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    pub config: TrainConfig,
+    pub partition: Partition,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub steps: usize,
+    /// (step, training loss).
+    pub loss_curve: Vec<(usize, f64)>,
+    /// Relative error on the validation tokens under the training policy, before and after.
+    pub val_rel_error_init: f64,
+    pub val_rel_error: f64,
+    pub seconds: f64,
+}
+
+fn lr_at(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+    let warm = ((total as f64 * cfg.warmup_frac) as usize).max(1);
+    if step < warm {
+        return cfg.lr * (step + 1) as f64 / warm as f64;
+    }
+    let t = (step - warm) as f64 / (total - warm).max(1) as f64;
+    let min = cfg.lr * cfg.min_lr_frac;
+    min + (cfg.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Rows `idx` of a `[tokens, hidden]` host matrix, as a device tensor.
+fn rows(data: &[f32], hidden: usize, idx: &[usize], device: &Device) -> Tensor<2> {
+    let mut v = Vec::with_capacity(idx.len() * hidden);
+    for &i in idx {
+        v.extend_from_slice(&data[i * hidden..(i + 1) * hidden]);
+    }
+    Tensor::from_data(TensorData::new(v, [idx.len(), hidden]), device)
+}
+
+/// `||moe(x) - y|| / ||y||` over the given tokens, in batches.
+fn rel_error(
+    params: &MoeParams,
+    cfg: &TrainConfig,
+    x: &[f32],
+    y: &[f32],
+    hidden: usize,
+    idx: &[usize],
+    device: &Device,
+) -> Result<f64, DistillError> {
+    let (mut num, mut den) = (0f64, 0f64);
+    for chunk in idx.chunks(cfg.batch_tokens.max(1)) {
+        let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, rows(x, hidden, chunk, device))?;
+        let want = rows(y, hidden, chunk, device);
+        num += to_vec((out - want.clone()).powf_scalar(2.0).sum())
+            .iter()
+            .map(|&v| v as f64)
+            .sum::<f64>();
+        den += to_vec(want.powf_scalar(2.0).sum())
+            .iter()
+            .map(|&v| v as f64)
+            .sum::<f64>();
+    }
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+/// Train one layer's MoE block. `x`, `y`: the captured `[tokens, hidden]` FFN inputs and outputs.
+/// `progress(step, total_steps, loss)` is called after every step.
+pub fn train_layer(
+    layer: usize,
+    ffn: &HostFfn,
+    x: &[f32],
+    y: &[f32],
+    cfg: &TrainConfig,
+    device: &Device,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<(MoeBlock, LayerReport), DistillError> {
+    let start = Instant::now();
+    let hidden = ffn.hidden_size();
+    let tokens = x.len() / hidden;
+    let val = ((tokens as f64 * cfg.val_frac) as usize).min(tokens.saturating_sub(1));
+    let train_n = tokens - val;
+    if train_n < cfg.batch_tokens.min(tokens) || train_n == 0 {
+        return Err(DistillError::Invalid(format!(
+            "{tokens} captured tokens leave none to train on"
+        )));
+    }
+    // Partition, using the first (up to) 1024 training tokens for activation statistics.
+    let sample_n = train_n.min(1024);
+    let acts = ActivationSample::compute(ffn, &x[..sample_n * hidden], sample_n);
+    let strategy = strategy_by_name(&cfg.strategy, cfg.seed ^ layer as u64).map_err(DistillError::Invalid)?;
+    let partition = build_partition(ffn, Some(&acts), strategy.as_ref(), cfg.experts, cfg.shared_neurons)
+        .map_err(|e| DistillError::Invalid(format!("layer {layer}: {e}")))?;
+    let experts: Vec<HostFfn> = partition.experts.iter().map(|p| ffn.select_neurons(p)).collect();
+    let shared = (!partition.shared.is_empty()).then(|| ffn.select_neurons(&partition.shared));
+    let router = router_from_partition(ffn, &partition);
+    let ad = device.clone().autodiff();
+    let block = MoeBlock::new(
+        &router,
+        None,
+        &experts,
+        shared.as_ref(),
+        cfg.combine,
+        cfg.train_policy.clone(),
+        &ad,
+    )?;
+    let mut params = block.params;
+
+    let val_idx: Vec<usize> = (train_n..tokens).collect();
+    let val_rel_error_init = rel_error(&params.valid(), cfg, x, y, hidden, &val_idx, device)?;
+    let steps_per_epoch = train_n / cfg.batch_tokens;
+    let total = steps_per_epoch * cfg.epochs;
+    let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay).init();
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
+    let mut order: Vec<usize> = (0..train_n).collect();
+    let mut curve = Vec::new();
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        for batch in order.chunks_exact(cfg.batch_tokens) {
+            let xb = rows(x, hidden, batch, &ad);
+            let yb = rows(y, hidden, batch, &ad);
+            let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb)?;
+            let diff = out.clone() - yb.clone();
+            let mut loss = diff.powf_scalar(2.0).mean();
+            if cfg.cosine_weight > 0.0 {
+                let dot = (out.clone() * yb.clone()).sum_dim(1);
+                let norms = (out.powf_scalar(2.0).sum_dim(1) * yb.powf_scalar(2.0).sum_dim(1))
+                    .sqrt()
+                    .add_scalar(1e-12);
+                let cos = (dot / norms).mean();
+                loss = loss + cos.neg().add_scalar(1.0).mul_scalar(cfg.cosine_weight);
+            }
+            let value = to_vec(loss.clone())[0] as f64;
+            if !value.is_finite() {
+                return Err(DistillError::Invalid(format!(
+                    "layer {layer}: loss became {value} at step {step}"
+                )));
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &params);
+            params = optim.step(lr_at(cfg, step, total), params, grads);
+            if step % cfg.log_every.max(1) == 0 || step + 1 == total {
+                curve.push((step, value));
+                tracing::debug!(layer, step, loss = value, "train");
+            }
+            step += 1;
+            progress(step, total, value);
+        }
+    }
+    let params = params.valid();
+    let val_rel_error = rel_error(&params, cfg, x, y, hidden, &val_idx, device)?;
+    let report = LayerReport {
+        layer,
+        config: cfg.clone(),
+        partition,
+        train_tokens: train_n,
+        val_tokens: val,
+        steps: step,
+        loss_curve: curve,
+        val_rel_error_init,
+        val_rel_error,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((
+        MoeBlock::from_params(params, cfg.combine, cfg.train_policy.clone()),
+        report,
+    ))
+}
+
+fn linear_weight(l: &Linear) -> HostTensor {
+    let w = l.weight.val();
+    let [i, o] = w.dims();
+    transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
+}
+
+pub fn block_path(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer{layer:03}.moe.safetensors"))
+}
+
+pub fn report_path(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer{layer:03}.json"))
+}
+
+/// Write a trained block (PyTorch layout, HF-like names) and its report; temporary names first.
+pub fn save_layer(dir: &Path, block: &MoeBlock, report: &LayerReport) -> Result<(), DistillError> {
+    std::fs::create_dir_all(dir).map_err(|e| DistillError::io(dir, e))?;
+    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+    let p = &block.params;
+    tensors.insert("router.weight".into(), linear_weight(&p.router));
+    for (i, e) in p.experts.iter().enumerate() {
+        tensors.insert(format!("experts.{i}.gate_proj.weight"), linear_weight(&e.gate_proj));
+        tensors.insert(format!("experts.{i}.up_proj.weight"), linear_weight(&e.up_proj));
+        tensors.insert(format!("experts.{i}.down_proj.weight"), linear_weight(&e.down_proj));
+    }
+    if let Some(s) = &p.shared {
+        tensors.insert("shared.gate_proj.weight".into(), linear_weight(&s.gate_proj));
+        tensors.insert("shared.up_proj.weight".into(), linear_weight(&s.up_proj));
+        tensors.insert("shared.down_proj.weight".into(), linear_weight(&s.down_proj));
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let path = block_path(dir, report.layer);
+    let tmp = path.with_extension("safetensors.part");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| DistillError::Invalid(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(|e| DistillError::io(&path, e))?;
+    let rp = report_path(dir, report.layer);
+    let tmp = rp.with_extension("json.part");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &rp).map_err(|e| DistillError::io(&rp, e))?;
+    Ok(())
+}
+
+/// A finished layer's report, if the layer is complete in `dir`.
+pub fn finished(dir: &Path, layer: usize) -> Option<LayerReport> {
+    if !block_path(dir, layer).exists() {
+        return None;
+    }
+    serde_json::from_str(&std::fs::read_to_string(report_path(dir, layer)).ok()?).ok()
+}
+
+/// Load a saved block with `policy` (validated against its experts).
+pub fn load_layer_block(dir: &Path, layer: usize, policy: Policy, device: &Device) -> Result<MoeBlock, DistillError> {
+    let report = finished(dir, layer)
+        .ok_or_else(|| DistillError::Invalid(format!("{}: layer {layer} is not finished", dir.display())))?;
+    let path = block_path(dir, layer);
+    let bytes = std::fs::read(&path).map_err(|e| DistillError::io(&path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| DistillError::Invalid(format!("{}: {e}", path.display())))?;
+    let get = |name: &str| -> Result<HostTensor, DistillError> {
+        let t = st
+            .tensor(name)
+            .map_err(|e| DistillError::Invalid(format!("{}: {name}: {e}", path.display())))?;
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Ok(HostTensor::new(t.shape().to_vec(), v))
+    };
+    let ffn = |p: &str| -> Result<HostFfn, DistillError> {
+        Ok(HostFfn {
+            gate: get(&format!("{p}.gate_proj.weight"))?,
+            up: get(&format!("{p}.up_proj.weight"))?,
+            down: get(&format!("{p}.down_proj.weight"))?,
+        })
+    };
+    let experts = (0..report.partition.experts.len())
+        .map(|i| ffn(&format!("experts.{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared = if report.partition.shared.is_empty() {
+        None
+    } else {
+        Some(ffn("shared")?)
+    };
+    Ok(MoeBlock::new(
+        &get("router.weight")?,
+        None,
+        &experts,
+        shared.as_ref(),
+        report.config.combine,
+        policy,
+        device,
+    )?)
+}
+
+/// Train layers `layers` from a capture in `capture_dir`, writing to `out_dir`; layers already
+/// finished there are skipped (resume). Writes `summary.json` (per-layer loss and relative error).
+/// `progress(layer, step, total, loss)` is called after every step.
+pub fn run_layers(
+    ckpt: &ladimo_io::Checkpoint,
+    capture_dir: &Path,
+    out_dir: &Path,
+    layers: std::ops::Range<usize>,
+    cfg: &TrainConfig,
+    device: &Device,
+    mut progress: impl FnMut(usize, usize, usize, f64),
+) -> Result<Vec<LayerReport>, DistillError> {
+    let meta = crate::capture::read_meta(capture_dir)?;
+    if layers.is_empty() || layers.start < meta.layers.start || layers.end > meta.layers.end {
+        return Err(DistillError::Invalid(format!(
+            "layer range {layers:?} is not inside the captured layers {:?}",
+            meta.layers
+        )));
+    }
+    let mut reports = Vec::new();
+    for layer in layers {
+        if let Some(r) = finished(out_dir, layer) {
+            if r.config == *cfg {
+                tracing::info!(layer, "already finished, skipping");
+                reports.push(r);
+                continue;
+            }
+            tracing::warn!(layer, "finished with another config; training it again");
+        }
+        let (x, y) = crate::capture::load_layer(capture_dir, &meta, layer)?;
+        let ffn = HostFfn::from_checkpoint(ckpt, layer).map_err(ladimo_model::ModelError::from)?;
+        let (block, report) = train_layer(layer, &ffn, &x, &y, cfg, device, |s, t, l| progress(layer, s, t, l))?;
+        save_layer(out_dir, &block, &report)?;
+        tracing::info!(
+            layer,
+            rel_error_init = report.val_rel_error_init,
+            rel_error = report.val_rel_error,
+            seconds = report.seconds,
+            "layer finished"
+        );
+        reports.push(report);
+    }
+    let summary: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            serde_json::json!({"layer": r.layer, "final_loss": r.loss_curve.last().map(|x| x.1),
+                "val_rel_error_init": r.val_rel_error_init, "val_rel_error": r.val_rel_error, "seconds": r.seconds})
+        })
+        .collect();
+    let p = out_dir.join("summary.json");
+    let tmp = p.with_extension("json.part");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&summary).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
+    Ok(reports)
+}
