@@ -5,6 +5,7 @@
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
 
 mod bench;
+mod distill;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Cmd {
         #[command(subcommand)]
         what: Fetch,
     },
+    /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
+    Distill(distill::DistillArgs),
     /// Benchmarks; they print figures and ratios, they assert nothing.
     Bench {
         #[command(subcommand)]
@@ -65,5 +68,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Distill(a) => distill::run(a),
     }
 }

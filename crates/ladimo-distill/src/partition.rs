@@ -697,3 +697,25 @@ fn balanced_assign(dist: &[f32], n: usize, sizes: &[usize]) -> Vec<usize> {
     }
     labels
 }
+
+/// Scale a router so that its logits on the sample tokens `x` (`[tokens, hidden]`) have standard
+/// deviation `target_std` around each token's mean. The ranking of experts per token (which
+/// experts are chosen) is unchanged; the softmax becomes flat enough that renormalised top-k
+/// weights start near `1 / k`, so a block whose combine scale is `k` starts close to the sum of
+/// its chosen experts (the dense FFN, when all run) instead of one expert multiplied by `k`.
+pub fn calibrate_router(router: &mut HostTensor, x: &[f32], tokens: usize, target_std: f32) {
+    let (e, h) = (router.shape[0], router.shape[1]);
+    let (mut sum2, mut count) = (0f64, 0usize);
+    for t in 0..tokens {
+        let xt = &x[t * h..(t + 1) * h];
+        let logits: Vec<f64> = router.data.chunks_exact(h).map(|r| dot(r, xt) as f64).collect();
+        let mean = logits.iter().sum::<f64>() / e as f64;
+        sum2 += logits.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>();
+        count += e;
+    }
+    let std = (sum2 / count.max(1) as f64).sqrt();
+    if std > 0.0 {
+        let s = (target_std as f64 / std) as f32;
+        router.data.iter_mut().for_each(|v| *v *= s);
+    }
+}

@@ -26,7 +26,9 @@ use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
-use crate::partition::{ActivationSample, Partition, build_partition, router_from_partition, strategy_by_name};
+use crate::partition::{
+    ActivationSample, Partition, build_partition, calibrate_router, router_from_partition, strategy_by_name,
+};
 
 /// How each layer is cut and trained. Every field has a default; unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +59,9 @@ pub struct TrainConfig {
     pub val_frac: f64,
     /// Record the training loss every this many steps.
     pub log_every: usize,
+    /// The centroid router is scaled so its logits have this standard deviation on the
+    /// calibration sample (see `partition::calibrate_router`).
+    pub router_init_std: f32,
 }
 
 impl Default for TrainConfig {
@@ -80,6 +85,7 @@ impl Default for TrainConfig {
             cosine_weight: 0.0,
             val_frac: 0.05,
             log_every: 10,
+            router_init_std: 0.1,
         }
     }
 }
@@ -175,7 +181,8 @@ pub fn train_layer(
         .map_err(|e| DistillError::Invalid(format!("layer {layer}: {e}")))?;
     let experts: Vec<HostFfn> = partition.experts.iter().map(|p| ffn.select_neurons(p)).collect();
     let shared = (!partition.shared.is_empty()).then(|| ffn.select_neurons(&partition.shared));
-    let router = router_from_partition(ffn, &partition);
+    let mut router = router_from_partition(ffn, &partition);
+    calibrate_router(&mut router, &x[..sample_n * hidden], sample_n, cfg.router_init_std);
     let ad = device.clone().autodiff();
     let block = MoeBlock::new(
         &router,

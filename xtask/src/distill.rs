@@ -1,0 +1,275 @@
+//! `cargo xtask distill`: the stage-1 experiment on SmolLM2-135M with the Austen/Korean data:
+//! capture, distil every layer, then held-out perplexity of dense vs MoE at several top-k, with and
+//! without distillation, and the activated parameters per token. Prints a table and writes
+//! `results.json` in the output folder. Resumes: a finished capture and finished layers are reused.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ladimo_distill::partition::{calibrate_router, router_from_partition};
+use ladimo_distill::train::{TrainConfig, finished, load_layer_block, run_layers};
+use ladimo_io::{Checkpoint, fetch};
+use ladimo_model::Transformer;
+use ladimo_model::perplexity::perplexity;
+use ladimo_moe::{HostFfn, MoeBlock, Policy};
+
+#[derive(Args)]
+pub struct DistillArgs {
+    /// Calibration tokens (80% English novels except Persuasion, 20% Korean help pages).
+    #[arg(long, default_value_t = 100_000)]
+    tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    #[arg(long, default_value_t = 0)]
+    shared: usize,
+    #[arg(long, default_value = "kmeans")]
+    strategy: String,
+    /// Top-k used while training.
+    #[arg(long, default_value_t = 6)]
+    k_train: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    #[arg(long, default_value_t = 0.0)]
+    cosine: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out tokens scored per language (windows of --seq-len).
+    #[arg(long, default_value_t = 16_384)]
+    eval_tokens: usize,
+    /// Top-k values to evaluate.
+    #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
+    eval_k: Vec<usize>,
+    /// Also evaluate the blocks before training (partition + centroid router) at these k.
+    #[arg(long, value_delimiter = ',', default_value = "6,7")]
+    untrained_k: Vec<usize>,
+    /// Skip the Korean evaluation (English only).
+    #[arg(long)]
+    no_korean: bool,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap());
+    b.set_message(msg.to_string());
+    b
+}
+
+fn take_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], budget: usize) -> Result<Vec<u32>> {
+    let per = budget.div_ceil(files.len().max(1));
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+        // Tokenize a prefix long enough for the budget (about 4 chars per token, with margin).
+        let cut = text.floor_char_boundary((per * 8).min(text.len()));
+        let ids = tok.encode(&text[..cut])?;
+        out.extend_from_slice(&ids[..per.min(ids.len())]);
+    }
+    out.truncate(budget);
+    Ok(out)
+}
+
+fn heldout_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], n: usize) -> Result<Vec<u32>> {
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?);
+        text.push('\n');
+        if text.len() > n * 8 {
+            break;
+        }
+    }
+    let mut ids = tok.encode(&text)?;
+    if ids.len() < n {
+        anyhow::bail!("held-out text has only {} tokens, {n} requested", ids.len());
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+pub fn run(a: DistillArgs) -> Result<()> {
+    let total_start = Instant::now();
+    let device = ladimo_backend::device();
+    let model_path = fetch::fetch_model(&fetch::SMOLLM2_135M)?;
+    let data = ladimo_data::fetch_data()?;
+    let ckpt = Checkpoint::open(&model_path)?;
+    let tok = ckpt.tokenizer()?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        fetch::cache_dir().join(format!(
+            "runs/smollm2-{}e-{}-s{}-k{}",
+            a.experts, a.strategy, a.shared, a.k_train
+        ))
+    });
+    let en_budget = a.tokens * 4 / 5;
+    let mut calib = take_tokens(tok, &data.calibration_en, en_budget)?;
+    calib.extend(take_tokens(
+        tok,
+        std::slice::from_ref(&data.calibration_ko),
+        a.tokens - en_budget,
+    )?);
+    let layers = 0..ckpt.config.num_layers;
+
+    let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
+    let t = Instant::now();
+    let cap_dir = fetch::cache_dir().join(format!("capture/smollm2-{}-{}", a.tokens, a.seq_len));
+    let pb = bar((calib.len() / a.seq_len) as u64, "capture");
+    let meta = ladimo_distill::capture::capture(&model, &calib, a.seq_len, layers.clone(), &cap_dir, |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish();
+    let capture_s = if t.elapsed().as_secs_f64() < 1.0 {
+        meta.seconds
+    } else {
+        t.elapsed().as_secs_f64()
+    };
+
+    let cfg = TrainConfig {
+        experts: a.experts,
+        shared_neurons: a.shared,
+        strategy: a.strategy.clone(),
+        seed: a.seed,
+        train_policy: Policy::TopK { k: a.k_train },
+        combine: ladimo_moe::Combine {
+            weights: ladimo_moe::CombineWeights::Renormalized,
+            scale: a.k_train as f32,
+        },
+        epochs: a.epochs,
+        batch_tokens: a.batch,
+        lr: a.lr,
+        cosine_weight: a.cosine,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let overall = bar(layers.len() as u64, "layers");
+    let layer_bar = bar(1, "layer");
+    let reports = run_layers(
+        &ckpt,
+        &cap_dir,
+        &out,
+        layers.clone(),
+        &cfg,
+        &device,
+        |l, s, total, loss| {
+            layer_bar.set_length(total as u64);
+            layer_bar.set_position(s as u64);
+            layer_bar.set_message(format!("L{l} {loss:.2e}"));
+            if s == total {
+                overall.inc(1);
+            }
+        },
+    )?;
+    layer_bar.finish();
+    overall.finish();
+    let train_s: f64 = reports.iter().map(|r| r.seconds).sum();
+    tracing::info!(
+        "training wall time this run {:.0} s; sum of per-layer times {train_s:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Evaluation.
+    let mut sets = vec![(
+        "en",
+        heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.eval_tokens)?,
+    )];
+    if !a.no_korean {
+        let ko = heldout_tokens(tok, &data.heldout_ko, a.eval_tokens.min(16_384))?;
+        sets.push(("ko", ko));
+    }
+    let dense_counts = model.param_counts();
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let eval = |model: &Transformer, name: String, rows: &mut Vec<serde_json::Value>| -> Result<()> {
+        let mut row = serde_json::json!({"model": name});
+        for (lang, ids) in &sets {
+            let t = Instant::now();
+            let r = perplexity(model, ids, a.seq_len, |_, _| {})?;
+            row[format!("ppl_{lang}")] = r.perplexity.into();
+            tracing::info!(
+                "{name} {lang}: ppl {:.3} ({:.0} s)",
+                r.perplexity,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        let c = model.param_counts();
+        row["active_params"] = c.active().into();
+        row["active_ffn_params"] = c.ffn_active.into();
+        println!("{row}");
+        rows.push(row);
+        Ok(())
+    };
+    eval(&model, "dense".into(), &mut rows)?;
+    let set_blocks = |model: &mut Transformer, k: usize, trained: bool| -> Result<()> {
+        for layer in layers.clone() {
+            let block = if trained {
+                load_layer_block(&out, layer, Policy::TopK { k }, &device)?
+            } else {
+                let r = finished(&out, layer).context("layer report")?;
+                let ffn = HostFfn::from_checkpoint(&ckpt, layer)?;
+                let experts: Vec<HostFfn> = r.partition.experts.iter().map(|p| ffn.select_neurons(p)).collect();
+                let shared = (!r.partition.shared.is_empty()).then(|| ffn.select_neurons(&r.partition.shared));
+                // The same initial router as training starts from.
+                let (x, _) = ladimo_distill::capture::load_layer(&cap_dir, &meta, layer)?;
+                let n = (x.len() / ffn.hidden_size()).min(1024);
+                let mut router = router_from_partition(&ffn, &r.partition);
+                calibrate_router(&mut router, &x[..n * ffn.hidden_size()], n, r.config.router_init_std);
+                MoeBlock::new(
+                    &router,
+                    None,
+                    &experts,
+                    shared.as_ref(),
+                    r.config.combine,
+                    Policy::TopK { k },
+                    &device,
+                )?
+            };
+            model.layers[layer].ffn = Box::new(block);
+        }
+        Ok(())
+    };
+    for &k in &a.eval_k {
+        set_blocks(&mut model, k, true)?;
+        eval(&model, format!("moe top-{k}/{} distilled", a.experts), &mut rows)?;
+    }
+    for &k in &a.untrained_k {
+        set_blocks(&mut model, k, false)?;
+        eval(&model, format!("moe top-{k}/{} not distilled", a.experts), &mut rows)?;
+    }
+    let results = serde_json::json!({
+        "config": cfg, "calibration_tokens": calib.len(), "eval_tokens": a.eval_tokens, "seq_len": a.seq_len,
+        "capture_seconds": capture_s, "train_seconds_sum": train_s,
+        "dense_params": {"total": dense_counts.total(), "ffn": dense_counts.ffn_total},
+        "rows": rows, "wall_seconds": total_start.elapsed().as_secs_f64(),
+    });
+    let p = out.join("results.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&results)?)?;
+    println!(
+        "\n{:<32} {:>10} {:>10} {:>14} {:>12}",
+        "model", "ppl en", "ppl ko", "active params", "active ffn"
+    );
+    let dense_en = rows[0]["ppl_en"].as_f64().unwrap_or(f64::NAN);
+    for r in &rows {
+        let en = r["ppl_en"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<32} {:>10.3} {:>10.3} {:>13.1}M {:>11.1}M   ({:+.1}% en)",
+            r["model"].as_str().unwrap_or(""),
+            en,
+            r["ppl_ko"].as_f64().unwrap_or(f64::NAN),
+            r["active_params"].as_f64().unwrap_or(0.0) / 1e6,
+            r["active_ffn_params"].as_f64().unwrap_or(0.0) / 1e6,
+            (en / dense_en - 1.0) * 100.0
+        );
+    }
+    println!(
+        "capture {capture_s:.0} s, training (sum over layers) {train_s:.0} s; results in {}",
+        p.display()
+    );
+    Ok(())
+}
