@@ -136,12 +136,20 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 stop_tokens: stop,
             };
-            print!("{prompt}");
+            if chat {
+                println!("{prompt}");
+            } else {
+                print!("{prompt}");
+            }
             std::io::stdout().flush()?;
             let mut out = Vec::new();
             let mut shown = 0;
             let t = Instant::now();
+            let stops = cfg.stop_tokens.clone();
             let n = generate(&model, &ids, &cfg, |id| {
+                if stops.contains(&id) {
+                    return;
+                }
                 out.push(id);
                 // Decode everything so far and print what is new, holding back an incomplete UTF-8 tail.
                 if let Ok(s) = tok.decode(&out)
