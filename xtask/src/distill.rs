@@ -42,6 +42,12 @@ pub struct DistillArgs {
     cosine: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Combine weights: renormalized (times k_train) or unit (the router only selects).
+    #[arg(long, default_value = "renormalized")]
+    combine: String,
+    /// Weight of the router's expert-output-norm loss (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    router_norm: f64,
     /// Held-out tokens scored per language (windows of --seq-len).
     #[arg(long, default_value_t = 16_384)]
     eval_tokens: usize,

@@ -62,6 +62,12 @@ pub struct TrainConfig {
     /// The centroid router is scaled so its logits have this standard deviation on the
     /// calibration sample (see `partition::calibrate_router`).
     pub router_init_std: f32,
+    /// Weight of the router loss: cross-entropy between the router's softmax and the experts'
+    /// output norms (`softmax(log ||expert_e(x)|| / router_norm_temp)`), so the router learns to
+    /// pick the experts that matter most for each token (0 = the router learns only through the
+    /// combine weights). Most useful with `Unit` combine weights, where the router only selects.
+    pub router_norm_weight: f64,
+    pub router_norm_temp: f64,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +92,8 @@ impl Default for TrainConfig {
             val_frac: 0.05,
             log_every: 10,
             router_init_std: 0.1,
+            router_norm_weight: 0.0,
+            router_norm_temp: 1.0,
         }
     }
 }
@@ -209,9 +217,30 @@ pub fn train_layer(
         for batch in order.chunks_exact(cfg.batch_tokens) {
             let xb = rows(x, hidden, batch, &ad);
             let yb = rows(y, hidden, batch, &ad);
-            let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb)?;
+            let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb.clone())?;
             let diff = out.clone() - yb.clone();
-            let mut loss = diff.powf_scalar(2.0).mean();
+            // MSE relative to the target's mean square: scale-free, so loss weights mean the same
+            // in every layer (Adam itself does not care about the loss scale).
+            let mut loss = diff.powf_scalar(2.0).mean() / yb.clone().powf_scalar(2.0).mean().detach().add_scalar(1e-12);
+            if cfg.router_norm_weight > 0.0 {
+                let xd = xb.detach();
+                let norms: Vec<Tensor<2>> = params
+                    .experts
+                    .iter()
+                    .map(|e| e.forward_any(xd.clone()).powf_scalar(2.0).sum_dim(1).sqrt())
+                    .collect();
+                let target = burn::tensor::activation::softmax(
+                    Tensor::cat(norms, 1)
+                        .add_scalar(1e-6)
+                        .log()
+                        .div_scalar(cfg.router_norm_temp),
+                    1,
+                )
+                .detach();
+                let logp = burn::tensor::activation::log_softmax(params.router.forward(xd), 1);
+                let ce = (target * logp).sum_dim(1).mean().neg();
+                loss = loss + ce.mul_scalar(cfg.router_norm_weight);
+            }
             if cfg.cosine_weight > 0.0 {
                 let dot = (out.clone() * yb.clone()).sum_dim(1);
                 let norms = (out.powf_scalar(2.0).sum_dim(1) * yb.powf_scalar(2.0).sum_dim(1))

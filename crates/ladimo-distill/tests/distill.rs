@@ -23,7 +23,7 @@ fn cfg() -> TrainConfig {
             weights: CombineWeights::Renormalized,
             scale: 2.0,
         },
-        epochs: 4,
+        epochs: 8,
         batch_tokens: 64,
         lr: 2e-3,
         log_every: 1,
