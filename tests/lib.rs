@@ -56,6 +56,21 @@ pub fn smollm2() -> PathBuf {
     ladimo_io::fetch::fetch_model(&ladimo_io::fetch::SMOLLM2_135M).expect("fetch smollm2-135m")
 }
 
+/// The real model loaded once per test binary on the default device (shared by its tests).
+pub struct Smol {
+    pub ckpt: ladimo_io::Checkpoint,
+    pub model: ladimo_model::Transformer,
+}
+
+pub fn smol() -> &'static Smol {
+    static S: std::sync::OnceLock<Smol> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let ckpt = ladimo_io::Checkpoint::open(smollm2()).expect("open smollm2");
+        let model = ladimo_model::Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).expect("load smollm2");
+        Smol { ckpt, model }
+    })
+}
+
 /// Largest absolute difference between two slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -5,7 +5,7 @@ use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::generate::{SamplingConfig, generate};
 use ladimo_model::util::{ids_tensor, to_vec};
-use ladimo_tests::{Reference, fixture, max_abs_diff, smollm2};
+use ladimo_tests::{Reference, fixture, max_abs_diff, smol};
 
 fn tiny_parity(dir: &str, tol: f32) {
     let ckpt = Checkpoint::open(fixture(dir)).unwrap();
@@ -61,20 +61,6 @@ fn tiny_llama_kv_cache_matches_full_forward() {
         let d = max_abs_diff(&stepped, &full[i * v..(i + 1) * v]);
         assert!(d < 1e-4, "position {i}: {d}");
     }
-}
-
-struct Smol {
-    ckpt: Checkpoint,
-    model: Transformer,
-}
-
-fn smol() -> &'static Smol {
-    static S: std::sync::OnceLock<Smol> = std::sync::OnceLock::new();
-    S.get_or_init(|| {
-        let ckpt = Checkpoint::open(smollm2()).unwrap();
-        let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
-        Smol { ckpt, model }
-    })
 }
 
 fn prompts() -> serde_json::Value {

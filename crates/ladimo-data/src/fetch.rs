@@ -121,18 +121,15 @@ pub fn data_dir() -> PathBuf {
     ladimo_io::fetch::cache_dir().join("data")
 }
 
+/// ladimo-io's streaming sha256, with its error mapped into ours (the file is named either way).
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
+    ladimo_io::fetch::sha256_file(path).map_err(|e| match e {
+        ladimo_io::Error::Io { path, source } => Error::Io { path, source },
+        other => Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }
 
 fn sha256_bytes(b: &[u8]) -> String {

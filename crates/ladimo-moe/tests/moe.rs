@@ -6,23 +6,10 @@ use ladimo_io::{Checkpoint, HostTensor};
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{FeedForward, Transformer};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeError, Policy};
+use ladimo_tests::smol;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-
-struct Smol {
-    ckpt: Checkpoint,
-    model: Transformer,
-}
-
-fn smol() -> &'static Smol {
-    static S: std::sync::OnceLock<Smol> = std::sync::OnceLock::new();
-    S.get_or_init(|| {
-        let ckpt = Checkpoint::open(ladimo_tests::smollm2()).unwrap();
-        let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
-        Smol { ckpt, model }
-    })
-}
 
 const TEXT: &str = "It was a truth universally acknowledged that a single man in possession of a good fortune \
                     must be in want of a wife. 대한민국은 민주공화국이다. fn main() { println!(\"{}\", 42); }";
