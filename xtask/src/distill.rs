@@ -71,7 +71,7 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
     b
 }
 
-fn take_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], budget: usize) -> Result<Vec<u32>> {
+fn take_tokens(tok: &ladimo_io::Tokenizer, what: &str, files: &[PathBuf], budget: usize) -> Result<Vec<u32>> {
     let per = budget.div_ceil(files.len().max(1));
     let mut out = Vec::new();
     for f in files {
@@ -80,6 +80,13 @@ fn take_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], budget: usize) -> 
         let cut = text.floor_char_boundary((per * 8).min(text.len()));
         let ids = tok.encode(&text[..cut])?;
         out.extend_from_slice(&ids[..per.min(ids.len())]);
+    }
+    if out.len() < budget {
+        anyhow::bail!(
+            "the {what} calibration text gives {} tokens, fewer than its share of --tokens ({budget}, {} per file)",
+            out.len(),
+            per
+        );
     }
     out.truncate(budget);
     Ok(out)
@@ -116,9 +123,10 @@ pub fn run(a: DistillArgs) -> Result<()> {
         ))
     });
     let en_budget = a.tokens * 4 / 5;
-    let mut calib = take_tokens(tok, &data.calibration_en, en_budget)?;
+    let mut calib = take_tokens(tok, "English", &data.calibration_en, en_budget)?;
     calib.extend(take_tokens(
         tok,
+        "Korean",
         std::slice::from_ref(&data.calibration_ko),
         a.tokens - en_budget,
     )?);
