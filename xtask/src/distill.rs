@@ -62,6 +62,22 @@ pub struct DistillArgs {
     no_korean: bool,
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only these layers, `START..END` (to split a model across processes); evaluation then
+    /// needs every layer finished in --out and is skipped until they are.
+    #[arg(long, value_parser = parse_range)]
+    layers: Option<std::ops::Range<usize>>,
+}
+
+fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}`: expected START..END"))?;
+    let a: usize = a.parse().map_err(|_| format!("`{s}`: bad start"))?;
+    let b: usize = b.parse().map_err(|_| format!("`{s}`: bad end"))?;
+    if a >= b {
+        return Err(format!("`{s}`: empty range"));
+    }
+    Ok(a..b)
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -130,7 +146,11 @@ pub fn run(a: DistillArgs) -> Result<()> {
         std::slice::from_ref(&data.calibration_ko),
         a.tokens - en_budget,
     )?);
-    let layers = 0..ckpt.config.num_layers;
+    let all_layers = 0..ckpt.config.num_layers;
+    let layers = a.layers.clone().unwrap_or(all_layers.clone());
+    if layers.end > all_layers.end {
+        anyhow::bail!("--layers {layers:?} is outside the model's {} layers", all_layers.end);
+    }
 
     let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
     let t = Instant::now();
@@ -189,6 +209,13 @@ pub fn run(a: DistillArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    if let Some(missing) = all_layers.clone().find(|&l| finished(&out, l).is_none()) {
+        println!(
+            "layer {missing} is not finished in {}: evaluation skipped until every layer is",
+            out.display()
+        );
+        return Ok(());
+    }
     // Evaluation.
     let mut sets = vec![(
         "en",
@@ -221,7 +248,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     };
     eval(&model, "dense".into(), &mut rows)?;
     let set_blocks = |model: &mut Transformer, k: usize, trained: bool| -> Result<()> {
-        for layer in layers.clone() {
+        for layer in all_layers.clone() {
             let block = if trained {
                 load_layer_block(&out, layer, Policy::TopK { k }, &device)?
             } else {
