@@ -8,6 +8,10 @@ Run by hand (CPU, float32), from the repository root::
     nice -n 10 /root/.cache/ladimo/pyenv/bin/python scripts/eval_reference.py \
         --gguf /root/.cache/ladimo/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --limit 500
 
+The committed fixture was made on a busy 2-core CPU (about 1-2 s per item): ARC-Easy and
+ARC-Challenge with --limit 500, then PIQA and HellaSwag with
+`--tasks piqa hellaswag --limit 200 --merge` to save time; each task records its item count.
+
 Setup as in scripts/make_fixtures.py (torch, transformers, gguf, tokenizers in the venv). Writes
 tests/fixtures/eval_reference.json.
 
