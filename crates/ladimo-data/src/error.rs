@@ -13,6 +13,10 @@ pub enum Error {
     #[error("{}: line {line}: invalid JSON: {msg}", path.display())]
     Json { path: PathBuf, line: usize, msg: String },
 
+    /// An evaluation item whose requests do not fit together (choices, label, order).
+    #[error("{}: line {line}: {msg}", path.display())]
+    BadItem { path: PathBuf, line: usize, msg: String },
+
     #[error("{}: line {line}: {msg}", path.display())]
     MissingText { path: PathBuf, line: usize, msg: String },
 

