@@ -66,6 +66,9 @@ pub struct DistillArgs {
     /// needs every layer finished in --out and is skipped until they are.
     #[arg(long, value_parser = parse_range)]
     layers: Option<std::ops::Range<usize>>,
+    /// Stop after training and export (no perplexity evaluation).
+    #[arg(long)]
+    no_eval: bool,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
@@ -214,6 +217,20 @@ pub fn run(a: DistillArgs) -> Result<()> {
             "layer {missing} is not finished in {}: evaluation skipped until every layer is",
             out.display()
         );
+        return Ok(());
+    }
+    // The stage-1 model as a checkpoint folder (top-k_train everywhere), for stage 2.
+    let export = out.join("model");
+    if !export.exists() {
+        let s = ladimo_distill::train::export_run(&ckpt, &out, Policy::TopK { k: a.k_train }, &export, &device)?;
+        println!(
+            "wrote {} (Mixtral-exact: {}{})",
+            export.display(),
+            s.mixtral_exact,
+            s.why_not_mixtral.map(|w| format!(", {w}")).unwrap_or_default()
+        );
+    }
+    if a.no_eval {
         return Ok(());
     }
     // Evaluation.

@@ -3,6 +3,8 @@
 //! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
+mod stage2;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +34,9 @@ enum Cmd {
     /// Generate text after a prompt (streaming, KV cache).
     Generate {
         model: String,
+        /// A routing-policy file (TOML, from `ladimo solve`) for the MoE layers.
+        #[arg(long)]
+        policy: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 64)]
@@ -50,6 +55,9 @@ enum Cmd {
     /// Perplexity of a text file: non-overlapping windows, each scored on its own, no BOS.
     Perplexity {
         model: String,
+        /// A routing-policy file (TOML, from `ladimo solve`) for the MoE layers.
+        #[arg(long)]
+        policy: Option<PathBuf>,
         #[arg(long)]
         text: PathBuf,
         #[arg(long, default_value_t = 512)]
@@ -58,6 +66,21 @@ enum Cmd {
         #[arg(long)]
         max_tokens: Option<usize>,
     },
+    /// Write the logits of every position of a prompt (safetensors: `ids` i64, `logits` f32
+    /// `[tokens, vocab]`), for comparisons with other implementations.
+    Logits {
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Stage 2: profile an MoE model's routing and each candidate policy's cost per layer.
+    Profile(stage2::ProfileArgs),
+    /// Stage 2: choose one routing policy per layer under a budget (exact), write a policy file.
+    Solve(stage2::SolveArgs),
 }
 
 fn main() {
@@ -83,14 +106,18 @@ fn resolve_model(arg: &str) -> Result<PathBuf> {
     bail!("{arg}: no such file or directory (and not a known model name)")
 }
 
-fn open(arg: &str) -> Result<Checkpoint> {
+pub(crate) fn open(arg: &str) -> Result<Checkpoint> {
     let path = resolve_model(arg)?;
     Ok(Checkpoint::open(&path)?)
 }
 
-fn load(ckpt: &Checkpoint) -> Result<Transformer> {
+/// Load a dense or MoE checkpoint; `policy` (a policy file) overrides its MoE layers' policies.
+pub(crate) fn load(ckpt: &Checkpoint, policy: Option<&Path>) -> Result<Transformer> {
     let t = Instant::now();
-    let model = Transformer::from_checkpoint(ckpt, &ladimo_backend::device())?;
+    let mut model = ladimo_moe::checkpoint::load_model_from(ckpt, &ladimo_backend::device())?;
+    if let Some(p) = policy {
+        ladimo_moe::PolicyFile::read(p)?.apply(&mut model, p)?;
+    }
     tracing::info!(
         "loaded {} in {:.2?} on {}",
         ckpt.path.display(),
@@ -103,6 +130,41 @@ fn load(ckpt: &Checkpoint) -> Result<Transformer> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
+        Cmd::Profile(a) => stage2::profile(a),
+        Cmd::Logits {
+            model,
+            prompt,
+            policy,
+            out,
+        } => {
+            let ckpt = open(&model)?;
+            let ids = ckpt.tokenizer()?.encode(&prompt)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty after tokenization");
+            }
+            let m = load(&ckpt, policy.as_deref())?;
+            let logits = ladimo_model::util::to_vec(m.forward(ladimo_model::util::ids_tensor(&ids, 1, &m.device))?);
+            let id_bytes: Vec<u8> = ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+            let l_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let views = vec![
+                (
+                    "ids",
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![ids.len()], &id_bytes)?,
+                ),
+                (
+                    "logits",
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        vec![ids.len(), m.config.vocab_size],
+                        &l_bytes,
+                    )?,
+                ),
+            ];
+            safetensors::serialize_to_file(views, None, &out).with_context(|| format!("{}", out.display()))?;
+            println!("wrote {} ({} tokens)", out.display(), ids.len());
+            Ok(())
+        }
+        Cmd::Solve(a) => stage2::solve(a),
         Cmd::Generate {
             model,
             prompt,
@@ -111,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             chat,
+            policy,
         } => {
             let ckpt = open(&model)?;
             let tok = ckpt.tokenizer()?;
@@ -124,7 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
-            let model = load(&ckpt)?;
+            let model = load(&ckpt, policy.as_deref())?;
             let mut stop = ckpt.config.eos_token_ids.clone();
             if chat && let Some(id) = tok.token_to_id("<|im_end|>") {
                 stop.push(id);
@@ -176,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
             text,
             seq_len,
             max_tokens,
+            policy,
         } => {
             if seq_len < 2 {
                 bail!("--seq-len must be at least 2");
@@ -205,7 +269,7 @@ fn run(cli: Cli) -> Result<()> {
                     ids.len()
                 );
             }
-            let model = load(&ckpt)?;
+            let model = load(&ckpt, policy.as_deref())?;
             let t = Instant::now();
             let r = perplexity(&model, &ids, seq_len, |done, total| eprint!("\rwindow {done}/{total}"))?;
             eprintln!();
@@ -216,6 +280,14 @@ fn run(cli: Cli) -> Result<()> {
                 r.predicted_tokens,
                 r.windows,
                 t.elapsed().as_secs_f64()
+            );
+            let c = model.param_counts();
+            println!(
+                "active parameters per token: {:.0} ({:.1}% of {}), FFN {:.0}",
+                c.active(),
+                100.0 * c.active() / c.total() as f64,
+                c.total(),
+                c.ffn_active
             );
             Ok(())
         }

@@ -223,3 +223,55 @@ mod tests {
         assert!(e.contains("absent.txt"), "{e}");
     }
 }
+
+/// Which part of each file [`take_tokens`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// From the start (what distillation calibrates on).
+    Head,
+    /// From the end (what the routing profiler measures on: calibration text, but not the
+    /// very tokens the experts were trained on).
+    Tail,
+}
+
+/// `budget` tokens from `files` (`.txt` / `.jsonl`), an equal share from each, from the start or
+/// the end of each file. Errors when the files hold fewer tokens than the budget.
+pub fn take_tokens(
+    tok: &ladimo_io::Tokenizer,
+    files: &[std::path::PathBuf],
+    budget: usize,
+    part: Part,
+) -> Result<Vec<u32>> {
+    let per = budget.div_ceil(files.len().max(1));
+    let mut out = Vec::new();
+    let mut have = 0;
+    for f in files {
+        let text = read_texts(f)?.join("\n");
+        // Tokenize only a slice long enough for the share (about 4 chars per token, with margin).
+        let span = (per * 8).min(text.len());
+        let slice = match part {
+            Part::Head => &text[..text.floor_char_boundary(span)],
+            Part::Tail => &text[text.ceil_char_boundary(text.len() - span)..],
+        };
+        let ids = tok.encode(slice).map_err(|e| Error::format(f, e.to_string()))?;
+        have += ids.len();
+        let n = per.min(ids.len());
+        match part {
+            Part::Head => out.extend_from_slice(&ids[..n]),
+            Part::Tail => out.extend_from_slice(&ids[ids.len() - n..]),
+        }
+    }
+    if out.len() < budget {
+        let first = files.first().cloned().unwrap_or_default();
+        return Err(Error::Empty {
+            path: first,
+            msg: format!(
+                "{} file(s) give {} tokens ({have} tokenized), fewer than the {budget} asked for ({per} per file)",
+                files.len(),
+                out.len()
+            ),
+        });
+    }
+    out.truncate(budget);
+    Ok(out)
+}

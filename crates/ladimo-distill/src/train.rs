@@ -448,3 +448,27 @@ pub fn run_layers(
     std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
     Ok(reports)
 }
+
+/// Write the finished run `run_dir` (every layer of the model must be finished there) with the
+/// rest of `ckpt` as an MoE checkpoint folder `out`, every layer under `policy`.
+pub fn export_run(
+    ckpt: &ladimo_io::Checkpoint,
+    run_dir: &Path,
+    policy: Policy,
+    out: &Path,
+    device: &Device,
+) -> Result<ladimo_moe::MoeSection, DistillError> {
+    let n = ckpt.config.num_layers;
+    let missing: Vec<usize> = (0..n).filter(|&l| finished(run_dir, l).is_none()).collect();
+    if !missing.is_empty() {
+        return Err(DistillError::Invalid(format!(
+            "{}: layers {missing:?} are not finished; cannot export",
+            run_dir.display()
+        )));
+    }
+    let blocks = (0..n)
+        .map(|l| load_layer_block(run_dir, l, policy.clone(), device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<Option<&MoeBlock>> = blocks.iter().map(Some).collect();
+    ladimo_moe::save_moe_checkpoint(ckpt, &refs, out).map_err(|e| DistillError::Invalid(e.to_string()))
+}

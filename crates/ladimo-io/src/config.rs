@@ -92,7 +92,17 @@ impl ModelConfig {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
             .unwrap_or_default();
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let mut model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        // ladimo's MoE exports: Mixtral (LLaMA attention), or our own format whose `ladimo`
+        // section names the dense architecture it came from. The MoE part is read by ladimo-moe.
+        let ladimo = v.get("ladimo");
+        let mut archs = archs;
+        if let Some(base) = ladimo.and_then(|l| l.get("base_architecture")).and_then(Value::as_str) {
+            archs = vec![base.to_string()];
+            model_type = "";
+        } else if archs.iter().any(|a| a == "MixtralForCausalLM") || model_type == "mixtral" {
+            archs = vec!["LlamaForCausalLM".into()];
+        }
         let architecture = if archs.iter().any(|a| a == "HyperCLOVAXForCausalLM") || model_type == "hyperclovax" {
             Architecture::HyperClovaX
         } else if archs.iter().any(|a| a == "LlamaForCausalLM") || model_type == "llama" {
@@ -175,7 +185,13 @@ impl ModelConfig {
             architecture,
             vocab_size: get_usize(&v, "vocab_size", path)?,
             hidden_size,
-            intermediate_size: get_usize(&v, "intermediate_size", path)?,
+            intermediate_size: match ladimo
+                .and_then(|l| l.get("dense_intermediate_size"))
+                .and_then(Value::as_u64)
+            {
+                Some(n) => n as usize,
+                None => get_usize(&v, "intermediate_size", path)?,
+            },
             num_layers: get_usize(&v, "num_hidden_layers", path)?,
             num_heads,
             num_kv_heads,
@@ -198,6 +214,66 @@ impl ModelConfig {
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
         })
+    }
+
+    /// A Hugging Face `config.json` (transformers 4 layout, which transformers 5 also reads) that
+    /// [`ModelConfig::from_hf_json`] reads back to `self`. For checkpoints that came from GGUF.
+    pub fn to_hf_json(&self) -> std::result::Result<Value, String> {
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            Some(RopeScaling::Factors(_)) => {
+                return Err("per-frequency RoPE factors (GGUF rope_freqs) have no config.json form".into());
+            }
+        };
+        let (arch, model_type) = match self.architecture {
+            Architecture::Llama => ("LlamaForCausalLM", "llama"),
+            Architecture::HyperClovaX => ("HyperCLOVAXForCausalLM", "hyperclovax"),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => (*one).into(),
+                many => many.into(),
+            },
+            "torch_dtype": "float32",
+        });
+        if self.architecture == Architecture::HyperClovaX {
+            v["embedding_multiplier"] = self.embedding_multiplier.into();
+            v["attention_multiplier"] = self.attention_multiplier.into();
+            v["residual_multiplier"] = self.residual_multiplier.into();
+            v["logits_scaling"] = self.logits_scaling.into();
+            v["use_post_norm"] = self.use_post_norm.into();
+        }
+        Ok(v)
     }
 
     /// Parameters of one layer's attention block (projections and, with bias, their biases).

@@ -40,6 +40,14 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`, with no BOS or other added tokens; special-token strings are recognised.
+    /// The tokenizer as Hugging Face `tokenizer.json` text (for checkpoints ladimo writes).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| Error::Format {
+            path: "tokenizer.json".into(),
+            msg: format!("cannot serialise the tokenizer: {e}"),
+        })
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Format {
             path: "<tokenizer>".into(),

@@ -12,7 +12,10 @@ pub type FfnError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a decoder layer needs from its feed-forward block. A dense SwiGLU and an MoE block both
 /// implement it, so a model can mix them layer by layer.
-pub trait FeedForward: Send + Sync + std::fmt::Debug {
+///
+/// `Any` lets code that knows a concrete block type reach it (`&mut dyn FeedForward as &mut dyn
+/// Any`, then `downcast_mut`), e.g. to change an MoE block's routing policy.
+pub trait FeedForward: std::any::Any + Send + Sync + std::fmt::Debug {
     /// `[batch, seq, hidden] -> [batch, seq, hidden]`.
     fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, FfnError>;
     /// All parameters of the block.

@@ -230,6 +230,16 @@ pub struct Transformer {
 impl Transformer {
     /// Build the model from a checkpoint, with a dense FFN in every layer.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
+        Self::from_checkpoint_with(ckpt, device, |i| Ok(Box::new(load_dense_ffn(ckpt, i, device)?)))
+    }
+
+    /// Build the model from a checkpoint, asking `ffn(layer)` for each layer's feed-forward block
+    /// (how MoE checkpoints are loaded: the MoE crate builds its blocks, this crate the rest).
+    pub fn from_checkpoint_with(
+        ckpt: &Checkpoint,
+        device: &Device,
+        mut ffn: impl FnMut(usize) -> Result<Box<dyn FeedForward>, ModelError>,
+    ) -> Result<Self, ModelError> {
         let cfg = ckpt.config.clone();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let embed = ckpt.load("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -280,7 +290,7 @@ impl Transformer {
                 head_dim: hd,
                 scale: cfg.attention_multiplier,
             };
-            let ffn = load_dense_ffn(ckpt, i, device)?;
+            let ffn = ffn(i)?;
             let post = |n: &str| -> Result<Option<RmsNorm>, ModelError> {
                 if cfg.use_post_norm {
                     Ok(Some(rms_norm(ckpt, &format!("{p}.{n}.weight"), &cfg, device)?))
@@ -299,7 +309,7 @@ impl Transformer {
                 )?,
                 post_norm1: post("post_norm1")?,
                 post_norm2: post("post_norm2")?,
-                ffn: Box::new(ffn),
+                ffn,
                 residual_multiplier: cfg.residual_multiplier,
             });
         }

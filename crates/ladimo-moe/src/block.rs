@@ -267,6 +267,16 @@ impl MoeBlock {
         };
     }
 
+    /// Parameters of each routed expert.
+    pub fn expert_params(&self) -> &[usize] {
+        &self.expert_params
+    }
+
+    /// Parameters every token uses whatever the routing: the router and the shared experts.
+    pub fn fixed_params(&self) -> usize {
+        self.router_params() + self.shared_params()
+    }
+
     fn router_params(&self) -> usize {
         self.params.router.num_params()
     }
@@ -282,8 +292,13 @@ impl MoeBlock {
 
     /// Per token, the chosen experts and their combine weights (scale included).
     pub fn route(&self, probs: &[f32]) -> Vec<Vec<(usize, f32)>> {
+        self.route_with(&self.policy, probs)
+    }
+
+    /// [`MoeBlock::route`] under another policy (the profiler scores many on the same tokens).
+    pub fn route_with(&self, policy: &Policy, probs: &[f32]) -> Vec<Vec<(usize, f32)>> {
         let e = self.num_experts();
-        choose(&self.policy, probs, e)
+        choose(policy, probs, e)
             .into_iter()
             .zip(probs.chunks(e))
             .map(|(chosen, p)| {

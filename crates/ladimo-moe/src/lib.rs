@@ -8,14 +8,22 @@
 //!   are gathered, the expert runs once on its group, the weighted results are scatter-added.
 //!   Compute is proportional to the experts that run.
 //!
+//! - [`checkpoint`]: MoE checkpoints on disk (Mixtral naming; Mixtral config when exact) and
+//!   [`load_model`], which loads dense and MoE checkpoints alike.
+//! - [`PolicyFile`]: one routing policy per layer (TOML), applied to a loaded model.
+//!
 //! The block is backend-agnostic (a burn `Device` decides where it runs).
 
 mod block;
+pub mod checkpoint;
 mod error;
 mod host;
 mod policy;
+pub mod policy_file;
 
 pub use block::{Combine, CombineWeights, MoeBlock, MoeParams, RoutingStats};
+pub use checkpoint::{CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint};
 pub use error::MoeError;
 pub use host::HostFfn;
 pub use policy::{Policy, RoutingPolicy};
+pub use policy_file::{PolicyFile, model_fingerprint};

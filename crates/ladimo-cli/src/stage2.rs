@@ -1,0 +1,249 @@
+//! `ladimo profile` and `ladimo solve`: LaDiMo stage 2 from the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ladimo_data::{Part, take_tokens};
+use ladimo_model::perplexity::perplexity;
+use ladimo_profile::{Budget, BudgetKind, Cost, Profile, ProfileConfig, profile_model, solve_profile, write_plots};
+
+use crate::{load, open};
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// The MoE checkpoint (stage-1 output).
+    pub model: String,
+    /// The dense model it was made from (the teacher whose FFN outputs are the reference).
+    #[arg(long)]
+    pub dense: String,
+    /// Calibration text as TAG=FILE (.txt or .jsonl), repeatable; the tag names the language.
+    /// Default: the fetched calibration sets, en=Austen novels, ko=LibreOffice help.
+    #[arg(long = "text", value_parser = parse_tagged)]
+    pub texts: Vec<(String, Vec<PathBuf>)>,
+    /// Tokens per tag (taken from the end of the files, away from what stage 1 trained on).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Tokens and repeats for the latency of each policy.
+    #[arg(long, default_value_t = 512)]
+    pub latency_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub latency_repeats: usize,
+    /// Uniform top-k models whose calibration perplexity calibrates the solver's PPL prediction.
+    #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
+    pub uniform_k: Vec<usize>,
+    /// Output folder: profile.json and plots/.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_tagged(s: &str) -> Result<(String, Vec<PathBuf>), String> {
+    let (tag, file) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected TAG=FILE"))?;
+    if tag.is_empty() || tag == "all" {
+        return Err(format!("`{s}`: the tag must be a non-empty name other than `all`"));
+    }
+    Ok((tag.to_string(), vec![PathBuf::from(file)]))
+}
+
+pub fn profile(a: ProfileArgs) -> Result<()> {
+    let start = Instant::now();
+    let ckpt = open(&a.model)?;
+    let dense_ckpt = open(&a.dense)?;
+    let tok = dense_ckpt.tokenizer()?;
+    let mut texts = a.texts.clone();
+    if texts.is_empty() {
+        let data = ladimo_data::fetch_data()?;
+        texts = vec![
+            ("en".into(), data.calibration_en.clone()),
+            ("ko".into(), vec![data.calibration_ko.clone()]),
+        ];
+    }
+    let mut tagged = Vec::new();
+    for (tag, files) in &texts {
+        let ids = take_tokens(tok, files, a.tokens, Part::Tail).with_context(|| format!("calibration text `{tag}`"))?;
+        tagged.push((tag.clone(), ids));
+    }
+    let mut moe = load(&ckpt, None)?;
+    let dense = load(&dense_ckpt, None)?;
+    let cfg = ProfileConfig {
+        seq_len: a.seq_len,
+        latency_tokens: a.latency_tokens,
+        latency_repeats: a.latency_repeats,
+        uniform_k: a.uniform_k.clone(),
+        ..Default::default()
+    };
+    let mut profile = profile_model(&mut moe, &dense, &tagged, &cfg, &a.model, |stage, d, t| {
+        eprint!("\r{stage}: {d}/{t}      ");
+        if d == t {
+            eprintln!();
+        }
+    })?;
+    profile.backend = ladimo_backend::name().to_string();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let p = a.out.join("profile.json");
+    profile.write(&p)?;
+    let plots = write_plots(&profile, &a.out.join("plots"), None)?;
+    print_profile(&profile);
+    println!(
+        "wrote {} and {} plots in {:.0} s",
+        p.display(),
+        plots.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn print_profile(p: &Profile) {
+    println!(
+        "{:>5} {:>8} {:>8} {:>8} | rel MSE at top-k, k = 1..N",
+        "layer", "top1", "entropy", "ln N"
+    );
+    for l in &p.layers {
+        let d = &l.routing["all"];
+        let topk: Vec<String> = l
+            .candidates
+            .iter()
+            .filter(|c| matches!(c.policy, ladimo_moe::Policy::TopK { .. }))
+            .map(|c| format!("{:.3}", c.rel_mse))
+            .collect();
+        println!(
+            "{:>5} {:>8.3} {:>8.3} {:>8.3} | {}",
+            l.layer,
+            d.cum_topk_mean.first().copied().unwrap_or(0.0),
+            d.entropy_mean,
+            (l.num_experts as f64).ln(),
+            topk.join(" ")
+        );
+    }
+    println!("calibration ppl: dense {:.3}", p.dense_ppl);
+    for u in &p.uniform {
+        println!(
+            "  uniform {}: ppl {:.3} (sum rel MSE {:.3}, sum resid MSE {:.4})",
+            u.policy, u.ppl, u.sum_rel_mse, u.sum_resid_mse
+        );
+    }
+}
+
+#[derive(Args)]
+pub struct SolveArgs {
+    /// profile.json from `ladimo profile`.
+    pub profile: PathBuf,
+    /// Budget as a fraction of the dense model's value (e.g. 0.75).
+    #[arg(long, conflicts_with = "max")]
+    pub budget: Option<f64>,
+    /// Budget as an absolute value (parameters per token, or FFN seconds per token for latency).
+    #[arg(long)]
+    pub max: Option<f64>,
+    /// What the budget limits: ffn-params, params (whole model) or latency (FFN time per token).
+    #[arg(long, value_enum, default_value = "ffn-params")]
+    pub of: KindArg,
+    /// The per-layer cost to minimise: rel-mse (error relative to the FFN output) or resid-mse
+    /// (relative to the residual stream).
+    #[arg(long, value_enum, default_value = "rel-mse")]
+    pub cost: CostArg,
+    /// The policy file to write (TOML).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Check the prediction: the MoE model and held-out text to measure perplexity on.
+    #[arg(long, requires = "check_text")]
+    pub check_model: Option<String>,
+    #[arg(long, requires = "check_dense")]
+    pub check_text: Option<PathBuf>,
+    /// The dense model, for the held-out dense perplexity the prediction scales.
+    #[arg(long)]
+    pub check_dense: Option<String>,
+    #[arg(long, default_value_t = 16_384)]
+    pub check_tokens: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    FfnParams,
+    Params,
+    Latency,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CostArg {
+    RelMse,
+    ResidMse,
+}
+
+pub fn solve(a: SolveArgs) -> Result<()> {
+    let profile = Profile::read(&a.profile)?;
+    let budget = Budget {
+        kind: match a.of {
+            KindArg::FfnParams => BudgetKind::FfnParams,
+            KindArg::Params => BudgetKind::Params,
+            KindArg::Latency => BudgetKind::Latency,
+        },
+        fraction: a.budget,
+        absolute: a.max,
+    };
+    if a.budget.is_none() && a.max.is_none() {
+        bail!("give a budget: --budget FRACTION or --max VALUE");
+    }
+    let cost = match a.cost {
+        CostArg::RelMse => Cost::RelMse,
+        CostArg::ResidMse => Cost::ResidMse,
+    };
+    let s = solve_profile(&profile, &budget, cost)?;
+    s.policies.write(&a.out)?;
+    let sidecar = a.out.with_extension("solve.json");
+    write_json(&sidecar, &s)?;
+    if let Some(dir) = a.profile.parent() {
+        write_plots(&profile, &dir.join("plots"), Some(&s))?;
+    }
+    println!(
+        "budget {:.4e} {} ({:.1}% of dense); chosen policies use {:.4e} ({:.1}%)",
+        s.budget_value,
+        s.unit,
+        100.0 * s.budget_value / s.dense_value,
+        s.used,
+        100.0 * s.used / s.dense_value
+    );
+    println!(
+        "predicted: summed {:?} {:.4}, perplexity x{:.3} of dense, {:.0} activated parameters per token (FFN {:.0})",
+        cost, s.cost, s.predicted_ppl_ratio, s.predicted_params, s.predicted_ffn_params
+    );
+    for lp in &s.policies.layers {
+        print!("L{}: {}  ", lp.layer, lp.policy);
+    }
+    println!("\nwrote {} and {}", a.out.display(), sidecar.display());
+    if let (Some(m), Some(text), Some(dense)) = (&a.check_model, &a.check_text, &a.check_dense) {
+        check(&s, m, dense, text, a.check_tokens, &a.out)?;
+    }
+    Ok(())
+}
+
+fn check(s: &ladimo_profile::Solved, model: &str, dense: &str, text: &Path, n: usize, policy: &Path) -> Result<()> {
+    let ckpt = open(model)?;
+    let ids = take_tokens(ckpt.tokenizer()?, &[text.to_path_buf()], n, Part::Head)?;
+    let dense_model = load(&open(dense)?, None)?;
+    let d = perplexity(&dense_model, &ids, 512, |_, _| {})?.perplexity;
+    drop(dense_model);
+    let m = load(&ckpt, Some(policy))?;
+    let r = perplexity(&m, &ids, 512, |_, _| {})?.perplexity;
+    let c = m.param_counts();
+    println!(
+        "check on {} ({n} tokens): dense ppl {d:.3}; predicted {:.3}, measured {r:.3} ({:+.1}% vs dense); \
+         activated parameters predicted {:.0}, measured {:.0} (FFN {:.0})",
+        text.display(),
+        d * s.predicted_ppl_ratio,
+        100.0 * (r / d - 1.0),
+        s.predicted_params,
+        c.active(),
+        c.ffn_active
+    );
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?).with_context(|| format!("{}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! MoE checkpoints on disk: a Hugging Face folder (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) whose MoE layers use Mixtral's tensor names
+//! (`model.layers.N.block_sparse_moe.gate.weight`, `...experts.E.w1/w2/w3.weight`).
+//!
+//! When the model is exactly a Mixtral (every layer MoE with the same number of equal-sized
+//! experts, no shared experts, no router bias, renormalised top-k weights, one TopK for every
+//! layer, a LLaMA base without biases) `config.json` says `MixtralForCausalLM`, and Hugging Face
+//! transformers computes the same function. Otherwise it says `LadimoMoeForCausalLM` and gives the
+//! reason in `ladimo.why_not_mixtral`, so other tools refuse it instead of computing something
+//! else. Either way `config.json` carries a `ladimo` section ([`MoeSection`]) with each layer's
+//! policy and combine rule, which [`load_model`] applies; a plain Mixtral checkpoint (no such
+//! section) loads too, as uniform top-k with renormalised weights.
+//!
+//! The combine scale is folded into each expert's down projection when saving (`w2 = scale *
+//! down`), so the saved combine scale is always 1.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use ladimo_io::{Architecture, Checkpoint, HostTensor, ModelConfig};
+use ladimo_model::util::{to_vec, transpose_host};
+use ladimo_model::{FeedForward, ModelError, Transformer, load_dense_ffn};
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Combine, CombineWeights, HostFfn, MoeBlock, MoeError, Policy};
+
+/// Errors of reading or writing MoE checkpoints; every one names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Source(#[from] ladimo_io::Error),
+    #[error("{path}: layer {layer}: {source}")]
+    Block {
+        path: PathBuf,
+        layer: usize,
+        #[source]
+        source: MoeError,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The `ladimo` section of an MoE checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeSection {
+    /// Format version of this section (1).
+    pub format: u32,
+    /// The dense architecture the attention and norms follow (`LlamaForCausalLM`, ...).
+    pub base_architecture: String,
+    /// The dense FFN width, for layers that stayed dense.
+    pub dense_intermediate_size: usize,
+    /// Whether `config.json` is a Mixtral config that computes exactly this model.
+    pub mixtral_exact: bool,
+    /// Why not, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_not_mixtral: Option<String>,
+    /// One entry per MoE layer (layers not listed are dense).
+    pub layers: Vec<MoeLayerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeLayerSpec {
+    pub layer: usize,
+    pub policy: Policy,
+    pub combine: Combine,
+}
+
+fn moe_prefix(layer: usize) -> String {
+    format!("model.layers.{layer}.block_sparse_moe")
+}
+
+/// The routed experts, shared experts and router of a block in PyTorch layout, with the combine
+/// scale folded into the down projections (the host form of what is saved).
+pub fn block_host_weights(block: &MoeBlock) -> (HostTensor, Option<HostTensor>, Vec<HostFfn>, Option<HostFfn>) {
+    let weight = |l: &burn::nn::Linear| {
+        let w = l.weight.val();
+        let [i, o] = w.dims();
+        transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
+    };
+    let ffn = |d: &ladimo_model::DenseFfn, scale: f32| {
+        let mut down = weight(&d.down_proj);
+        down.data.iter_mut().for_each(|v| *v *= scale);
+        HostFfn {
+            gate: weight(&d.gate_proj),
+            up: weight(&d.up_proj),
+            down,
+        }
+    };
+    let p = &block.params;
+    let bias = p.router.bias.as_ref().map(|b| {
+        let b = b.val();
+        HostTensor::new(b.dims().to_vec(), to_vec(b))
+    });
+    let experts = p.experts.iter().map(|e| ffn(e, block.combine.scale)).collect();
+    // Shared experts are not scaled by the combine rule.
+    let shared = p.shared.as_ref().map(|s| ffn(s, 1.0));
+    (weight(&p.router), bias, experts, shared)
+}
+
+/// Why a model with these blocks is not exactly a Mixtral, or `None` when it is.
+fn why_not_mixtral(cfg: &ModelConfig, blocks: &[Option<&MoeBlock>]) -> Option<String> {
+    if cfg.architecture != Architecture::Llama {
+        return Some(format!("the base is {:?}, not LLaMA", cfg.architecture));
+    }
+    if cfg.attention_bias || cfg.mlp_bias {
+        return Some("Mixtral has no attention or FFN biases".into());
+    }
+    if blocks.iter().any(Option::is_none) {
+        return Some("some layers stay dense; Mixtral has an MoE block in every layer".into());
+    }
+    let blocks: Vec<&MoeBlock> = blocks.iter().flatten().copied().collect();
+    let first = blocks.first()?;
+    let size = first.params.experts[0].intermediate_size();
+    for b in &blocks {
+        if b.num_experts() != first.num_experts() {
+            return Some("layers have different numbers of experts".into());
+        }
+        if b.params.experts.iter().any(|e| e.intermediate_size() != size) {
+            return Some("experts differ in size".into());
+        }
+        if b.params.shared.is_some() {
+            return Some("shared experts (Mixtral has none)".into());
+        }
+        if b.params.router.bias.is_some() {
+            return Some("the router has a bias (Mixtral's has none)".into());
+        }
+        if b.combine.weights != CombineWeights::Renormalized {
+            return Some(format!(
+                "combine weights are {:?}; Mixtral renormalises the top-k softmax",
+                b.combine.weights
+            ));
+        }
+        match b.policy {
+            Policy::TopK { k } if b.policy == first.policy => {
+                let _ = k;
+            }
+            Policy::TopK { .. } => return Some("layers route to different numbers of experts".into()),
+            _ => return Some(format!("policy {} is not a fixed top-k", b.policy)),
+        }
+    }
+    None
+}
+
+/// Write `blocks` (one per layer; `None` keeps the source's dense FFN) with the rest of `source`
+/// as a checkpoint folder `out` (created; must not exist). Everything is written under a
+/// temporary name first and renamed at the end, so `out` never holds a half-written model.
+pub fn save_moe_checkpoint(
+    source: &Checkpoint,
+    blocks: &[Option<&MoeBlock>],
+    out: &Path,
+) -> Result<MoeSection, CheckpointError> {
+    let cfg = &source.config;
+    if blocks.len() != cfg.num_layers {
+        return Err(CheckpointError::Format {
+            path: out.to_path_buf(),
+            msg: format!("{} blocks given for a model of {} layers", blocks.len(), cfg.num_layers),
+        });
+    }
+    if out.exists() {
+        return Err(CheckpointError::Format {
+            path: out.to_path_buf(),
+            msg: "already exists; refusing to overwrite".into(),
+        });
+    }
+    let why = why_not_mixtral(cfg, blocks);
+    let section = MoeSection {
+        format: 1,
+        base_architecture: match cfg.architecture {
+            Architecture::Llama => "LlamaForCausalLM".into(),
+            Architecture::HyperClovaX => "HyperCLOVAXForCausalLM".into(),
+        },
+        dense_intermediate_size: cfg.intermediate_size,
+        mixtral_exact: why.is_none(),
+        why_not_mixtral: why.clone(),
+        layers: blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(layer, b)| {
+                b.map(|b| MoeLayerSpec {
+                    layer,
+                    policy: b.policy.clone(),
+                    combine: Combine {
+                        weights: b.combine.weights,
+                        scale: 1.0,
+                    },
+                })
+            })
+            .collect(),
+    };
+
+    // config.json: the source's own (keeps fields we do not model) or one made from GGUF metadata.
+    let mut config: Value = match source.format {
+        ladimo_io::Format::HuggingFace => {
+            let p = source.path.join("config.json");
+            let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?
+        }
+        ladimo_io::Format::Gguf => cfg.to_hf_json().map_err(|msg| CheckpointError::Format {
+            path: source.path.clone(),
+            msg,
+        })?,
+    };
+    if why.is_none() {
+        let first = blocks[0].expect("every layer is MoE when Mixtral-exact");
+        let Policy::TopK { k } = first.policy else {
+            unreachable!()
+        };
+        config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+        config["model_type"] = "mixtral".into();
+        config["intermediate_size"] = first.params.experts[0].intermediate_size().into();
+        config["num_local_experts"] = first.num_experts().into();
+        config["num_experts_per_tok"] = k.into();
+        config["sliding_window"] = Value::Null;
+        config["router_jitter_noise"] = 0.0.into();
+        config["output_router_logits"] = false.into();
+        config["router_aux_loss_coef"] = 0.0.into();
+    } else {
+        config["architectures"] = serde_json::json!(["LadimoMoeForCausalLM"]);
+        config["model_type"] = "ladimo_moe".into();
+    }
+    config["torch_dtype"] = "float32".into();
+    config["ladimo"] = serde_json::to_value(&section).expect("section serialises");
+
+    // Tensors: everything but the replaced FFNs from the source, then the MoE blocks.
+    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for info in source.weights.infos() {
+        let replaced = blocks
+            .iter()
+            .enumerate()
+            .any(|(l, b)| b.is_some() && info.name.starts_with(&format!("model.layers.{l}.mlp.")));
+        if !replaced {
+            tensors.insert(info.name.clone(), source.weights.load(&info.name)?);
+        }
+    }
+    for (layer, b) in blocks.iter().enumerate() {
+        let Some(b) = b else { continue };
+        let p = moe_prefix(layer);
+        let (router, bias, experts, shared) = block_host_weights(b);
+        tensors.insert(format!("{p}.gate.weight"), router);
+        if let Some(bias) = bias {
+            tensors.insert(format!("{p}.gate.bias"), bias);
+        }
+        let mut put = |name: String, f: HostFfn| {
+            tensors.insert(format!("{name}.w1.weight"), f.gate);
+            tensors.insert(format!("{name}.w3.weight"), f.up);
+            tensors.insert(format!("{name}.w2.weight"), f.down);
+        };
+        for (e, f) in experts.into_iter().enumerate() {
+            put(format!("{p}.experts.{e}"), f);
+        }
+        if let Some(s) = shared {
+            put(format!("{p}.shared_experts"), s);
+        }
+    }
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, b, s)| Ok((k.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| CheckpointError::Format {
+            path: tmp.clone(),
+            msg: e.to_string(),
+        })?;
+    let st = tmp.join("model.safetensors");
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(meta), &st).map_err(|e| CheckpointError::Format {
+        path: st.clone(),
+        msg: e.to_string(),
+    })?;
+    drop(bytes);
+    let write = |file: &str, text: String| -> Result<(), CheckpointError> {
+        let p = tmp.join(file);
+        std::fs::write(&p, text).map_err(io(&p))
+    };
+    write("config.json", serde_json::to_string_pretty(&config).unwrap())?;
+    let tok = source.tokenizer()?;
+    write("tokenizer.json", tok.to_json()?)?;
+    let mut tok_cfg = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+    if let Some(t) = &tok.chat_template {
+        tok_cfg["chat_template"] = t.clone().into();
+    }
+    write("tokenizer_config.json", serde_json::to_string_pretty(&tok_cfg).unwrap())?;
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(section)
+}
+
+/// The `ladimo` section of a checkpoint folder's `config.json`, if it has one.
+pub fn read_section(dir: &Path) -> Result<Option<MoeSection>, CheckpointError> {
+    let p = dir.join("config.json");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    match v.get("ladimo") {
+        None => Ok(None),
+        Some(s) => serde_json::from_value(s.clone())
+            .map(Some)
+            .map_err(|e| CheckpointError::Format {
+                path: p.clone(),
+                msg: format!("`ladimo` section: {e}"),
+            }),
+    }
+}
+
+/// Load any checkpoint ladimo reads: a dense LLaMA / HyperCLOVA X (HF folder or GGUF), an MoE
+/// checkpoint written by [`save_moe_checkpoint`], or a plain Mixtral folder.
+pub fn load_model(path: &Path, device: &Device) -> Result<Transformer, CheckpointError> {
+    let ckpt = Checkpoint::open(path)?;
+    load_model_from(&ckpt, device)
+}
+
+/// [`load_model`] for an already opened checkpoint.
+pub fn load_model_from(ckpt: &Checkpoint, device: &Device) -> Result<Transformer, CheckpointError> {
+    let path = ckpt.path.clone();
+    let section = read_section(&path)?;
+    let names: std::collections::HashSet<String> = ckpt.weights.infos().into_iter().map(|i| i.name).collect();
+    // A plain Mixtral: uniform top-k, renormalised.
+    let mixtral_k = if ckpt.format == ladimo_io::Format::HuggingFace && section.is_none() {
+        let p = path.join("config.json");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).map_err(io(&p))?).unwrap_or(Value::Null);
+        v.get("num_experts_per_tok").and_then(Value::as_u64).map(|k| k as usize)
+    } else {
+        None
+    };
+    let mut block_err = None;
+    let model = Transformer::from_checkpoint_with(ckpt, device, |layer| {
+        let p = moe_prefix(layer);
+        if !names.contains(&format!("{p}.gate.weight")) {
+            return Ok(Box::new(load_dense_ffn(ckpt, layer, device)?) as Box<dyn FeedForward>);
+        }
+        let spec = section
+            .as_ref()
+            .and_then(|s| s.layers.iter().find(|l| l.layer == layer));
+        let (policy, combine) = match (spec, mixtral_k) {
+            (Some(s), _) => (s.policy.clone(), s.combine),
+            (None, Some(k)) => (Policy::TopK { k }, Combine::default()),
+            (None, None) => {
+                return Err(ModelError::Invalid(format!(
+                    "{}: layer {layer} has MoE weights but config.json names no routing policy for it",
+                    path.display()
+                )));
+            }
+        };
+        let load = |n: &str| -> Result<HostTensor, ModelError> { Ok(ckpt.weights.load(n)?) };
+        let ffn = |q: &str| -> Result<HostFfn, ModelError> {
+            Ok(HostFfn {
+                gate: load(&format!("{q}.w1.weight"))?,
+                up: load(&format!("{q}.w3.weight"))?,
+                down: load(&format!("{q}.w2.weight"))?,
+            })
+        };
+        let mut experts = Vec::new();
+        while names.contains(&format!("{p}.experts.{}.w1.weight", experts.len())) {
+            experts.push(ffn(&format!("{p}.experts.{}", experts.len()))?);
+        }
+        let shared = if names.contains(&format!("{p}.shared_experts.w1.weight")) {
+            Some(ffn(&format!("{p}.shared_experts"))?)
+        } else {
+            None
+        };
+        let bias_name = format!("{p}.gate.bias");
+        let bias = if names.contains(&bias_name) {
+            Some(load(&bias_name)?)
+        } else {
+            None
+        };
+        match MoeBlock::new(
+            &load(&format!("{p}.gate.weight"))?,
+            bias.as_ref(),
+            &experts,
+            shared.as_ref(),
+            combine,
+            policy,
+            device,
+        ) {
+            Ok(b) => Ok(Box::new(b) as Box<dyn FeedForward>),
+            Err(source) => {
+                let msg = source.to_string();
+                block_err = Some(CheckpointError::Block {
+                    path: path.clone(),
+                    layer,
+                    source,
+                });
+                Err(ModelError::Invalid(msg))
+            }
+        }
+    });
+    match (model, block_err) {
+        (Ok(m), _) => Ok(m),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
+    }
+}
+
+/// The MoE block of layer `layer`, if that layer has one.
+pub fn moe_block_mut(model: &mut Transformer, layer: usize) -> Option<&mut MoeBlock> {
+    let ffn: &mut dyn FeedForward = model.layers.get_mut(layer)?.ffn.as_mut();
+    (ffn as &mut dyn Any).downcast_mut::<MoeBlock>()
+}
+
+/// The MoE block of layer `layer`, if that layer has one.
+pub fn moe_block(model: &Transformer, layer: usize) -> Option<&MoeBlock> {
+    let ffn: &dyn FeedForward = model.layers.get(layer)?.ffn.as_ref();
+    (ffn as &dyn Any).downcast_ref::<MoeBlock>()
+}

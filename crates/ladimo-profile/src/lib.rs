@@ -1,0 +1,165 @@
+//! LaDiMo stage 2: profile how each MoE layer routes, what each candidate routing policy costs,
+//! and choose one policy per layer under a budget.
+//!
+//! ```text
+//! MoE model + dense teacher + calibration text (tagged by language)
+//!   -> profile (profile.json, SVG plots)          [profile.rs]
+//!        per layer: routing-weight statistics, and per candidate policy the relative error of
+//!        the block's output against the dense FFN on the teacher's inputs, the experts run per
+//!        token, the activated parameters and the measured time
+//!   -> solve under a budget (exact multiple-choice knapsack, ladimo-solve)   [solve.rs]
+//!        -> a policy file (TOML, ladimo_moe::PolicyFile) + the whole Pareto frontier
+//! ```
+//! The profile carries the MoE model's fingerprint, so a profile of another model is refused.
+
+mod plots;
+mod profile;
+mod solve;
+
+pub use plots::write_plots;
+pub use profile::{ProfileConfig, candidates, profile_model};
+pub use solve::{Budget, BudgetKind, Cost, Solved, solve_profile};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ladimo_moe::Policy;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Model(#[from] ladimo_model::ModelError),
+    #[error(transparent)]
+    Moe(#[from] ladimo_moe::MoeError),
+    #[error(transparent)]
+    Solve(#[from] ladimo_solve::SolveError),
+    #[error(transparent)]
+    Plot(#[from] ladimo_plot::PlotError),
+}
+
+/// Statistics of a layer's routing weights over some tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingDistribution {
+    pub tokens: usize,
+    /// Histogram (counts, [`HIST_BINS`] equal bins over [0, 1]) of the top-1 probability.
+    pub top1_hist: Vec<f64>,
+    /// For k = 1..=N, the mean cumulative probability of the k most probable experts.
+    pub cum_topk_mean: Vec<f64>,
+    /// For k = 1..=N, the histogram of that cumulative probability.
+    pub cum_topk_hist: Vec<Vec<f64>>,
+    /// Mean entropy of the routing distribution (nats; uniform is ln N).
+    pub entropy_mean: f64,
+    /// Histogram of the entropy over [0, ln N].
+    pub entropy_hist: Vec<f64>,
+    /// Share of tokens whose top-1 expert is each expert.
+    pub top1_load: Vec<f64>,
+    /// Mean routing probability of each expert.
+    pub mean_prob: Vec<f64>,
+}
+
+/// Bins of every histogram in a profile.
+pub const HIST_BINS: usize = 20;
+
+/// What one policy costs on one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateCost {
+    pub policy: Policy,
+    /// `||moe(x) - ffn(x)||^2 / ||ffn(x)||^2` over all profiled tokens (all languages).
+    pub rel_mse: f64,
+    /// `||moe(x) - ffn(x)||^2 / ||h||^2`, h the residual stream after the layer: the error as a
+    /// share of what flows on to the next layer.
+    pub resid_mse: f64,
+    /// `rel_mse` per language tag.
+    pub rel_mse_by_lang: BTreeMap<String, f64>,
+    /// Mean number of routed experts run per token.
+    pub mean_experts: f64,
+    /// Mean FFN parameters activated per token (router + shared + routed experts that ran).
+    pub active_params: f64,
+    /// Measured time of the block per token (median of repeats; seconds).
+    pub seconds_per_token: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerProfile {
+    pub layer: usize,
+    pub num_experts: usize,
+    /// Parameters of each routed expert.
+    pub expert_params: Vec<usize>,
+    /// Router + shared-expert parameters (used by every token).
+    pub fixed_params: usize,
+    /// The dense FFN this block replaces: parameters, and measured seconds per token.
+    pub dense_params: usize,
+    pub dense_seconds_per_token: f64,
+    /// Routing statistics per language tag, and over all tokens (`"all"`).
+    pub routing: BTreeMap<String, RoutingDistribution>,
+    pub candidates: Vec<CandidateCost>,
+}
+
+/// Calibration-set perplexity of the MoE under a uniform policy, used to map summed layer cost
+/// to perplexity (the solver's prediction).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UniformPoint {
+    pub policy: Policy,
+    pub sum_rel_mse: f64,
+    pub sum_resid_mse: f64,
+    pub ppl: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub format: u32,
+    /// `ladimo_moe::model_fingerprint` of the profiled MoE model.
+    pub model: String,
+    pub model_path: String,
+    pub backend: String,
+    /// Tokens profiled per language tag.
+    pub tokens: BTreeMap<String, usize>,
+    /// Parameters every token activates outside the FFNs (embeddings, attention, norms).
+    pub non_ffn_params: f64,
+    pub layers: Vec<LayerProfile>,
+    /// Dense calibration perplexity and the uniform-policy points.
+    pub dense_ppl: f64,
+    pub uniform: Vec<UniformPoint>,
+}
+
+impl Profile {
+    pub fn read(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| ProfileError::Invalid(format!("{}: not a profile: {e}", path.display())))
+    }
+
+    /// Write to a temporary name, then rename.
+    pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
+        let tmp = path.with_extension("json.part");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap()).map_err(|source| ProfileError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| ProfileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Dense FFN parameters per token, summed over the profiled layers.
+    pub fn dense_ffn_params(&self) -> f64 {
+        self.layers.iter().map(|l| l.dense_params as f64).sum()
+    }
+
+    pub fn dense_ffn_seconds(&self) -> f64 {
+        self.layers.iter().map(|l| l.dense_seconds_per_token).sum()
+    }
+}

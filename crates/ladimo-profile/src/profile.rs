@@ -1,0 +1,414 @@
+//! The profiler: teacher activations per layer, routing statistics, and per-candidate costs.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::tensor::{Tensor, TensorData};
+use ladimo_model::perplexity::perplexity;
+use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::{ModelError, Transformer};
+use ladimo_moe::{MoeBlock, Policy, moe_block, moe_block_mut};
+use rayon::prelude::*;
+
+use crate::{CandidateCost, HIST_BINS, LayerProfile, Profile, ProfileError, RoutingDistribution, UniformPoint};
+
+/// What to profile and how.
+#[derive(Debug, Clone)]
+pub struct ProfileConfig {
+    /// Window length of the teacher passes.
+    pub seq_len: usize,
+    /// TopP candidates: these p (min_k 1, max_k N).
+    pub top_p_grid: Vec<f32>,
+    /// Confidence candidates: these tau, with (k_low, k_high) = (k, k + 1) and (k, k + 2).
+    pub tau_grid: Vec<f32>,
+    /// Tokens the latency of each policy is measured on, and repeats (median; one warm-up).
+    pub latency_tokens: usize,
+    pub latency_repeats: usize,
+    /// Token chunk for computing expert outputs (bounds memory: chunk x experts x hidden floats).
+    pub chunk_tokens: usize,
+    /// Uniform top-k values whose calibration perplexity calibrates the cost -> PPL prediction.
+    pub uniform_k: Vec<usize>,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            seq_len: 512,
+            top_p_grid: vec![0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
+            tau_grid: vec![0.3, 0.4, 0.5, 0.6, 0.7],
+            latency_tokens: 512,
+            latency_repeats: 5,
+            chunk_tokens: 2048,
+            uniform_k: vec![],
+        }
+    }
+}
+
+/// The candidate policies for a layer of `n` experts.
+pub fn candidates(n: usize, cfg: &ProfileConfig) -> Vec<Policy> {
+    let mut c: Vec<Policy> = (1..=n).map(|k| Policy::TopK { k }).collect();
+    for &p in &cfg.top_p_grid {
+        c.push(Policy::TopP { p, min_k: 1, max_k: n });
+    }
+    for &tau in &cfg.tau_grid {
+        for k in 1..n {
+            for d in [1, 2] {
+                if k + d <= n {
+                    c.push(Policy::Confidence {
+                        tau,
+                        k_low: k,
+                        k_high: k + d,
+                    });
+                }
+            }
+        }
+    }
+    c
+}
+
+/// The teacher's FFN inputs and outputs at one layer, for every profiled token.
+struct LayerData {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    /// Squared norm of the residual stream after the layer, per token.
+    resid2: Vec<f32>,
+}
+
+fn teacher_pass(
+    dense: &Transformer,
+    texts: &[(String, Vec<u32>)],
+    seq_len: usize,
+    progress: &mut impl FnMut(&str, usize, usize),
+) -> Result<(Vec<LayerData>, Vec<usize>), ProfileError> {
+    let n_layers = dense.layers.len();
+    let mut data: Vec<LayerData> = (0..n_layers)
+        .map(|_| LayerData {
+            x: vec![],
+            y: vec![],
+            resid2: vec![],
+        })
+        .collect();
+    let mut lang_of = Vec::new();
+    let windows: Vec<(usize, &[u32])> = texts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, ids))| ids.chunks_exact(seq_len).map(move |w| (i, w)))
+        .collect();
+    for (wi, (lang, ids)) in windows.iter().enumerate() {
+        let mut h = dense.embed(ids_tensor(ids, 1, &dense.device));
+        for (l, layer) in dense.layers.iter().enumerate() {
+            let (h_attn, x) = layer.attention_part(h, &dense.rope, &mut None);
+            let y = layer
+                .ffn
+                .forward(x.clone())
+                .map_err(|source| ModelError::Ffn { layer: l, source })?;
+            h = layer.ffn_residual(h_attn, y.clone());
+            let r2 = to_vec((h.clone() * h.clone()).sum_dim(2));
+            let d = &mut data[l];
+            d.x.extend(to_vec(x));
+            d.y.extend(to_vec(y));
+            d.resid2.extend(r2);
+        }
+        lang_of.extend(std::iter::repeat_n(*lang, ids.len()));
+        progress("teacher", wi + 1, windows.len());
+    }
+    Ok((data, lang_of))
+}
+
+fn hist_add(h: &mut [f64], v: f64, lo: f64, hi: f64) {
+    let b = (((v - lo) / (hi - lo)) * h.len() as f64).floor();
+    let b = (b.max(0.0) as usize).min(h.len() - 1);
+    h[b] += 1.0;
+}
+
+fn routing_stats(probs: &[f32], e: usize, dist: &mut RoutingDistribution) {
+    if dist.top1_hist.is_empty() {
+        *dist = RoutingDistribution {
+            tokens: 0,
+            top1_hist: vec![0.0; HIST_BINS],
+            cum_topk_mean: vec![0.0; e],
+            cum_topk_hist: vec![vec![0.0; HIST_BINS]; e],
+            entropy_mean: 0.0,
+            entropy_hist: vec![0.0; HIST_BINS],
+            top1_load: vec![0.0; e],
+            mean_prob: vec![0.0; e],
+        };
+    }
+    let ln_n = (e as f64).ln().max(1e-9);
+    let mut sorted = vec![0f32; e];
+    for p in probs.chunks(e) {
+        sorted.copy_from_slice(p);
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        hist_add(&mut dist.top1_hist, sorted[0] as f64, 0.0, 1.0);
+        let mut cum = 0.0;
+        for k in 0..e {
+            cum += sorted[k] as f64;
+            dist.cum_topk_mean[k] += cum;
+            hist_add(&mut dist.cum_topk_hist[k], cum, 0.0, 1.0 + 1e-9);
+        }
+        let ent: f64 = p
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .map(|&v| -(v as f64) * (v as f64).ln())
+            .sum();
+        dist.entropy_mean += ent;
+        hist_add(&mut dist.entropy_hist, ent, 0.0, ln_n + 1e-9);
+        let top = (0..e)
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        dist.top1_load[top] += 1.0;
+        for (m, &v) in dist.mean_prob.iter_mut().zip(p) {
+            *m += v as f64;
+        }
+        dist.tokens += 1;
+    }
+}
+
+fn finish_stats(d: &mut RoutingDistribution) {
+    let n = d.tokens.max(1) as f64;
+    d.cum_topk_mean.iter_mut().for_each(|v| *v /= n);
+    d.entropy_mean /= n;
+    d.top1_load.iter_mut().for_each(|v| *v /= n);
+    d.mean_prob.iter_mut().for_each(|v| *v /= n);
+}
+
+/// Error accumulators of one candidate.
+#[derive(Clone, Default)]
+struct Acc {
+    err: f64,
+    err_by_lang: Vec<f64>,
+    experts: f64,
+    params: f64,
+}
+
+/// Median seconds of `f` over `repeats` runs after one warm-up.
+fn median_time(repeats: usize, mut f: impl FnMut() -> Result<(), ProfileError>) -> Result<f64, ProfileError> {
+    f()?;
+    let mut t = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Profile every MoE layer of `moe` against the dense teacher `dense` on `texts` (language tag,
+/// token ids; each cut into whole windows of `cfg.seq_len`). `progress(stage, done, total)`.
+pub fn profile_model(
+    moe: &mut Transformer,
+    dense: &Transformer,
+    texts: &[(String, Vec<u32>)],
+    cfg: &ProfileConfig,
+    model_path: &str,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Profile, ProfileError> {
+    if moe.config.num_layers != dense.config.num_layers || moe.config.hidden_size != dense.config.hidden_size {
+        return Err(ProfileError::Invalid(format!(
+            "the MoE model ({} layers, hidden {}) and the dense teacher ({} layers, hidden {}) differ",
+            moe.config.num_layers, moe.config.hidden_size, dense.config.num_layers, dense.config.hidden_size
+        )));
+    }
+    let short: Vec<&str> = texts
+        .iter()
+        .filter(|(_, ids)| ids.len() < cfg.seq_len)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if !short.is_empty() {
+        return Err(ProfileError::Invalid(format!(
+            "calibration text {short:?} has fewer tokens than one window of {}",
+            cfg.seq_len
+        )));
+    }
+    let moe_layers: Vec<usize> = (0..moe.layers.len()).filter(|&l| moe_block(moe, l).is_some()).collect();
+    if moe_layers.is_empty() {
+        return Err(ProfileError::Invalid("the model has no MoE layer to profile".into()));
+    }
+    let fingerprint = ladimo_moe::model_fingerprint(moe);
+    let (data, lang_of) = teacher_pass(dense, texts, cfg.seq_len, &mut progress)?;
+    let n_lang = texts.len();
+    let h = moe.config.hidden_size;
+    let n_tok = lang_of.len();
+    let device = moe.device.clone();
+    let mut layers = Vec::new();
+    for (done, &l) in moe_layers.iter().enumerate() {
+        let d = &data[l];
+        let block = moe_block(moe, l).expect("MoE layer");
+        let e = block.num_experts();
+        let cands = candidates(e, cfg);
+        let mut accs = vec![
+            Acc {
+                err_by_lang: vec![0.0; n_lang],
+                ..Default::default()
+            };
+            cands.len()
+        ];
+        let mut y2 = 0f64;
+        let mut y2_lang = vec![0f64; n_lang];
+        let resid2: f64 = d.resid2.iter().map(|&v| v as f64).sum();
+        let mut dists: Vec<RoutingDistribution> = vec![Default::default(); n_lang];
+        let mut all = RoutingDistribution::default();
+        for start in (0..n_tok).step_by(cfg.chunk_tokens) {
+            let m = cfg.chunk_tokens.min(n_tok - start);
+            let xs = &d.x[start * h..(start + m) * h];
+            let ys = &d.y[start * h..(start + m) * h];
+            let x = Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [m, h]), &device);
+            let probs = block.router_probs(x.clone())?;
+            let outs: Vec<Vec<f32>> = block
+                .params
+                .experts
+                .iter()
+                .map(|ex| to_vec(ex.forward_any(x.clone())))
+                .collect();
+            let shared = block.params.shared.as_ref().map(|s| to_vec(s.forward_any(x.clone())));
+            for t in 0..m {
+                let yt = &ys[t * h..(t + 1) * h];
+                let n2: f64 = yt.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                y2 += n2;
+                y2_lang[lang_of[start + t]] += n2;
+            }
+            for (lang, dist) in dists.iter_mut().enumerate() {
+                let p: Vec<f32> = (0..m)
+                    .filter(|&t| lang_of[start + t] == lang)
+                    .flat_map(|t| probs[t * e..(t + 1) * e].iter().copied())
+                    .collect();
+                routing_stats(&p, e, dist);
+            }
+            routing_stats(&probs, e, &mut all);
+            let expert_params = block.expert_params();
+            cands.par_iter().zip(accs.par_iter_mut()).for_each(|(policy, acc)| {
+                let routes = block.route_with(policy, &probs);
+                let mut out = vec![0f32; h];
+                for (t, r) in routes.iter().enumerate() {
+                    match &shared {
+                        Some(s) => out.copy_from_slice(&s[t * h..(t + 1) * h]),
+                        None => out.fill(0.0),
+                    }
+                    for &(ex, w) in r {
+                        let o = &outs[ex][t * h..(t + 1) * h];
+                        out.iter_mut().zip(o).for_each(|(a, &b)| *a += w * b);
+                        acc.params += expert_params[ex] as f64;
+                    }
+                    acc.experts += r.len() as f64;
+                    let yt = &ys[t * h..(t + 1) * h];
+                    let err: f64 = out.iter().zip(yt).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+                    acc.err += err;
+                    acc.err_by_lang[lang_of[start + t]] += err;
+                }
+            });
+        }
+        let mut routing = BTreeMap::new();
+        for (lang, mut dist) in dists.into_iter().enumerate() {
+            finish_stats(&mut dist);
+            routing.insert(texts[lang].0.clone(), dist);
+        }
+        finish_stats(&mut all);
+        routing.insert("all".to_string(), all);
+
+        // Latency of each policy on the first tokens, on the compiled backend.
+        let lat_n = cfg.latency_tokens.min(n_tok);
+        let x_lat = Tensor::<2>::from_data(TensorData::new(d.x[..lat_n * h].to_vec(), [lat_n, h]), &device);
+        let dense_ffn = &dense.layers[l].ffn;
+        let dense_s = median_time(cfg.latency_repeats, || {
+            let y = dense_ffn
+                .forward(x_lat.clone().reshape([1, lat_n, h]))
+                .map_err(|source| ModelError::Ffn { layer: l, source })?;
+            let _ = to_vec(y.narrow(1, 0, 1));
+            Ok(())
+        })?;
+        let fixed = block.fixed_params();
+        let expert_params = block.expert_params().to_vec();
+        let dense_params = dense_ffn.total_params();
+        let original = block.policy.clone();
+        let mut costs = Vec::with_capacity(cands.len());
+        for (policy, acc) in cands.iter().zip(&accs) {
+            let b: &mut MoeBlock = moe_block_mut(moe, l).expect("MoE layer");
+            b.set_policy(policy.clone())?;
+            let b: &MoeBlock = b;
+            let secs = median_time(cfg.latency_repeats, || {
+                let y = b.forward_tokens(x_lat.clone())?;
+                let _ = to_vec(y.narrow(0, 0, 1));
+                Ok(())
+            })?;
+            let nt = n_tok as f64;
+            costs.push(CandidateCost {
+                policy: policy.clone(),
+                rel_mse: acc.err / y2.max(1e-30),
+                resid_mse: acc.err / resid2.max(1e-30),
+                rel_mse_by_lang: texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (lang, _))| (lang.clone(), acc.err_by_lang[i] / y2_lang[i].max(1e-30)))
+                    .collect(),
+                mean_experts: acc.experts / nt,
+                active_params: fixed as f64 + acc.params / nt,
+                seconds_per_token: secs / lat_n as f64,
+            });
+        }
+        let b = moe_block_mut(moe, l).expect("MoE layer");
+        b.set_policy(original)?;
+        b.reset_stats();
+        layers.push(LayerProfile {
+            layer: l,
+            num_experts: e,
+            expert_params,
+            fixed_params: fixed,
+            dense_params,
+            dense_seconds_per_token: dense_s / lat_n as f64,
+            routing,
+            candidates: costs,
+        });
+        progress("layers", done + 1, moe_layers.len());
+    }
+    drop(data);
+
+    // Calibration perplexity under uniform policies: maps summed layer cost to perplexity.
+    let calib: Vec<u32> = texts.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+    let dense_ppl = perplexity(dense, &calib, cfg.seq_len, |_, _| {})?.perplexity;
+    let originals: Vec<(usize, Policy)> = moe_layers
+        .iter()
+        .map(|&l| (l, moe_block(moe, l).unwrap().policy.clone()))
+        .collect();
+    let mut uniform = Vec::new();
+    for (i, &k) in cfg.uniform_k.iter().enumerate() {
+        let policy = Policy::TopK { k };
+        let (mut s_rel, mut s_res) = (0.0, 0.0);
+        for lp in &layers {
+            let c = lp.candidates.iter().find(|c| c.policy == policy).ok_or_else(|| {
+                ProfileError::Invalid(format!("uniform top-{k} is not a candidate of layer {}", lp.layer))
+            })?;
+            s_rel += c.rel_mse;
+            s_res += c.resid_mse;
+            moe_block_mut(moe, lp.layer).unwrap().set_policy(policy.clone())?;
+        }
+        let ppl = perplexity(moe, &calib, cfg.seq_len, |_, _| {})?.perplexity;
+        uniform.push(UniformPoint {
+            policy,
+            sum_rel_mse: s_rel,
+            sum_resid_mse: s_res,
+            ppl,
+        });
+        progress("uniform", i + 1, cfg.uniform_k.len());
+    }
+    for (l, p) in originals {
+        let b = moe_block_mut(moe, l).unwrap();
+        b.set_policy(p)?;
+        b.reset_stats();
+    }
+    let c = dense.param_counts();
+    Ok(Profile {
+        format: 1,
+        model: fingerprint,
+        model_path: model_path.to_string(),
+        backend: String::new(),
+        tokens: texts
+            .iter()
+            .map(|(l, ids)| (l.clone(), ids.len() / cfg.seq_len * cfg.seq_len))
+            .collect(),
+        non_ffn_params: c.active() - c.ffn_active,
+        layers,
+        dense_ppl,
+        uniform,
+    })
+}

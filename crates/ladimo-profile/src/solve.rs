@@ -1,0 +1,211 @@
+//! From a profile and a budget to one policy per layer (exact, via ladimo-solve), a policy file,
+//! the Pareto frontier, and a perplexity prediction.
+
+use ladimo_moe::policy_file::LayerPolicy;
+use ladimo_moe::{Policy, PolicyFile};
+use ladimo_solve::{Choice, SolveError};
+use serde::{Deserialize, Serialize};
+
+use crate::{CandidateCost, Profile, ProfileError};
+
+/// What the budget limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetKind {
+    /// Activated FFN parameters per token (router + shared + routed experts that run).
+    FfnParams,
+    /// Activated parameters per token, whole model (the non-FFN part is fixed).
+    Params,
+    /// Measured FFN time per token (the attention and the rest are not counted).
+    Latency,
+}
+
+/// A budget: a fraction of the dense model's value of `kind`, or an absolute value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    pub kind: BudgetKind,
+    pub fraction: Option<f64>,
+    pub absolute: Option<f64>,
+}
+
+/// Which per-layer quality cost the solver minimises (summed over layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cost {
+    /// Squared error relative to the dense FFN output.
+    RelMse,
+    /// Squared error relative to the residual stream after the layer.
+    ResidMse,
+}
+
+impl Cost {
+    pub fn of(&self, c: &CandidateCost) -> f64 {
+        match self {
+            Cost::RelMse => c.rel_mse,
+            Cost::ResidMse => c.resid_mse,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontierEntry {
+    /// Budget units (see [`Solved::unit`]), whole-model value for `Params`.
+    pub budget: f64,
+    pub fraction_of_dense: f64,
+    pub cost: f64,
+    pub predicted_ppl_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Solved {
+    pub policies: PolicyFile,
+    pub budget: Budget,
+    pub cost_kind: Cost,
+    pub unit: String,
+    /// The budget in units, and what the chosen policies use (as predicted by the profile).
+    pub budget_value: f64,
+    pub used: f64,
+    pub dense_value: f64,
+    pub cost: f64,
+    /// Predicted perplexity / dense perplexity (from the uniform top-k calibration points).
+    pub predicted_ppl_ratio: f64,
+    /// Predicted activated parameters per token (whole model and FFN).
+    pub predicted_params: f64,
+    pub predicted_ffn_params: f64,
+    pub frontier: Vec<FrontierEntry>,
+}
+
+/// ln(ppl / dense ppl) = slope * summed cost, fitted through the origin on the uniform points.
+fn ppl_slope(profile: &Profile, cost: Cost) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for u in &profile.uniform {
+        let c = match cost {
+            Cost::RelMse => u.sum_rel_mse,
+            Cost::ResidMse => u.sum_resid_mse,
+        };
+        let r = (u.ppl / profile.dense_ppl).ln();
+        if c.is_finite() && r.is_finite() {
+            num += c * r;
+            den += c * c;
+        }
+    }
+    if den > 0.0 { num / den } else { f64::NAN }
+}
+
+/// Pick one candidate per profiled layer minimising the summed `cost` within `budget`.
+pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<Solved, ProfileError> {
+    let weight = |c: &CandidateCost| match budget.kind {
+        BudgetKind::FfnParams | BudgetKind::Params => c.active_params,
+        BudgetKind::Latency => c.seconds_per_token,
+    };
+    // The fixed part a whole-model budget carries beside the FFNs.
+    let (offset, dense_value, unit) = match budget.kind {
+        BudgetKind::FfnParams => (0.0, profile.dense_ffn_params(), "FFN parameters per token"),
+        BudgetKind::Params => (
+            profile.non_ffn_params,
+            profile.non_ffn_params + profile.dense_ffn_params(),
+            "parameters per token",
+        ),
+        BudgetKind::Latency => (0.0, profile.dense_ffn_seconds(), "FFN seconds per token"),
+    };
+    let budget_value = match (budget.fraction, budget.absolute) {
+        (Some(f), None) if f > 0.0 && f.is_finite() => f * dense_value,
+        (None, Some(a)) if a > 0.0 && a.is_finite() => a,
+        _ => {
+            return Err(ProfileError::Invalid(format!(
+                "a budget needs exactly one positive fraction or absolute value, got {budget:?}"
+            )));
+        }
+    };
+    let groups: Vec<Vec<Choice>> = profile
+        .layers
+        .iter()
+        .map(|l| {
+            l.candidates
+                .iter()
+                .map(|c| Choice {
+                    cost: cost.of(c),
+                    weight: weight(c),
+                })
+                .collect()
+        })
+        .collect();
+    let sol = match ladimo_solve::solve(&groups, budget_value - offset) {
+        Ok(s) => s,
+        Err(SolveError::BudgetTooSmall { minimum, .. }) => {
+            let min = minimum + offset;
+            return Err(ProfileError::Invalid(format!(
+                "budget {budget_value:.4e} {unit} ({:.1}% of dense) is below the cheapest choice of policies, \
+                 {min:.4e} ({:.1}% of dense)",
+                100.0 * budget_value / dense_value,
+                100.0 * min / dense_value
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let slope = ppl_slope(profile, cost);
+    let chosen: Vec<&CandidateCost> = profile
+        .layers
+        .iter()
+        .zip(&sol.picks)
+        .map(|(l, &i)| &l.candidates[i])
+        .collect();
+    let ffn: f64 = chosen.iter().map(|c| c.active_params).sum();
+    // The frontier, thinned to at most ~200 points for the JSON and the plot.
+    let front = ladimo_solve::frontier(&groups)?;
+    let step = front.len().div_ceil(200).max(1);
+    let frontier = front
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i + 1 == front.len())
+        .map(|(_, p)| FrontierEntry {
+            budget: p.weight + offset,
+            fraction_of_dense: (p.weight + offset) / dense_value,
+            cost: p.cost,
+            predicted_ppl_ratio: (slope * p.cost).exp(),
+        })
+        .collect();
+    let policies = PolicyFile {
+        model: profile.model.clone(),
+        note: format!(
+            "ladimo solve: {:?} <= {budget_value:.4e} {unit} ({:.1}% of dense), minimising {cost:?}",
+            budget.kind,
+            100.0 * budget_value / dense_value
+        ),
+        layers: profile
+            .layers
+            .iter()
+            .zip(&chosen)
+            .map(|(l, c)| LayerPolicy {
+                layer: l.layer,
+                policy: c.policy.clone(),
+            })
+            .collect(),
+    };
+    Ok(Solved {
+        policies,
+        budget: *budget,
+        cost_kind: cost,
+        unit: unit.into(),
+        budget_value,
+        used: sol.weight + offset,
+        dense_value,
+        cost: sol.cost,
+        predicted_ppl_ratio: (slope * sol.cost).exp(),
+        predicted_params: profile.non_ffn_params + ffn,
+        predicted_ffn_params: ffn,
+        frontier,
+    })
+}
+
+/// The uniform policy `policy` on every layer, as the solver would report it (for comparisons).
+pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f64, f64)> {
+    let mut c = 0.0;
+    let mut params = profile.non_ffn_params;
+    for l in &profile.layers {
+        let cand = l.candidates.iter().find(|x| &x.policy == policy)?;
+        c += cost.of(cand);
+        params += cand.active_params;
+    }
+    Some((c, params))
+}

@@ -1,0 +1,351 @@
+//! MoE checkpoints (save, load, Mixtral or not), policy files, and the stage-2 profiler and solver,
+//! on the committed tiny models.
+
+use std::path::Path;
+
+use ladimo_io::{Checkpoint, HostTensor};
+use ladimo_model::Transformer;
+use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_moe::policy_file::LayerPolicy;
+use ladimo_moe::{
+    Combine, CombineWeights, HostFfn, MoeBlock, Policy, PolicyFile, load_model, model_fingerprint, moe_block,
+    save_moe_checkpoint,
+};
+use ladimo_profile::{Budget, BudgetKind, Cost, ProfileConfig, profile_model, solve_profile};
+use ladimo_tests::{fixture, max_abs_diff};
+
+fn device() -> burn::tensor::Device {
+    ladimo_backend::device()
+}
+
+/// Deterministic pseudo-random values in [-a, a].
+fn values(n: usize, seed: u64, a: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * a
+        })
+        .collect()
+}
+
+/// Layer `layer` of `ckpt` cut into `n` contiguous experts (plus `shared` neurons from the end).
+fn block(ckpt: &Checkpoint, layer: usize, n: usize, shared: usize, combine: Combine, policy: Policy) -> MoeBlock {
+    let ffn = HostFfn::from_checkpoint(ckpt, layer).unwrap();
+    let (h, f) = (ffn.hidden_size(), ffn.intermediate_size());
+    let routed = f - shared;
+    let experts: Vec<HostFfn> = (0..n)
+        .map(|e| ffn.select_neurons(&(e * routed / n..(e + 1) * routed / n).collect::<Vec<_>>()))
+        .collect();
+    let shared = (shared > 0).then(|| ffn.select_neurons(&(routed..f).collect::<Vec<_>>()));
+    let router = HostTensor::new(vec![n, h], values(n * h, layer as u64 + 7, 0.5));
+    MoeBlock::new(&router, None, &experts, shared.as_ref(), combine, policy, &device()).unwrap()
+}
+
+fn renorm(scale: f32) -> Combine {
+    Combine {
+        weights: CombineWeights::Renormalized,
+        scale,
+    }
+}
+
+fn logits(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+    to_vec(model.forward(ids_tensor(ids, 1, &model.device)).unwrap())
+}
+
+const IDS: [u32; 12] = [1, 5, 9, 17, 33, 2, 8, 40, 3, 11, 60, 7];
+
+/// Build the MoE model in memory, save it, load it back: same logits; returns the saved section.
+fn roundtrip(name: &str, blocks: impl Fn(&Checkpoint, usize) -> Option<MoeBlock>) -> ladimo_moe::MoeSection {
+    let ckpt = Checkpoint::open(fixture(name)).unwrap();
+    let mut model = Transformer::from_checkpoint(&ckpt, &device()).unwrap();
+    let made: Vec<Option<MoeBlock>> = (0..ckpt.config.num_layers).map(|l| blocks(&ckpt, l)).collect();
+    let refs: Vec<Option<&MoeBlock>> = made.iter().map(Option::as_ref).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("moe");
+    let section = save_moe_checkpoint(&ckpt, &refs, &out).unwrap();
+    // Saving again into an existing folder is refused, and leaves it as it was.
+    let err = save_moe_checkpoint(&ckpt, &refs, &out).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    for (l, b) in made.into_iter().enumerate() {
+        if let Some(b) = b {
+            model.layers[l].ffn = Box::new(b);
+        }
+    }
+    let want = logits(&model, &IDS);
+    let loaded = load_model(&out, &device()).unwrap();
+    let got = logits(&loaded, &IDS);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(&got, &want) / scale;
+    assert!(d < 1e-5, "{name}: reloaded MoE logits differ by {d} (relative)");
+    assert_eq!(model_fingerprint(&model), model_fingerprint(&loaded));
+    // No temporary folder is left beside the output.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    section
+}
+
+#[test]
+fn uniform_topk_renormalised_is_saved_as_mixtral() {
+    let s = roundtrip("tiny-llama3", |c, l| {
+        Some(block(c, l, 4, 0, renorm(2.0), Policy::TopK { k: 2 }))
+    });
+    assert!(s.mixtral_exact, "{:?}", s.why_not_mixtral);
+    // The tiny model stays loadable from the written config.json as a Mixtral.
+}
+
+#[test]
+fn mixtral_config_and_names() {
+    let ckpt = Checkpoint::open(fixture("tiny-llama3")).unwrap();
+    let made: Vec<MoeBlock> = (0..ckpt.config.num_layers)
+        .map(|l| block(&ckpt, l, 4, 0, renorm(1.0), Policy::TopK { k: 2 }))
+        .collect();
+    let refs: Vec<Option<&MoeBlock>> = made.iter().map(Some).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    save_moe_checkpoint(&ckpt, &refs, &out).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(cfg["num_local_experts"], 4);
+    assert_eq!(cfg["num_experts_per_tok"], 2);
+    assert_eq!(cfg["intermediate_size"], 40);
+    let c = Checkpoint::open(&out).unwrap();
+    for n in [
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+        "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+        "model.layers.1.block_sparse_moe.experts.3.w3.weight",
+    ] {
+        assert!(c.has(n), "{n}");
+    }
+    assert!(!c.has("model.layers.0.mlp.gate_proj.weight"));
+    assert!(out.join("tokenizer.json").exists());
+}
+
+#[test]
+fn shared_experts_mixed_policies_and_dense_layers_are_not_mixtral_but_load() {
+    let s = roundtrip("tiny-llama3", |c, l| {
+        (l == 1).then(|| {
+            block(
+                c,
+                l,
+                4,
+                32,
+                Combine {
+                    weights: CombineWeights::Unit,
+                    scale: 1.0,
+                },
+                Policy::TopP {
+                    p: 0.6,
+                    min_k: 1,
+                    max_k: 3,
+                },
+            )
+        })
+    });
+    assert!(!s.mixtral_exact);
+    assert!(s.why_not_mixtral.unwrap().contains("dense"));
+    let s = roundtrip("tiny-llama3", |c, l| {
+        Some(block(c, l, 4, 16, renorm(3.0), Policy::TopK { k: 2 }))
+    });
+    assert!(s.why_not_mixtral.unwrap().contains("shared"));
+}
+
+#[test]
+fn hyperclova_x_base_roundtrips() {
+    let s = roundtrip("tiny-hcx", |c, l| {
+        Some(block(c, l, 4, 0, renorm(2.0), Policy::TopK { k: 3 }))
+    });
+    assert!(!s.mixtral_exact);
+    assert!(s.why_not_mixtral.unwrap().contains("HyperClovaX"));
+}
+
+fn tiny_moe(unit: bool) -> (Transformer, Transformer) {
+    let ckpt = Checkpoint::open(fixture("tiny-llama3")).unwrap();
+    let dense = Transformer::from_checkpoint(&ckpt, &device()).unwrap();
+    let mut moe = Transformer::from_checkpoint(&ckpt, &device()).unwrap();
+    let combine = if unit {
+        Combine {
+            weights: CombineWeights::Unit,
+            scale: 1.0,
+        }
+    } else {
+        renorm(4.0)
+    };
+    for l in 0..ckpt.config.num_layers {
+        moe.layers[l].ffn = Box::new(block(&ckpt, l, 4, 0, combine, Policy::TopK { k: 4 }));
+    }
+    (dense, moe)
+}
+
+#[test]
+fn policy_files_apply_and_bad_ones_are_refused() {
+    let (_, mut moe) = tiny_moe(false);
+    let fp = model_fingerprint(&moe);
+    let file = |layers: Vec<(usize, Policy)>, model: &str| PolicyFile {
+        model: model.into(),
+        note: String::new(),
+        layers: layers
+            .into_iter()
+            .map(|(layer, policy)| LayerPolicy { layer, policy })
+            .collect(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    let good = file(vec![(0, Policy::TopK { k: 1 }), (1, Policy::TopK { k: 3 })], &fp);
+    good.write(&p).unwrap();
+    let back = PolicyFile::read(&p).unwrap();
+    assert_eq!(back, good);
+    back.apply(&mut moe, &p).unwrap();
+    assert_eq!(moe_block(&moe, 1).unwrap().policy, Policy::TopK { k: 3 });
+    let bad = [
+        (
+            file(vec![(0, Policy::TopK { k: 1 })], &fp),
+            "no policy for MoE layers [1]",
+        ),
+        (
+            file(
+                vec![
+                    (0, Policy::TopK { k: 1 }),
+                    (1, Policy::TopK { k: 1 }),
+                    (5, Policy::TopK { k: 1 }),
+                ],
+                &fp,
+            ),
+            "layer 5",
+        ),
+        (
+            file(vec![(0, Policy::TopK { k: 9 }), (1, Policy::TopK { k: 1 })], &fp),
+            "layer 0",
+        ),
+        (
+            file(
+                vec![(0, Policy::TopK { k: 1 }), (1, Policy::TopK { k: 1 })],
+                "0123456789abcdef",
+            ),
+            "made for model",
+        ),
+    ];
+    for (f, want) in bad {
+        let err = f.apply(&mut moe, &p).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("p.toml"), "{err}");
+        // Nothing changed.
+        assert_eq!(moe_block(&moe, 1).unwrap().policy, Policy::TopK { k: 3 });
+    }
+    std::fs::write(&p, "model = \"x\"\nlayers = []\nextra = 1\n").unwrap();
+    let err = PolicyFile::read(&p).unwrap_err().to_string();
+    assert!(err.contains("p.toml") && err.contains("extra"), "{err}");
+}
+
+fn texts() -> Vec<(String, Vec<u32>)> {
+    let ids = |seed: u64| -> Vec<u32> {
+        values(64, seed, 1.0)
+            .into_iter()
+            .map(|v| ((v + 1.0) * 60.0) as u32 % 120)
+            .collect()
+    };
+    vec![("en".into(), ids(1)), ("ko".into(), ids(2))]
+}
+
+fn small_cfg() -> ProfileConfig {
+    ProfileConfig {
+        seq_len: 16,
+        latency_tokens: 16,
+        latency_repeats: 1,
+        chunk_tokens: 40,
+        uniform_k: vec![2, 3],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn profile_costs_are_exact_where_known_and_solver_meets_budgets() {
+    // Unit combine: all experts together are the dense FFN, so top-4 of 4 costs nothing.
+    let (dense, mut moe) = tiny_moe(true);
+    let p = profile_model(&mut moe, &dense, &texts(), &small_cfg(), "tiny", |_, _, _| {}).unwrap();
+    assert_eq!(p.layers.len(), 2);
+    assert_eq!(p.tokens["en"], 64);
+    for l in &p.layers {
+        let all = l.candidates.iter().find(|c| c.policy == Policy::TopK { k: 4 }).unwrap();
+        assert!(
+            all.rel_mse < 1e-9,
+            "layer {}: top-4 of 4 rel MSE {}",
+            l.layer,
+            all.rel_mse
+        );
+        assert!((all.mean_experts - 4.0).abs() < 1e-12);
+        assert_eq!(
+            all.active_params,
+            (l.fixed_params + l.expert_params.iter().sum::<usize>()) as f64
+        );
+        let one = l.candidates.iter().find(|c| c.policy == Policy::TopK { k: 1 }).unwrap();
+        assert!(one.rel_mse > 1e-3 && (one.mean_experts - 1.0).abs() < 1e-12);
+        // The routing histograms count every token once.
+        let d = &l.routing["all"];
+        assert_eq!(d.top1_hist.iter().sum::<f64>() as usize, 128);
+        assert_eq!(l.routing["en"].tokens, 64);
+        assert!((d.cum_topk_mean[3] - 1.0).abs() < 1e-5);
+        // Every candidate's per-language errors are consistent with the total.
+        for c in &l.candidates {
+            assert!(c.rel_mse_by_lang.values().all(|v| v.is_finite() && *v >= 0.0));
+        }
+    }
+    assert_eq!(p.uniform.len(), 2);
+    for frac in [0.5, 0.75, 0.9] {
+        let b = Budget {
+            kind: BudgetKind::FfnParams,
+            fraction: Some(frac),
+            absolute: None,
+        };
+        let s = solve_profile(&p, &b, Cost::RelMse).unwrap();
+        assert!(
+            s.used <= s.budget_value * (1.0 + 1e-12),
+            "{frac}: {} > {}",
+            s.used,
+            s.budget_value
+        );
+        // Brute force over the 2 layers' candidates: nothing cheaper fits.
+        let (l0, l1) = (&p.layers[0].candidates, &p.layers[1].candidates);
+        let best = l0
+            .iter()
+            .flat_map(|a| {
+                l1.iter()
+                    .map(move |b| (a.active_params + b.active_params, a.rel_mse + b.rel_mse))
+            })
+            .filter(|(w, _)| *w <= s.budget_value)
+            .map(|(_, c)| c)
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            (s.cost - best).abs() <= 1e-12 * best.max(1.0),
+            "{frac}: {} vs brute force {best}",
+            s.cost
+        );
+        s.policies.apply(&mut moe, Path::new("solved.toml")).unwrap();
+    }
+    let too_small = Budget {
+        kind: BudgetKind::FfnParams,
+        fraction: Some(0.01),
+        absolute: None,
+    };
+    let err = solve_profile(&p, &too_small, Cost::RelMse).unwrap_err().to_string();
+    assert!(
+        err.contains("below the cheapest") && err.contains("% of dense"),
+        "{err}"
+    );
+}
+
+#[test]
+fn profile_refuses_a_text_shorter_than_a_window() {
+    let (dense, mut moe) = tiny_moe(false);
+    let mut t = texts();
+    t[1].1.truncate(8);
+    let err = profile_model(&mut moe, &dense, &t, &small_cfg(), "tiny", |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[\"ko\"]") && err.contains("fewer tokens"), "{err}");
+}
