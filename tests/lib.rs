@@ -5,9 +5,13 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>`; `$LADIMO_FIXTURES/<name>` when that is set (test binaries run on
+/// another machine, by scripts/gpu_check.sh).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    match std::env::var_os("LADIMO_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name),
+    }
 }
 
 /// A reference safetensors file, read whole.

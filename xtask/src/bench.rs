@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use clap::Subcommand;
 use ladimo_io::{Checkpoint, fetch};
 use ladimo_model::util::{ids_tensor, to_vec};
@@ -32,6 +32,8 @@ pub enum Bench {
         #[arg(long, default_value_t = 11)]
         repeats: usize,
     },
+    /// Forward, MoE and training-step benchmarks on every compiled backend, one table.
+    Backends(crate::backends::BackendsArgs),
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -43,16 +45,17 @@ pub fn run(b: Bench) -> Result<()> {
             python,
         } => forward(prompt_len, decode_tokens, repeats, python),
         Bench::Moe { tokens, repeats } => moe(&tokens, repeats),
+        Bench::Backends(a) => crate::backends::run(a),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Deterministic pseudo-random token ids (no special tokens).
-fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+pub fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
     let mut x: u64 = 0x9E3779B97F4A7C15;
     (0..n)
         .map(|_| {
@@ -62,6 +65,49 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
             (17 + x % (vocab as u64 - 17)) as u32
         })
         .collect()
+}
+
+/// Prefill tokens/s (one prompt of `ids.len()` tokens) and decode tokens/s (`decode_tokens` after
+/// a 16-token prompt) of the model on `device`: medians of `repeats` after a warm-up.
+pub fn forward_on(
+    ckpt: &Checkpoint,
+    ids: &[u32],
+    device: &Device,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<(f64, f64)> {
+    let model = Transformer::from_checkpoint(ckpt, device)?;
+    let run_prefill = || {
+        let mut cache = KvCache::new(model.layers.len());
+        let t = Instant::now();
+        let l = model.forward_last(ids_tensor(ids, 1, device), &mut cache);
+        let _ = to_vec(l.expect("forward"));
+        t.elapsed().as_secs_f64()
+    };
+    run_prefill(); // warm-up
+    let prefill = ids.len() as f64 / median((0..repeats).map(|_| run_prefill()).collect());
+    let run_decode = || {
+        let mut cache = KvCache::new(model.layers.len());
+        let _ = to_vec(
+            model
+                .forward_last(ids_tensor(&ids[..16], 1, device), &mut cache)
+                .expect("forward"),
+        );
+        let t = Instant::now();
+        let mut next = ids[16];
+        for _ in 0..decode_tokens {
+            let l = to_vec(
+                model
+                    .forward_last(ids_tensor(&[next], 1, device), &mut cache)
+                    .expect("forward"),
+            );
+            next = ladimo_model::generate::argmax(&l);
+        }
+        t.elapsed().as_secs_f64()
+    };
+    run_decode();
+    let decode = decode_tokens as f64 / median((0..repeats).map(|_| run_decode()).collect());
+    Ok((prefill, decode))
 }
 
 fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Option<String>) -> Result<()> {
@@ -75,37 +121,7 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
     let mut ours = Vec::new();
     for name in ladimo_backend::compiled() {
         let device = ladimo_backend::device_named(name).unwrap();
-        let model = Transformer::from_checkpoint(&ckpt, &device)?;
-        let run_prefill = || {
-            let mut cache = KvCache::new(model.layers.len());
-            let t = Instant::now();
-            let l = model.forward_last(ids_tensor(&ids, 1, &device), &mut cache);
-            let _ = to_vec(l.expect("forward"));
-            t.elapsed().as_secs_f64()
-        };
-        run_prefill(); // warm-up
-        let prefill = prompt_len as f64 / median((0..repeats).map(|_| run_prefill()).collect());
-        let run_decode = || {
-            let mut cache = KvCache::new(model.layers.len());
-            let _ = to_vec(
-                model
-                    .forward_last(ids_tensor(&ids[..16], 1, &device), &mut cache)
-                    .expect("forward"),
-            );
-            let t = Instant::now();
-            let mut next = ids[16];
-            for _ in 0..decode_tokens {
-                let l = to_vec(
-                    model
-                        .forward_last(ids_tensor(&[next], 1, &device), &mut cache)
-                        .expect("forward"),
-                );
-                next = ladimo_model::generate::argmax(&l);
-            }
-            t.elapsed().as_secs_f64()
-        };
-        run_decode();
-        let decode = decode_tokens as f64 / median((0..repeats).map(|_| run_decode()).collect());
+        let (prefill, decode) = forward_on(&ckpt, &ids, &device, decode_tokens, repeats)?;
         println!("{name:<10} {prefill:>14.1} {decode:>14.1}");
         ours.push((name, prefill, decode));
     }
@@ -155,7 +171,7 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
 }
 
 /// Deterministic uniform values in [-a, a].
-fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
+pub fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
         .map(|_| {
@@ -167,7 +183,7 @@ fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn time_median(repeats: usize, mut f: impl FnMut()) -> f64 {
+pub fn time_median(repeats: usize, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
     median(
         (0..repeats)
@@ -180,18 +196,91 @@ fn time_median(repeats: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into 8 or 16 experts) against the dense FFN.
-pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
+/// SmolLM2's FFN sizes (hidden, intermediate).
+pub const MOE_HIDDEN: usize = 576;
+pub const MOE_FFN: usize = 1536;
+
+/// A SmolLM2-sized dense FFN with deterministic random weights.
+pub fn bench_ffn() -> ladimo_moe::HostFfn {
     use ladimo_io::HostTensor;
-    use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy};
-    let device = ladimo_backend::device();
-    let (h, f) = (576, 1536);
-    let dense = HostFfn {
+    let (h, f) = (MOE_HIDDEN, MOE_FFN);
+    ladimo_moe::HostFfn {
         gate: HostTensor::new(vec![f, h], uniform(f * h, 0.05, 1)),
         up: HostTensor::new(vec![f, h], uniform(f * h, 0.05, 2)),
         down: HostTensor::new(vec![h, f], uniform(f * h, 0.05, 3)),
+    }
+}
+
+/// `dense` cut into `n_exp` contiguous experts, and a deterministic random router.
+pub fn bench_experts(dense: &ladimo_moe::HostFfn, n_exp: usize) -> (ladimo_io::HostTensor, Vec<ladimo_moe::HostFfn>) {
+    let (h, f) = (dense.hidden_size(), dense.intermediate_size());
+    let experts = (0..n_exp)
+        .map(|e| dense.select_neurons(&(e * f / n_exp..(e + 1) * f / n_exp).collect::<Vec<_>>()))
+        .collect();
+    let router = ladimo_io::HostTensor::new(vec![n_exp, h], uniform(n_exp * h, 0.2, 5 + n_exp as u64));
+    (router, experts)
+}
+
+/// One MoE timing: medians in seconds, and the fraction of the dense FFN's parameters activated.
+pub struct MoeTimes {
+    pub dense: f64,
+    pub router: f64,
+    pub moe: f64,
+    pub active: f64,
+}
+
+/// Time the dense FFN and a top-`k` MoE block of `n_exp` experts on `n_tok` tokens on `device`.
+pub fn moe_on(
+    dense: &ladimo_moe::HostFfn,
+    n_tok: usize,
+    n_exp: usize,
+    k: usize,
+    repeats: usize,
+    device: &Device,
+) -> Result<MoeTimes> {
+    use ladimo_moe::{Combine, CombineWeights, MoeBlock, Policy};
+    let (h, f) = (dense.hidden_size(), dense.intermediate_size());
+    let dense_dev = dense.to_dense(device);
+    let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), device);
+    let (router, experts) = bench_experts(dense, n_exp);
+    let combine = Combine {
+        weights: CombineWeights::Renormalized,
+        scale: 1.0,
     };
-    let dense_dev = dense.to_dense(&device);
+    let moe = MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k }, device)?;
+    let t_router = time_median(repeats, || {
+        let p = moe.router_probs(x.clone()).expect("router");
+        let _ = moe.route(&p);
+    });
+    // Dense and MoE alternate, so both see the same machine load (medians of each).
+    moe.reset_stats();
+    let (mut td, mut tm) = (Vec::new(), Vec::new());
+    for i in 0..=repeats {
+        let t = Instant::now();
+        let _ = to_vec(dense_dev.forward_any(x.clone()));
+        let d = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = to_vec(moe.forward_tokens(x.clone()).expect("moe"));
+        let m = t.elapsed().as_secs_f64();
+        if i > 0 {
+            td.push(d);
+            tm.push(m);
+        }
+    }
+    let st = moe.stats();
+    Ok(MoeTimes {
+        dense: median(td),
+        router: t_router,
+        moe: median(tm),
+        active: st.routed_params / st.tokens as f64 / (3 * h * f) as f64,
+    })
+}
+
+/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into 8 or 16 experts) against the dense FFN.
+pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
+    let device = ladimo_backend::device();
+    let (h, f) = (MOE_HIDDEN, MOE_FFN);
+    let dense = bench_ffn();
     println!(
         "MoE dispatch, backend {}, hidden {h}, FFN {f}, f32, median of {repeats}",
         ladimo_backend::name()
@@ -202,49 +291,18 @@ pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
         "tokens", "experts", "policy", "dense ms", "router ms", "moe ms", "active", "moe/target", "ok"
     );
     for &n_tok in tokens {
-        let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), &device);
         for (n_exp, ks) in [(8usize, [2usize, 4, 6]), (16, [4, 8, 12])] {
-            let experts: Vec<HostFfn> = (0..n_exp)
-                .map(|e| dense.select_neurons(&(e * f / n_exp..(e + 1) * f / n_exp).collect::<Vec<_>>()))
-                .collect();
-            let router = HostTensor::new(vec![n_exp, h], uniform(n_exp * h, 0.2, 5 + n_exp as u64));
             for k in ks {
-                let combine = Combine {
-                    weights: CombineWeights::Renormalized,
-                    scale: 1.0,
-                };
-                let moe = MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k }, &device)?;
-                let t_router = time_median(repeats, || {
-                    let p = moe.router_probs(x.clone()).expect("router");
-                    let _ = moe.route(&p);
-                });
-                // Dense and MoE alternate, so both see the same machine load (medians of each).
-                moe.reset_stats();
-                let (mut td, mut tm) = (Vec::new(), Vec::new());
-                for i in 0..=repeats {
-                    let t = Instant::now();
-                    let _ = to_vec(dense_dev.forward_any(x.clone()));
-                    let d = t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    let _ = to_vec(moe.forward_tokens(x.clone()).expect("moe"));
-                    let m = t.elapsed().as_secs_f64();
-                    if i > 0 {
-                        td.push(d);
-                        tm.push(m);
-                    }
-                }
-                let (t_dense, t_moe) = (median(td), median(tm));
-                let st = moe.stats();
-                let frac = st.routed_params / st.tokens as f64 / (3 * h * f) as f64;
-                let target = 1.15 * frac * t_dense + t_router;
-                let ratio = t_moe / target;
+                let t = moe_on(&dense, n_tok, n_exp, k, repeats, &device)?;
+                let target = 1.15 * t.active * t.dense + t.router;
+                let ratio = t.moe / target;
                 println!(
                     "{n_tok:>6} {n_exp:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>8.1}% {:>12.2} {:>8}",
                     format!("top-{k}"),
-                    t_dense * 1e3,
-                    t_router * 1e3,
-                    t_moe * 1e3,
-                    frac * 100.0,
+                    t.dense * 1e3,
+                    t.router * 1e3,
+                    t.moe * 1e3,
+                    t.active * 100.0,
                     ratio,
                     if ratio <= 1.0 { "yes" } else { "no" }
                 );

