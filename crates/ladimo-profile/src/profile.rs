@@ -141,8 +141,8 @@ fn routing_stats(probs: &[f32], e: usize, dist: &mut RoutingDistribution) {
         sorted.sort_by(|a, b| b.total_cmp(a));
         hist_add(&mut dist.top1_hist, sorted[0] as f64, 0.0, 1.0);
         let mut cum = 0.0;
-        for k in 0..e {
-            cum += sorted[k] as f64;
+        for (k, &v) in sorted.iter().enumerate() {
+            cum += v as f64;
             dist.cum_topk_mean[k] += cum;
             hist_add(&mut dist.cum_topk_hist[k], cum, 0.0, 1.0 + 1e-9);
         }
