@@ -3,6 +3,7 @@
 //! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
+mod eval;
 mod stage2;
 
 use std::io::Write;
@@ -77,6 +78,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Zero-shot accuracy on ARC-Easy, ARC-Challenge, PIQA, HellaSwag (dense or MoE models).
+    Eval(eval::EvalArgs),
     /// Stage 2: profile an MoE model's routing and each candidate policy's cost per layer.
     Profile(stage2::ProfileArgs),
     /// Stage 2: choose one routing policy per layer under a budget (exact), write a policy file.
@@ -131,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
         Cmd::Profile(a) => stage2::profile(a),
+        Cmd::Eval(a) => eval::eval(a),
         Cmd::Logits {
             model,
             prompt,

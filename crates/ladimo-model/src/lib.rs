@@ -5,12 +5,14 @@
 //! feed-forward block is a `Box<dyn` [`FeedForward`]`>`: the dense SwiGLU ([`DenseFfn`]) after
 //! loading, and whatever replaces it later (an MoE block) per layer.
 //!
-//! Also here: the KV cache, sampling for generation ([`generate`]), and windowed perplexity
-//! ([`perplexity`]). The backend is whatever [`burn::tensor::Device`] the caller passes.
+//! Also here: the KV cache, sampling for generation ([`generate`]), windowed perplexity
+//! ([`perplexity`]) and continuation log-likelihoods for zero-shot tasks ([`loglik`]). The backend
+//! is whatever [`burn::tensor::Device`] the caller passes.
 
 mod ffn;
 pub mod generate;
 mod llama;
+pub mod loglik;
 pub mod perplexity;
 mod rope;
 pub mod util;

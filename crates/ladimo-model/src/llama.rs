@@ -187,7 +187,7 @@ fn scale<const D: usize>(t: Tensor<D>, m: f64) -> Tensor<D> {
 }
 
 /// Per-layer keys and values of everything processed so far.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
 }

