@@ -175,10 +175,18 @@ pub fn run(a: DistillArgs) -> Result<()> {
         strategy: a.strategy.clone(),
         seed: a.seed,
         train_policy: Policy::TopK { k: a.k_train },
-        combine: ladimo_moe::Combine {
-            weights: ladimo_moe::CombineWeights::Renormalized,
-            scale: a.k_train as f32,
+        combine: match a.combine.as_str() {
+            "renormalized" => ladimo_moe::Combine {
+                weights: ladimo_moe::CombineWeights::Renormalized,
+                scale: a.k_train as f32,
+            },
+            "unit" => ladimo_moe::Combine {
+                weights: ladimo_moe::CombineWeights::Unit,
+                scale: 1.0,
+            },
+            other => anyhow::bail!("--combine {other}: expected renormalized or unit"),
         },
+        router_norm_weight: a.router_norm,
         epochs: a.epochs,
         batch_tokens: a.batch,
         lr: a.lr,
