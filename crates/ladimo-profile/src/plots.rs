@@ -70,9 +70,12 @@ pub fn write_plots(profile: &Profile, dir: &Path, solved: Option<&Solved>) -> Re
     if let Some(s) = solved {
         let mut series = vec![Series {
             name: "solver frontier (predicted)".into(),
+            // Budgets so small that the predicted ratio explodes would flatten the rest of the
+            // log axis: keep the readable part (ratio <= 1000).
             points: s
                 .frontier
                 .iter()
+                .filter(|f| f.predicted_ppl_ratio <= 1e3)
                 .map(|f| (f.fraction_of_dense, f.predicted_ppl_ratio))
                 .collect(),
         }];
