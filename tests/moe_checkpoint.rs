@@ -96,7 +96,6 @@ fn uniform_topk_renormalised_is_saved_as_mixtral() {
         Some(block(c, l, 4, 0, renorm(2.0), Policy::TopK { k: 2 }))
     });
     assert!(s.mixtral_exact, "{:?}", s.why_not_mixtral);
-    // The tiny model stays loadable from the written config.json as a Mixtral.
 }
 
 #[test]

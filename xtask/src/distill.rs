@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use ladimo_data::{Part, take_tokens};
 use ladimo_distill::partition::{calibrate_router, router_from_partition};
 use ladimo_distill::train::{TrainConfig, finished, load_layer_block, run_layers};
 use ladimo_io::{Checkpoint, fetch};
@@ -90,27 +91,6 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
     b
 }
 
-fn take_tokens(tok: &ladimo_io::Tokenizer, what: &str, files: &[PathBuf], budget: usize) -> Result<Vec<u32>> {
-    let per = budget.div_ceil(files.len().max(1));
-    let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
-        // Tokenize a prefix long enough for the budget (about 4 chars per token, with margin).
-        let cut = text.floor_char_boundary((per * 8).min(text.len()));
-        let ids = tok.encode(&text[..cut])?;
-        out.extend_from_slice(&ids[..per.min(ids.len())]);
-    }
-    if out.len() < budget {
-        anyhow::bail!(
-            "the {what} calibration text gives {} tokens, fewer than its share of --tokens ({budget}, {} per file)",
-            out.len(),
-            per
-        );
-    }
-    out.truncate(budget);
-    Ok(out)
-}
-
 fn heldout_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], n: usize) -> Result<Vec<u32>> {
     let mut text = String::new();
     for f in files {
@@ -142,13 +122,18 @@ pub fn run(a: DistillArgs) -> Result<()> {
         ))
     });
     let en_budget = a.tokens * 4 / 5;
-    let mut calib = take_tokens(tok, "English", &data.calibration_en, en_budget)?;
-    calib.extend(take_tokens(
-        tok,
-        "Korean",
-        std::slice::from_ref(&data.calibration_ko),
-        a.tokens - en_budget,
-    )?);
+    // The head of each file: `ladimo profile` measures on the tail.
+    let mut calib = take_tokens(tok, &data.calibration_en, en_budget, Part::Head)
+        .context("the English calibration text, for its share of --tokens")?;
+    calib.extend(
+        take_tokens(
+            tok,
+            std::slice::from_ref(&data.calibration_ko),
+            a.tokens - en_budget,
+            Part::Head,
+        )
+        .context("the Korean calibration text, for its share of --tokens")?,
+    );
     let all_layers = 0..ckpt.config.num_layers;
     let layers = a.layers.clone().unwrap_or(all_layers.clone());
     if layers.end > all_layers.end {

@@ -13,16 +13,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use ladimo_io::HostTensor;
-use ladimo_model::util::{to_vec, transpose_host};
+use ladimo_model::util::to_vec;
+use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -301,12 +300,6 @@ pub fn train_layer(
     ))
 }
 
-fn linear_weight(l: &Linear) -> HostTensor {
-    let w = l.weight.val();
-    let [i, o] = w.dims();
-    transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
-}
-
 pub fn block_path(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("layer{layer:03}.moe.safetensors"))
 }
@@ -320,35 +313,25 @@ pub fn save_layer(dir: &Path, block: &MoeBlock, report: &LayerReport) -> Result<
     std::fs::create_dir_all(dir).map_err(|e| DistillError::io(dir, e))?;
     let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
     let p = &block.params;
-    tensors.insert("router.weight".into(), linear_weight(&p.router));
+    tensors.insert("router.weight".into(), linear_host_weight(&p.router));
     for (i, e) in p.experts.iter().enumerate() {
-        tensors.insert(format!("experts.{i}.gate_proj.weight"), linear_weight(&e.gate_proj));
-        tensors.insert(format!("experts.{i}.up_proj.weight"), linear_weight(&e.up_proj));
-        tensors.insert(format!("experts.{i}.down_proj.weight"), linear_weight(&e.down_proj));
+        tensors.insert(
+            format!("experts.{i}.gate_proj.weight"),
+            linear_host_weight(&e.gate_proj),
+        );
+        tensors.insert(format!("experts.{i}.up_proj.weight"), linear_host_weight(&e.up_proj));
+        tensors.insert(
+            format!("experts.{i}.down_proj.weight"),
+            linear_host_weight(&e.down_proj),
+        );
     }
     if let Some(s) = &p.shared {
-        tensors.insert("shared.gate_proj.weight".into(), linear_weight(&s.gate_proj));
-        tensors.insert("shared.up_proj.weight".into(), linear_weight(&s.up_proj));
-        tensors.insert("shared.down_proj.weight".into(), linear_weight(&s.down_proj));
+        tensors.insert("shared.gate_proj.weight".into(), linear_host_weight(&s.gate_proj));
+        tensors.insert("shared.up_proj.weight".into(), linear_host_weight(&s.up_proj));
+        tensors.insert("shared.down_proj.weight".into(), linear_host_weight(&s.down_proj));
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(k, t)| (k, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(k, b, s)| {
-            (
-                k.clone(),
-                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
     let path = block_path(dir, report.layer);
-    let tmp = path.with_extension("safetensors.part");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| DistillError::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(|e| DistillError::io(&path, e))?;
+    ladimo_io::write_safetensors(&path, &tensors, None).map_err(|e| DistillError::Invalid(e.to_string()))?;
     let rp = report_path(dir, report.layer);
     let tmp = rp.with_extension("json.part");
     std::fs::write(&tmp, serde_json::to_vec_pretty(report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;

@@ -25,5 +25,5 @@ pub use checkpoint::{Checkpoint, Format, TensorInfo, WeightSource};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::{GgufFile, GgufValue};
-pub use tensor::{DType, HostTensor};
+pub use tensor::{DType, HostTensor, write_safetensors};
 pub use tokenizer::Tokenizer;

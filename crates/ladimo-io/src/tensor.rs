@@ -49,3 +49,27 @@ impl HostTensor {
         self.data.len()
     }
 }
+
+/// Write `tensors` (f32, PyTorch layout) as one safetensors file: to `path` + `.part`, then renamed.
+pub fn write_safetensors(
+    path: &std::path::Path,
+    tensors: &std::collections::BTreeMap<String, HostTensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> crate::Result<()> {
+    let bytes: Vec<(&String, Vec<u8>, &HostTensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, b, t)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b).map(|v| (k.as_str(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| crate::Error::format(path, e.to_string()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".part");
+    let tmp = std::path::PathBuf::from(tmp);
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| crate::Error::format(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| crate::Error::io(path, e))
+}

@@ -22,7 +22,6 @@ use burn::tensor::Device;
 use ladimo_io::{Architecture, Checkpoint, HostTensor, ModelConfig};
 use ladimo_model::util::{to_vec, transpose_host};
 use ladimo_model::{FeedForward, ModelError, Transformer, load_dense_ffn};
-use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -90,14 +89,17 @@ fn moe_prefix(layer: usize) -> String {
     format!("model.layers.{layer}.block_sparse_moe")
 }
 
+/// A linear layer's weight on the host in PyTorch layout `[out, in]` (burn stores `[in, out]`).
+pub fn linear_host_weight(l: &burn::nn::Linear) -> HostTensor {
+    let w = l.weight.val();
+    let [i, o] = w.dims();
+    transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
+}
+
 /// The routed experts, shared experts and router of a block in PyTorch layout, with the combine
 /// scale folded into the down projections (the host form of what is saved).
 pub fn block_host_weights(block: &MoeBlock) -> (HostTensor, Option<HostTensor>, Vec<HostFfn>, Option<HostFfn>) {
-    let weight = |l: &burn::nn::Linear| {
-        let w = l.weight.val();
-        let [i, o] = w.dims();
-        transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
-    };
+    let weight = linear_host_weight;
     let ffn = |d: &ladimo_model::DenseFfn, scale: f32| {
         let mut down = weight(&d.down_proj);
         down.data.iter_mut().for_each(|v| *v *= scale);
@@ -151,12 +153,11 @@ fn why_not_mixtral(cfg: &ModelConfig, blocks: &[Option<&MoeBlock>]) -> Option<St
                 b.combine.weights
             ));
         }
-        match b.policy {
-            Policy::TopK { k } if b.policy == first.policy => {
-                let _ = k;
-            }
-            Policy::TopK { .. } => return Some("layers route to different numbers of experts".into()),
-            _ => return Some(format!("policy {} is not a fixed top-k", b.policy)),
+        if !matches!(b.policy, Policy::TopK { .. }) {
+            return Some(format!("policy {} is not a fixed top-k", b.policy));
+        }
+        if b.policy != first.policy {
+            return Some("layers route to different numbers of experts".into());
         }
     }
     None
@@ -291,26 +292,10 @@ pub fn save_moe_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(k, t)| (k, t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, b, s)| Ok((k.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| CheckpointError::Format {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        })?;
     let st = tmp.join("model.safetensors");
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(meta), &st).map_err(|e| CheckpointError::Format {
-        path: st.clone(),
-        msg: e.to_string(),
-    })?;
-    drop(bytes);
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    ladimo_io::write_safetensors(&st, &tensors, Some(meta))?;
+    drop(tensors);
     let write = |file: &str, text: String| -> Result<(), CheckpointError> {
         let p = tmp.join(file);
         std::fs::write(&p, text).map_err(io(&p))
@@ -327,26 +312,36 @@ pub fn save_moe_checkpoint(
     Ok(section)
 }
 
-/// The `ladimo` section of a checkpoint folder's `config.json`, if it has one.
-pub fn read_section(dir: &Path) -> Result<Option<MoeSection>, CheckpointError> {
-    let p = dir.join("config.json");
+/// A checkpoint folder's `config.json`, parsed (`None` for a GGUF file).
+fn read_config(dir: &Path) -> Result<Option<Value>, CheckpointError> {
     if !dir.is_dir() {
         return Ok(None);
     }
+    let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
-        path: p.clone(),
-        msg: e.to_string(),
-    })?;
-    match v.get("ladimo") {
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| CheckpointError::Format {
+            path: p.clone(),
+            msg: e.to_string(),
+        })
+}
+
+fn section_of(config: &Option<Value>, dir: &Path) -> Result<Option<MoeSection>, CheckpointError> {
+    match config.as_ref().and_then(|v| v.get("ladimo")) {
         None => Ok(None),
         Some(s) => serde_json::from_value(s.clone())
             .map(Some)
             .map_err(|e| CheckpointError::Format {
-                path: p.clone(),
+                path: dir.join("config.json"),
                 msg: format!("`ladimo` section: {e}"),
             }),
     }
+}
+
+/// The `ladimo` section of a checkpoint folder's `config.json`, if it has one.
+pub fn read_section(dir: &Path) -> Result<Option<MoeSection>, CheckpointError> {
+    section_of(&read_config(dir)?, dir)
 }
 
 /// Load any checkpoint ladimo reads: a dense LLaMA / HyperCLOVA X (HF folder or GGUF), an MoE
@@ -359,15 +354,13 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Transformer, Checkpoin
 /// [`load_model`] for an already opened checkpoint.
 pub fn load_model_from(ckpt: &Checkpoint, device: &Device) -> Result<Transformer, CheckpointError> {
     let path = ckpt.path.clone();
-    let section = read_section(&path)?;
+    let config = read_config(&path)?;
+    let section = section_of(&config, &path)?;
     let names: std::collections::HashSet<String> = ckpt.weights.infos().into_iter().map(|i| i.name).collect();
     // A plain Mixtral: uniform top-k, renormalised.
-    let mixtral_k = if ckpt.format == ladimo_io::Format::HuggingFace && section.is_none() {
-        let p = path.join("config.json");
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).map_err(io(&p))?).unwrap_or(Value::Null);
-        v.get("num_experts_per_tok").and_then(Value::as_u64).map(|k| k as usize)
-    } else {
-        None
+    let mixtral_k = match (&config, &section) {
+        (Some(v), None) => v.get("num_experts_per_tok").and_then(Value::as_u64).map(|k| k as usize),
+        _ => None,
     };
     let mut block_err = None;
     let model = Transformer::from_checkpoint_with(ckpt, device, |layer| {
