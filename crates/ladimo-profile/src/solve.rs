@@ -3,7 +3,7 @@
 
 use ladimo_moe::policy_file::LayerPolicy;
 use ladimo_moe::{Policy, PolicyFile};
-use ladimo_solve::{Choice, SolveError};
+use ladimo_solve::Choice;
 use serde::{Deserialize, Serialize};
 
 use crate::{CandidateCost, Profile, ProfileError};
@@ -130,18 +130,22 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
                 .collect()
         })
         .collect();
-    let sol = match ladimo_solve::solve(&groups, budget_value - offset) {
-        Ok(s) => s,
-        Err(SolveError::BudgetTooSmall { minimum, .. }) => {
-            let min = minimum + offset;
-            return Err(ProfileError::Invalid(format!(
-                "budget {budget_value:.4e} {unit} ({:.1}% of dense) is below the cheapest choice of policies, \
-                 {min:.4e} ({:.1}% of dense)",
-                100.0 * budget_value / dense_value,
-                100.0 * min / dense_value
-            )));
-        }
-        Err(e) => return Err(e.into()),
+    // The whole Pareto frontier (needed for the report anyway); the optimum for the budget is its
+    // cheapest point that fits, which is exactly what `ladimo_solve::solve` would return.
+    let front = ladimo_solve::frontier(&groups)?;
+    let limit = budget_value - offset;
+    let Some(sol) = front
+        .iter()
+        .rev()
+        .find(|p| p.weight <= limit + ladimo_solve::BUDGET_REL_TOL * limit.abs())
+    else {
+        let min = front.first().map(|p| p.weight).unwrap_or(0.0) + offset;
+        return Err(ProfileError::Invalid(format!(
+            "budget {budget_value:.4e} {unit} ({:.1}% of dense) is below the cheapest choice of policies, \
+             {min:.4e} ({:.1}% of dense)",
+            100.0 * budget_value / dense_value,
+            100.0 * min / dense_value
+        )));
     };
     let slope = ppl_slope(profile, cost);
     let chosen: Vec<&CandidateCost> = profile
@@ -152,7 +156,6 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
         .collect();
     let ffn: f64 = chosen.iter().map(|c| c.active_params).sum();
     // The frontier, thinned to at most ~200 points for the JSON and the plot.
-    let front = ladimo_solve::frontier(&groups)?;
     let step = front.len().div_ceil(200).max(1);
     let frontier = front
         .iter()
