@@ -86,10 +86,7 @@ impl Default for Stage1Config {
             tokens: 100_000,
             seq_len: 512,
             keep_capture: false,
-            train: TrainConfig {
-                lr: 1e-3,
-                ..TrainConfig::default()
-            },
+            train: TrainConfig::default(),
         }
     }
 }

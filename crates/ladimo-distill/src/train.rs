@@ -83,7 +83,7 @@ impl Default for TrainConfig {
             },
             epochs: 1,
             batch_tokens: 512,
-            lr: 1e-4,
+            lr: 1e-3,
             warmup_frac: 0.05,
             min_lr_frac: 0.1,
             weight_decay: 0.0,

@@ -1,0 +1,98 @@
+//! `ladimo convert` end to end on the committed tiny model (configs/ci.toml): the output folder,
+//! its report, resuming, `--force`, and refusals that leave no output behind.
+
+use std::path::{Path, PathBuf};
+
+use ladimo_convert::{ConvertArgs, run};
+
+fn ci_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ci.toml")
+}
+
+fn args(out: &Path, set: &[&str]) -> ConvertArgs {
+    ConvertArgs {
+        config: Some(ci_config()),
+        model: None,
+        out: Some(out.to_path_buf()),
+        work: None,
+        force: false,
+        set: set.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn ci_config_converts_the_tiny_model_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-moe");
+    let r = run(args(&out, &[])).expect("convert");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "policy.toml", "report.md", "report.json", "plots/frontier.svg"] {
+        assert!(out.join(f).is_file(), "{f} missing from the output");
+    }
+    // The output loads as a model, with an MoE block in every layer under the solved policies.
+    let model = ladimo_moe::load_model(&out, &ladimo_backend::device()).unwrap();
+    assert!((0..model.layers.len()).all(|l| ladimo_moe::moe_block(&model, l).is_some()));
+    let json: ladimo_convert::Report =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json.solved.policies.len(), 2);
+    assert!(json.moe.active_ffn_params < json.dense.active_ffn_params);
+    assert!(json.moe.active_ffn_params <= 0.75 * json.dense.active_ffn_params * 1.001);
+    assert_eq!(json.ppl.len(), 2, "English and Korean held-out perplexity");
+    assert!(json.ppl.iter().all(|p| p.dense.is_finite() && p.moe.is_finite()));
+    assert_eq!(json.tasks.len(), 2);
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("## Headline"));
+    assert!(!r.times.iter().any(|t| t.earlier));
+
+    // Again with --force: stages 1 and 2 come from the work folder, the old output is moved aside
+    // (not deleted), and the result is the same.
+    let mut a = args(&out, &[]);
+    a.force = true;
+    let again = run(a).expect("convert again");
+    assert!(again.times.iter().any(|t| t.earlier && t.stage.starts_with("stage 1")));
+    assert!(again.times.iter().any(|t| t.earlier && t.stage.starts_with("stage 2")));
+    assert_eq!(again.ppl[0].moe, r.ppl[0].moe);
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tiny-moe.replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the previous output is kept beside the new one");
+    assert!(aside[0].path().join("report.md").is_file());
+}
+
+#[test]
+fn an_existing_output_is_refused_without_force_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "the user's").unwrap();
+    let e = format!("{:#}", run(args(&out, &[])).unwrap_err());
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "the user's");
+    assert!(!dir.path().join("mine.work").exists(), "nothing ran");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    // A model that does not exist.
+    let e = format!("{:#}", run(args(&out, &["model=\"/nonexistent/model\""])).unwrap_err());
+    assert!(e.contains("/nonexistent/model"), "{e}");
+    // A config with an unknown field: the error names the file and the field.
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "model = \"x\"\n[stage1]\ntokenz = 5\n").unwrap();
+    let mut a = args(&out, &[]);
+    a.config = Some(cfg);
+    let e = format!("{:#}", run(a).unwrap_err());
+    assert!(e.contains("bad.toml") && e.contains("tokenz"), "{e}");
+    // A budget below the cheapest policy: the error names the minimum.
+    let e = format!("{:#}", run(args(&out, &["stage2.budget.fraction=0.05"])).unwrap_err());
+    assert!(e.contains("minimum") || e.contains("cheapest"), "{e}");
+    // A model folder whose weights are unreadable.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{not json").unwrap();
+    let e = format!("{:#}", run(args(&out, &[&format!("model={:?}", broken.display().to_string())])).unwrap_err());
+    assert!(e.contains("config.json"), "{e}");
+    assert!(!out.exists(), "no output folder after a failed conversion");
+}
