@@ -25,7 +25,15 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny-moe");
     let r = run(args(&out, &[])).expect("convert");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "policy.toml", "report.md", "report.json", "plots/frontier.svg"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "policy.toml",
+        "report.md",
+        "report.json",
+        "plots/frontier.svg",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing from the output");
     }
     // The output loads as a model, with an MoE block in every layer under the solved policies.
@@ -39,7 +47,11 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     assert_eq!(json.ppl.len(), 2, "English and Korean held-out perplexity");
     assert!(json.ppl.iter().all(|p| p.dense.is_finite() && p.moe.is_finite()));
     assert_eq!(json.tasks.len(), 2);
-    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("## Headline"));
+    assert!(
+        std::fs::read_to_string(out.join("report.md"))
+            .unwrap()
+            .contains("## Headline")
+    );
     assert!(!r.times.iter().any(|t| t.earlier));
 
     // Again with --force: stages 1 and 2 come from the work folder, the old output is moved aside
@@ -92,7 +104,10 @@ fn bad_input_is_a_clear_error_and_no_output() {
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
     std::fs::write(broken.join("config.json"), "{not json").unwrap();
-    let e = format!("{:#}", run(args(&out, &[&format!("model={:?}", broken.display().to_string())])).unwrap_err());
+    let e = format!(
+        "{:#}",
+        run(args(&out, &[&format!("model={:?}", broken.display().to_string())])).unwrap_err()
+    );
     assert!(e.contains("config.json"), "{e}");
     assert!(!out.exists(), "no output folder after a failed conversion");
 }
