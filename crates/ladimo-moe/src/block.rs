@@ -111,18 +111,39 @@ impl MoeParams {
             None => Tensor::zeros([n, h], &device),
         };
         let load: Vec<usize> = groups.iter().map(Vec::len).collect();
-        for (i, (expert, tokens)) in self.experts.iter().zip(groups).enumerate() {
-            if tokens.is_empty() {
+        // One gather for all experts: the routed (token, expert) pairs sorted by expert, so each
+        // expert's rows are a contiguous slice; one scatter-add at the end. (Per-expert gathers
+        // and scatters cost more than the small experts' matmuls once there are 16 experts.)
+        let total: usize = load.iter().sum();
+        if total == 0 {
+            return Ok((out, load));
+        }
+        let mut rows = Vec::with_capacity(total);
+        let mut flat = Vec::with_capacity(total);
+        for (i, tokens) in groups.iter().enumerate() {
+            for &t in tokens {
+                rows.push(t);
+                flat.push(t * e as i64 + i as i64);
+            }
+        }
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [total]), &device);
+        let xs = x.select(0, idx.clone());
+        let ws = weights.map(|w| {
+            let flat = Tensor::<1, Int>::from_data(TensorData::new(flat, [total]), &device);
+            w.reshape([n * e, 1]).select(0, flat)
+        });
+        let mut ys = Vec::with_capacity(e);
+        let mut start = 0;
+        for (expert, &m) in self.experts.iter().zip(&load) {
+            if m == 0 {
                 continue;
             }
-            let m = tokens.len();
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(tokens, [m]), &device);
-            let a = expert.activation(x.clone().select(0, idx.clone()));
-            let y = match &weights {
+            let a = expert.activation(xs.clone().narrow(0, start, m));
+            let y = match &ws {
                 None if combine.scale == 1.0 => expert.down_proj.forward(a),
                 None => expert.down_proj.forward(a).mul_scalar(combine.scale),
                 Some(w) => {
-                    let w = w.clone().narrow(1, i, 1).select(0, idx.clone());
+                    let w = w.clone().narrow(0, start, m);
                     // Weighting the activation ([m, inter]) before the down projection touches
                     // fewer values than weighting its output ([m, hidden]) for small experts; a
                     // bias forbids it.
@@ -133,9 +154,12 @@ impl MoeParams {
                     }
                 }
             };
-            // `out` is uniquely owned, so the backend can add in place.
-            out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
+            ys.push(y);
+            start += m;
         }
+        let y = if ys.len() == 1 { ys.pop().expect("one") } else { Tensor::cat(ys, 0) };
+        // `out` is uniquely owned, so the backend can add in place; repeated rows accumulate.
+        out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
         Ok((out, load))
     }
 }
