@@ -69,6 +69,16 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
         .collect();
     assert_eq!(aside.len(), 1, "the previous output is kept beside the new one");
     assert!(aside[0].path().join("report.md").is_file());
+
+    // One TopK everywhere (no solver): a Hugging Face Mixtral checkpoint.
+    let mut a = args(&out, &["stage2.fixed_policy={ type = \"TopK\", k = 3 }"]);
+    a.force = true;
+    let fixed = run(a).expect("convert with a fixed policy");
+    assert!(fixed.mixtral_exact);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(config["num_experts_per_tok"], 3);
+    assert_eq!(config["dtype"], "float32");
 }
 
 #[test]

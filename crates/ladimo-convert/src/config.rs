@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use ladimo_distill::train::TrainConfig;
+use ladimo_moe::Policy;
 use ladimo_profile::{BudgetKind, Cost};
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,10 @@ pub struct Stage2Config {
     pub budget: BudgetConfig,
     /// The per-layer cost the solver minimises: rel-mse or resid-mse.
     pub cost: Cost,
+    /// Skip the solver and give every MoE layer this policy, e.g. `{ type = "TopK", k = 6 }`
+    /// (with renormalised combine weights that makes a Hugging Face Mixtral checkpoint). The
+    /// budget is then only reported against.
+    pub fixed_policy: Option<Policy>,
 }
 
 impl Default for Stage2Config {
@@ -125,6 +130,7 @@ impl Default for Stage2Config {
             uniform_k: vec![4, 5, 6, 7],
             budget: BudgetConfig::default(),
             cost: Cost::RelMse,
+            fixed_policy: None,
         }
     }
 }

@@ -257,7 +257,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         }
         None => {
             prepare_step(&s1, &key1)?;
-            let pb = bar(calib.len() / cfg.stage1.seq_len, "stage 1/4: capture");
+            let pb = bar(calib.len() / cfg.stage1.seq_len, "1/4 stage 1: capture");
             let meta =
                 ladimo_distill::capture::capture(&dense, &calib, cfg.stage1.seq_len, 0..n_layers, &cap, |d, _| {
                     pb.set_position(d as u64)
@@ -265,7 +265,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             pb.finish();
             tracing::info!("capture: {} tokens in {:.0} s", meta.tokens, meta.seconds);
             let capture_s = t.elapsed().as_secs_f64();
-            let overall = bar(n_layers, "stage 1/4: layers");
+            let overall = bar(n_layers, "1/4 stage 1: layers");
             let layer_bar = bar(1, "layer");
             let already = (0..n_layers)
                 .filter(|&l| finished(&s1, l).is_some_and(|r| r.config == *train))
@@ -340,7 +340,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                     if let Some((_, b)) = pb.take() {
                         b.finish();
                     }
-                    pb = Some((stage.to_string(), bar(total, &format!("stage 2/4: {stage}"))));
+                    pb = Some((stage.to_string(), bar(total, &format!("2/4 stage 2: {stage}"))));
                 }
                 if let Some((_, b)) = &pb {
                     b.set_position(d as u64);
@@ -362,8 +362,12 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         fraction: s2cfg.budget.fraction,
         absolute: s2cfg.budget.max,
     };
-    let solved =
-        solve_profile(&profile, &budget, s2cfg.cost).context("stage 2: solving for the budget in stage2.budget")?;
+    let solved = match &s2cfg.fixed_policy {
+        None => {
+            solve_profile(&profile, &budget, s2cfg.cost).context("stage 2: solving for the budget in stage2.budget")?
+        }
+        Some(p) => fixed(&profile, p, &budget, s2cfg.cost)?,
+    };
     let policy_path = s2.join("policy.toml");
     solved.policies.write(&policy_path)?;
     solved.policies.apply(&mut moe, &policy_path)?;
@@ -402,7 +406,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             None => {
                 let pb = bar(
                     ids.len().div_ceil(cfg.eval.seq_len) * 2,
-                    &format!("eval: perplexity {}", set.tag),
+                    &format!("4/4 eval: perplexity {}", set.tag),
                 );
                 let d = perplexity(&dense, &ids, cfg.eval.seq_len, |i, _| pb.set_position(i as u64))?;
                 reset_stats(&moe);
@@ -442,7 +446,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             if let Some(r) = evaluate::read_cached(file).filter(|r| r.items == items.len()) {
                 return Ok(r);
             }
-            let pb = bar(items.len(), &format!("eval: {task} ({who})"));
+            let pb = bar(items.len(), &format!("4/4 eval: {task} ({who})"));
             let r = evaluate::score_task(m, tok, task, &items, |d, _| pb.set_position(d as u64))?;
             pb.finish();
             write_json(file, &vec![r.clone()])?;
@@ -455,7 +459,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     let speed_ids = heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens.max(cfg.eval.seq_len))?;
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
     let (mut dp, mut dd, mut mp, mut md) = (vec![], vec![], vec![], vec![]);
-    let pb = bar(cfg.eval.speed_repeats, "eval: tokens/s");
+    let pb = bar(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
     for _ in 0..cfg.eval.speed_repeats.max(1) {
         // Alternate dense and MoE so that a noisy neighbour slows both alike.
         let (p, d) = evaluate::speed(&dense, speed_ids, cfg.eval.decode_tokens, 1)?;
@@ -485,7 +489,13 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         calibration_files: cal_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         heldout_files: held_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         stage1_val_rel_error: layer_reports.iter().map(|r| r.val_rel_error).collect(),
-        solved: solved_summary(&solved),
+        solved: {
+            let mut sv = solved_summary(&solved);
+            if let Some(p) = &s2cfg.fixed_policy {
+                sv.cost = format!("none: stage2.fixed_policy = {p} on every layer");
+            }
+            sv
+        },
         mixtral_exact: section.mixtral_exact,
         why_not_mixtral: section.why_not_mixtral.clone(),
         dense: ModelSide {
@@ -516,6 +526,51 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     std::fs::write(fin.join("report.md"), md).with_context(|| format!("{}: cannot write the report", fin.display()))?;
     publish(&fin, paths)?;
     Ok(rep)
+}
+
+/// `policy` on every profiled layer, reported like a solver answer (the frontier is the solver's
+/// for the configured budget, when that budget is feasible).
+fn fixed(
+    profile: &Profile,
+    policy: &ladimo_moe::Policy,
+    budget: &Budget,
+    cost: ladimo_profile::Cost,
+) -> Result<Solved> {
+    let mut solved = match solve_profile(profile, budget, cost) {
+        Ok(s) => s,
+        Err(_) => solve_profile(
+            profile,
+            &Budget {
+                fraction: Some(1.0),
+                absolute: None,
+                ..*budget
+            },
+            cost,
+        )?,
+    };
+    let Some((c, params)) = ladimo_profile::uniform_cost(profile, policy, cost) else {
+        bail!("stage2.fixed_policy {policy} is not among the profiled candidates of every layer");
+    };
+    let ffn = params - profile.non_ffn_params;
+    solved.used = match budget.kind {
+        ladimo_profile::BudgetKind::FfnParams => ffn,
+        ladimo_profile::BudgetKind::Params => params,
+        ladimo_profile::BudgetKind::Latency => f64::NAN,
+    };
+    solved.predicted_ppl_ratio = profile
+        .uniform
+        .iter()
+        .find(|u| &u.policy == policy)
+        .map(|u| u.ppl / profile.dense_ppl)
+        .unwrap_or(f64::NAN);
+    solved.cost = c;
+    solved.predicted_params = params;
+    solved.predicted_ffn_params = ffn;
+    solved.policies.note = format!("fixed policy {policy} on every layer (stage2.fixed_policy)");
+    for l in &mut solved.policies.layers {
+        l.policy = policy.clone();
+    }
+    Ok(solved)
 }
 
 /// The parts of the stage-2 config the profile depends on (not the budget or cost).

@@ -297,7 +297,7 @@ pub fn markdown(r: &Report) -> String {
     let sv = &r.solved;
     let _ = writeln!(
         s,
-        "Cost minimised: `{}`. Budget: {:.4e} {} ({:.1}% of dense); the chosen policies use {:.4e} ({:.1}%). Predicted PPL x{:.3} of dense.\n",
+        "Cost minimised: {}. Budget: {:.4e} {} ({:.1}% of dense); the chosen policies use {:.4e} ({:.1}%). Predicted PPL x{:.3} of dense.\n",
         sv.cost,
         sv.budget_value,
         sv.unit,

@@ -265,6 +265,7 @@ impl ModelConfig {
                 many => many.into(),
             },
             "torch_dtype": "float32",
+            "dtype": "float32",
         });
         if self.architecture == Architecture::HyperClovaX {
             v["embedding_multiplier"] = self.embedding_multiplier.into();

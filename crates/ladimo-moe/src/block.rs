@@ -8,6 +8,7 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData, activation
 use ladimo_io::HostTensor;
 use ladimo_model::util::{to_tensor, to_vec, transpose_host};
 use ladimo_model::{DenseFfn, FeedForward, FfnError};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, RoutingPolicy, order_by_prob};
@@ -132,32 +133,44 @@ impl MoeParams {
             let flat = Tensor::<1, Int>::from_data(TensorData::new(flat, [total]), &device);
             w.reshape([n * e, 1]).select(0, flat)
         });
-        let mut ys = Vec::with_capacity(e);
+        // (expert, first row, rows) of every expert that got tokens.
+        let mut jobs = Vec::with_capacity(e);
         let mut start = 0;
-        for (expert, &m) in self.experts.iter().zip(&load) {
-            if m == 0 {
-                continue;
+        for (i, &m) in load.iter().enumerate() {
+            if m > 0 {
+                jobs.push((i, start, m));
             }
-            let a = expert.activation(xs.clone().narrow(0, start, m));
-            let y = match &ws {
-                None if combine.scale == 1.0 => expert.down_proj.forward(a),
-                None => expert.down_proj.forward(a).mul_scalar(combine.scale),
-                Some(w) => {
-                    let w = w.clone().narrow(0, start, m);
-                    // Weighting the activation ([m, inter]) before the down projection touches
-                    // fewer values than weighting its output ([m, hidden]) for small experts; a
-                    // bias forbids it.
-                    if expert.down_proj.bias.is_none() && expert.intermediate_size() <= h {
-                        expert.down_proj.forward(a * w)
-                    } else {
-                        expert.down_proj.forward(a) * w
-                    }
-                }
-            };
-            ys.push(y);
             start += m;
         }
-        let y = if ys.len() == 1 { ys.pop().expect("one") } else { Tensor::cat(ys, 0) };
+        // Experts are independent: run them on rayon's threads (the small expert matmuls do not
+        // keep every core busy on their own). `collect` keeps the experts' order.
+        let mut ys: Vec<Tensor<2>> = jobs
+            .par_iter()
+            .map(|&(i, start, m)| {
+                let expert = &self.experts[i];
+                let a = expert.activation(xs.clone().narrow(0, start, m));
+                match &ws {
+                    None if combine.scale == 1.0 => expert.down_proj.forward(a),
+                    None => expert.down_proj.forward(a).mul_scalar(combine.scale),
+                    Some(w) => {
+                        let w = w.clone().narrow(0, start, m);
+                        // Weighting the activation ([m, inter]) before the down projection
+                        // touches fewer values than weighting its output ([m, hidden]) for small
+                        // experts; a bias forbids it.
+                        if expert.down_proj.bias.is_none() && expert.intermediate_size() <= h {
+                            expert.down_proj.forward(a * w)
+                        } else {
+                            expert.down_proj.forward(a) * w
+                        }
+                    }
+                }
+            })
+            .collect();
+        let y = if ys.len() == 1 {
+            ys.pop().expect("one")
+        } else {
+            Tensor::cat(ys, 0)
+        };
         // `out` is uniquely owned, so the backend can add in place; repeated rows accumulate.
         out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
         Ok((out, load))

@@ -243,7 +243,9 @@ pub fn save_moe_checkpoint(
         config["architectures"] = serde_json::json!(["LadimoMoeForCausalLM"]);
         config["model_type"] = "ladimo_moe".into();
     }
+    // Weights are stored in f32: say so under both names (transformers 5 reads `dtype`, older ones `torch_dtype`).
     config["torch_dtype"] = "float32".into();
+    config["dtype"] = "float32".into();
     config["ladimo"] = serde_json::to_value(&section).expect("section serialises");
 
     // Tensors: everything but the replaced FFNs from the source, then the MoE blocks.

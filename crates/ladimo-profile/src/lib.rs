@@ -18,7 +18,7 @@ mod solve;
 
 pub use plots::write_plots;
 pub use profile::{ProfileConfig, candidates, profile_model};
-pub use solve::{Budget, BudgetKind, Cost, Solved, solve_profile};
+pub use solve::{Budget, BudgetKind, Cost, Solved, solve_profile, uniform_cost};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
