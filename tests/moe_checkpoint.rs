@@ -376,7 +376,10 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     cfg.sensitivity_tokens = 40;
     let mut p = p0.clone();
     let mut stages = Vec::new();
-    add_sensitivity(&mut p, &mut moe, &dense, &texts(), &cfg, |s, d, t| stages.push((s.to_string(), d, t))).unwrap();
+    add_sensitivity(&mut p, &mut moe, &dense, &texts(), &cfg, |s, d, t| {
+        stages.push((s.to_string(), d, t))
+    })
+    .unwrap();
     assert_eq!(stages.last().unwrap(), &("sensitivity".to_string(), 6, 6));
     // Probing restores the model's policies.
     assert!((0..2).all(|l| moe_block(&moe, l).unwrap().policy == Policy::TopK { k: 4 }));
@@ -387,7 +390,12 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     for l in &s.layers {
         assert_eq!(l.probes.len(), 3);
         let all = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 4 }).unwrap();
-        assert!(all.delta_ln_ppl.abs() < 1e-4, "layer {}: top-4 of 4 {}", l.layer, all.delta_ln_ppl);
+        assert!(
+            all.delta_ln_ppl.abs() < 1e-4,
+            "layer {}: top-4 of 4 {}",
+            l.layer,
+            all.delta_ln_ppl
+        );
         let one = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 1 }).unwrap();
         assert!(one.delta_ln_ppl > 1e-3, "layer {}: top-1 {}", l.layer, one.delta_ln_ppl);
         assert!(one.delta_ln_ppl_by_lang.values().all(|v| v.is_finite()));
@@ -406,8 +414,18 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     for cost in [Cost::Sensitivity, Cost::SensitivityLinear] {
         let table = cost.table(&p).unwrap();
         for (l, costs) in p.layers.iter().zip(&table) {
-            let at = |k: usize| costs[l.candidates.iter().position(|c| c.policy == Policy::TopK { k }).unwrap()];
-            assert!(at(1) > 0.0 && at(1) >= at(2) && at(4) < 1e-4, "{cost:?} layer {}", l.layer);
+            let at = |k: usize| {
+                costs[l
+                    .candidates
+                    .iter()
+                    .position(|c| c.policy == Policy::TopK { k })
+                    .unwrap()]
+            };
+            assert!(
+                at(1) > 0.0 && at(1) >= at(2) && at(4) < 1e-4,
+                "{cost:?} layer {}",
+                l.layer
+            );
         }
         for frac in [0.5, 0.75, 0.9] {
             let b = Budget {

@@ -37,8 +37,9 @@ pub enum Cost {
     /// Squared error relative to the residual stream after the layer.
     ResidMse,
     /// Predicted calibration ln-PPL change: the layer's measured end-to-end sensitivity probes
-    /// (`Profile::sensitivity`) interpolated piecewise-linearly in `rel_mse` through (0, 0),
-    /// made non-decreasing, and extended beyond the last probe with the last segment's slope.
+    /// (`Profile::sensitivity`) interpolated by the mean number of experts run (see
+    /// `by_experts`). Rel MSE does not order a layer's policies reliably (a block trained at
+    /// top-6 can be further from the dense FFN at top-7 yet better end to end), experts run do.
     Sensitivity,
     /// Predicted calibration ln-PPL change `w_l * rel_mse`, `w_l` the layer's least-squares
     /// sensitivity weight (`LayerSensitivity::weight`).
@@ -84,7 +85,7 @@ impl Cost {
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => interpolate(s, c.rel_mse),
+                            _ => by_experts(s, c),
                         })
                         .collect())
                 }
@@ -93,34 +94,41 @@ impl Cost {
     }
 }
 
-/// The sensitivity probes of a layer as a non-decreasing piecewise-linear function of rel_mse
-/// through (0, 0), evaluated at `r`.
-fn interpolate(s: &LayerSensitivity, r: f64) -> f64 {
-    let mut pts: Vec<(f64, f64)> = s
+/// The sensitivity probes of a layer as a function of the mean number of experts run, evaluated
+/// at candidate `c`: piecewise linear between the probes, made non-increasing in experts (more
+/// experts never hurt; a measured rise is noise) and non-negative; flat above the most experts
+/// probed; below the fewest, that probe's delta scaled up by the candidate's rel MSE relative to
+/// the probe's (the layer's own error growth; never below the probe's delta).
+fn by_experts(s: &LayerSensitivity, c: &CandidateCost) -> f64 {
+    let mut pts: Vec<(f64, f64, f64)> = s
         .probes
         .iter()
-        .filter(|p| p.rel_mse.is_finite() && p.delta_ln_ppl.is_finite() && p.rel_mse > 0.0)
-        .map(|p| (p.rel_mse, p.delta_ln_ppl))
+        .filter(|p| p.mean_experts.is_finite() && p.delta_ln_ppl.is_finite())
+        .map(|p| (p.mean_experts, p.delta_ln_ppl.max(0.0), p.rel_mse))
         .collect();
-    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-    // Non-decreasing and non-negative: more error never helps (a measured dip is noise).
-    let mut prev = (0.0, 0.0);
-    let mut knots = vec![prev];
-    for (x, y) in pts {
-        if x > prev.0 {
-            prev = (x, y.max(prev.1));
-            knots.push(prev);
-        }
-    }
-    if knots.len() == 1 {
+    if pts.is_empty() {
         return 0.0;
     }
-    let seg = knots
-        .windows(2)
-        .find(|w| r <= w[1].0)
-        .unwrap_or(&knots[knots.len() - 2..]);
-    let ((x0, y0), (x1, y1)) = (seg[0], seg[1]);
-    y0 + (y1 - y0) * (r - x0) / (x1 - x0)
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for i in (0..pts.len() - 1).rev() {
+        pts[i].1 = pts[i].1.max(pts[i + 1].1);
+    }
+    let e = c.mean_experts;
+    let (lo, hi) = (pts[0], pts[pts.len() - 1]);
+    if e >= hi.0 {
+        return hi.1;
+    }
+    if e <= lo.0 {
+        let scale = if lo.2 > 0.0 { (c.rel_mse / lo.2).max(1.0) } else { 1.0 };
+        return lo.1 * scale;
+    }
+    let w = pts.windows(2).find(|w| e <= w[1].0).expect("e within the probes");
+    let ((x0, y0, _), (x1, y1, _)) = (w[0], w[1]);
+    if x1 > x0 {
+        y0 + (y1 - y0) * (e - x0) / (x1 - x0)
+    } else {
+        y1
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
