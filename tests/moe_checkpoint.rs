@@ -396,10 +396,17 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
             l.layer,
             all.delta_ln_ppl
         );
+        // Top-1 is lossy: it moves the perplexity (the fixture's weights are random, so it may
+        // move it either way).
         let one = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 1 }).unwrap();
-        assert!(one.delta_ln_ppl > 1e-3, "layer {}: top-1 {}", l.layer, one.delta_ln_ppl);
+        assert!(
+            one.delta_ln_ppl.abs() > 1e-3,
+            "layer {}: top-1 {}",
+            l.layer,
+            one.delta_ln_ppl
+        );
         assert!(one.delta_ln_ppl_by_lang.values().all(|v| v.is_finite()));
-        assert!(l.weight > 0.0);
+        assert!(l.weight.is_finite());
     }
     // The same probes measured inside profile_model.
     let p2 = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
@@ -421,11 +428,11 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
                     .position(|c| c.policy == Policy::TopK { k })
                     .unwrap()]
             };
-            assert!(
-                at(1) > 0.0 && at(1) >= at(2) && at(4) < 1e-4,
-                "{cost:?} layer {}",
-                l.layer
-            );
+            assert!(at(4).abs() < 1e-4, "{cost:?} layer {}", l.layer);
+            if cost == Cost::Sensitivity {
+                // Non-increasing in experts run and non-negative.
+                assert!(at(1) >= at(2) && at(2) >= at(4) && at(4) >= 0.0, "layer {}", l.layer);
+            }
         }
         for frac in [0.5, 0.75, 0.9] {
             let b = Budget {
