@@ -11,7 +11,7 @@ use ladimo_moe::{
     Combine, CombineWeights, HostFfn, MoeBlock, Policy, PolicyFile, load_model, model_fingerprint, moe_block,
     save_moe_checkpoint,
 };
-use ladimo_profile::{Budget, BudgetKind, Cost, ProfileConfig, profile_model, solve_profile};
+use ladimo_profile::{Budget, BudgetKind, Cost, Profile, ProfileConfig, add_sensitivity, profile_model, solve_profile};
 use ladimo_tests::{fixture, max_abs_diff};
 
 fn device() -> burn::tensor::Device {
@@ -258,6 +258,7 @@ fn small_cfg() -> ProfileConfig {
         latency_repeats: 1,
         chunk_tokens: 40,
         uniform_k: vec![2, 3],
+        sensitivity_k: vec![],
         ..Default::default()
     }
 }
@@ -347,4 +348,123 @@ fn profile_refuses_a_text_shorter_than_a_window() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("[\"ko\"]") && err.contains("fewer tokens"), "{err}");
+}
+
+#[test]
+fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
+    // Unit combine: top-4 of 4 is the dense FFN, so that probe changes nothing; top-1 loses.
+    let (dense, mut moe) = tiny_moe(true);
+    let mut cfg = small_cfg();
+    let p0 = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
+    assert!(p0.sensitivity.is_none());
+    // A profile written before sensitivity existed still reads, without it.
+    let mut old = serde_json::to_value(&p0).unwrap();
+    old.as_object_mut().unwrap().remove("sensitivity");
+    let old: Profile = serde_json::from_value(old).unwrap();
+    assert_eq!(old, p0);
+    assert_eq!(Cost::default_for(&old), Cost::RelMse);
+    let b = Budget {
+        kind: BudgetKind::FfnParams,
+        fraction: Some(0.75),
+        absolute: None,
+    };
+    let err = solve_profile(&old, &b, Cost::Sensitivity).unwrap_err().to_string();
+    assert!(err.contains("no sensitivity data"), "{err}");
+
+    // k = 9 exceeds the 4 experts and is skipped; 3 windows of 16 tokens, en/ko/en.
+    cfg.sensitivity_k = vec![1, 2, 4, 9];
+    cfg.sensitivity_tokens = 40;
+    let mut p = p0.clone();
+    let mut stages = Vec::new();
+    add_sensitivity(&mut p, &mut moe, &dense, &texts(), &cfg, |s, d, t| {
+        stages.push((s.to_string(), d, t))
+    })
+    .unwrap();
+    assert_eq!(stages.last().unwrap(), &("sensitivity".to_string(), 6, 6));
+    // Probing restores the model's policies.
+    assert!((0..2).all(|l| moe_block(&moe, l).unwrap().policy == Policy::TopK { k: 4 }));
+    let s = p.sensitivity.as_ref().unwrap();
+    assert_eq!(s.tokens["en"], 32);
+    assert_eq!(s.tokens["ko"], 16);
+    assert_eq!(s.layers.len(), 2);
+    for l in &s.layers {
+        assert_eq!(l.probes.len(), 3);
+        let all = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 4 }).unwrap();
+        assert!(
+            all.delta_ln_ppl.abs() < 1e-4,
+            "layer {}: top-4 of 4 {}",
+            l.layer,
+            all.delta_ln_ppl
+        );
+        // Top-1 is lossy: it moves the perplexity (the fixture's weights are random, so it may
+        // move it either way).
+        let one = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 1 }).unwrap();
+        assert!(
+            one.delta_ln_ppl.abs() > 1e-3,
+            "layer {}: top-1 {}",
+            l.layer,
+            one.delta_ln_ppl
+        );
+        assert!(one.delta_ln_ppl_by_lang.values().all(|v| v.is_finite()));
+        assert!(l.weight.is_finite());
+    }
+    // The same probes measured inside profile_model.
+    let p2 = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
+    let s2 = p2.sensitivity.as_ref().unwrap();
+    for (a, b) in s.layers.iter().zip(&s2.layers) {
+        for (x, y) in a.probes.iter().zip(&b.probes) {
+            assert!((x.delta_ln_ppl - y.delta_ln_ppl).abs() < 1e-5);
+        }
+    }
+    // Sensitivity data makes it the default cost; the prediction is the summed cost itself.
+    assert_eq!(Cost::default_for(&p), Cost::Sensitivity);
+    for cost in [Cost::Sensitivity, Cost::SensitivityLinear] {
+        let table = cost.table(&p).unwrap();
+        for (l, costs) in p.layers.iter().zip(&table) {
+            let at = |k: usize| {
+                costs[l
+                    .candidates
+                    .iter()
+                    .position(|c| c.policy == Policy::TopK { k })
+                    .unwrap()]
+            };
+            assert!(at(4).abs() < 1e-4, "{cost:?} layer {}", l.layer);
+            if cost == Cost::Sensitivity {
+                // Non-increasing in experts run and non-negative.
+                assert!(at(1) >= at(2) && at(2) >= at(4) && at(4) >= 0.0, "layer {}", l.layer);
+            }
+        }
+        for frac in [0.5, 0.75, 0.9] {
+            let b = Budget {
+                kind: BudgetKind::FfnParams,
+                fraction: Some(frac),
+                absolute: None,
+            };
+            let sol = solve_profile(&p, &b, cost).unwrap();
+            assert!(sol.used <= sol.budget_value * (1.0 + 1e-12));
+            assert!((sol.predicted_ppl_ratio - sol.cost.exp()).abs() < 1e-12);
+            let (l0, l1) = (&p.layers[0].candidates, &p.layers[1].candidates);
+            let mut best = f64::INFINITY;
+            for (i, a) in l0.iter().enumerate() {
+                for (j, b) in l1.iter().enumerate() {
+                    if a.active_params + b.active_params <= sol.budget_value {
+                        best = best.min(table[0][i] + table[1][j]);
+                    }
+                }
+            }
+            assert!(
+                (sol.cost - best).abs() <= 1e-12 * best.abs().max(1.0),
+                "{cost:?} {frac}: {} vs brute force {best}",
+                sol.cost
+            );
+        }
+    }
+    // A profile of another model is refused.
+    let (_, mut other) = tiny_moe(false);
+    let mut q = p0.clone();
+    q.model = "0123456789abcdef".into();
+    let err = add_sensitivity(&mut q, &mut other, &dense, &texts(), &cfg, |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not of this one"), "{err}");
 }

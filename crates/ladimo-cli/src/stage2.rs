@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::perplexity::perplexity;
-use ladimo_profile::{Budget, BudgetKind, Cost, Profile, ProfileConfig, profile_model, solve_profile, write_plots};
+use ladimo_profile::{
+    Budget, BudgetKind, Cost, Profile, ProfileConfig, add_sensitivity, profile_model, solve_profile, uniform_cost,
+    write_plots,
+};
 
 use crate::{load, open};
 
@@ -35,6 +38,17 @@ pub struct ProfileArgs {
     /// Uniform top-k models whose calibration perplexity calibrates the solver's PPL prediction.
     #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
     pub uniform_k: Vec<usize>,
+    /// Layer-sensitivity probes: top-k for these k, each run on one MoE layer alone with every
+    /// other layer dense, measuring the calibration ln-PPL change (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
+    pub sensitivity_k: Vec<usize>,
+    /// Calibration tokens the sensitivity probes run on (windows taken in turn from each text).
+    #[arg(long, default_value_t = 2048)]
+    pub sensitivity_tokens: usize,
+    /// Only measure the layer sensitivity and add it to the existing OUT/profile.json (rewritten
+    /// in place, atomically), keeping everything else in it.
+    #[arg(long)]
+    pub sensitivity_only: bool,
     /// Output folder: profile.json and plots/.
     #[arg(long)]
     pub out: PathBuf,
@@ -73,17 +87,27 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         latency_tokens: a.latency_tokens,
         latency_repeats: a.latency_repeats,
         uniform_k: a.uniform_k.clone(),
+        sensitivity_k: a.sensitivity_k.clone(),
+        sensitivity_tokens: a.sensitivity_tokens,
         ..Default::default()
     };
-    let mut profile = profile_model(&mut moe, &dense, &tagged, &cfg, &a.model, |stage, d, t| {
+    let show = |stage: &str, d: usize, t: usize| {
         eprint!("\r{stage}: {d}/{t}      ");
         if d == t {
             eprintln!();
         }
-    })?;
-    profile.backend = ladimo_backend::name().to_string();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    };
     let p = a.out.join("profile.json");
+    let profile = if a.sensitivity_only {
+        let mut profile = Profile::read(&p)?;
+        add_sensitivity(&mut profile, &mut moe, &dense, &tagged, &cfg, show)?;
+        profile
+    } else {
+        let mut profile = profile_model(&mut moe, &dense, &tagged, &cfg, &a.model, show)?;
+        profile.backend = ladimo_backend::name().to_string();
+        std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+        profile
+    };
     profile.write(&p)?;
     let plots = write_plots(&profile, &a.out.join("plots"), None)?;
     print_profile(&profile);
@@ -125,6 +149,31 @@ fn print_profile(p: &Profile) {
             u.policy, u.ppl, u.sum_rel_mse, u.sum_resid_mse
         );
     }
+    if let Some(s) = &p.sensitivity {
+        println!(
+            "layer sensitivity on {:?} tokens ({:.0} s): calibration ln-PPL change with one layer MoE, \
+             the rest dense; weight = fitted ln-PPL per unit rel MSE",
+            s.tokens, s.seconds
+        );
+        for l in &s.layers {
+            let probes: Vec<String> = l
+                .probes
+                .iter()
+                .map(|q| format!("{} {:+.4} (rel {:.3})", q.policy, q.delta_ln_ppl, q.rel_mse))
+                .collect();
+            println!("{:>5} w {:>7.4} | {}", l.layer, l.weight, probes.join("  "));
+        }
+        for u in &p.uniform {
+            if let Some((c, _)) = uniform_cost(p, &u.policy, Cost::Sensitivity) {
+                println!(
+                    "  uniform {}: summed sensitivity predicts ppl x{:.3} of dense; measured x{:.3}",
+                    u.policy,
+                    c.exp(),
+                    u.ppl / p.dense_ppl
+                );
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -140,10 +189,12 @@ pub struct SolveArgs {
     /// What the budget limits: ffn-params, params (whole model) or latency (FFN time per token).
     #[arg(long, value_enum, default_value = "ffn-params")]
     pub of: KindArg,
-    /// The per-layer cost to minimise: rel-mse (error relative to the FFN output) or resid-mse
-    /// (relative to the residual stream).
-    #[arg(long, value_enum, default_value = "rel-mse")]
-    pub cost: CostArg,
+    /// The per-layer cost to minimise: sensitivity (measured end-to-end layer sensitivity,
+    /// interpolated in rel MSE; the default when the profile has it), sensitivity-linear (fitted
+    /// weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
+    /// resid-mse (relative to the residual stream).
+    #[arg(long, value_enum)]
+    pub cost: Option<CostArg>,
     /// The policy file to write (TOML).
     #[arg(long)]
     pub out: PathBuf,
@@ -168,6 +219,8 @@ pub enum KindArg {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum CostArg {
+    Sensitivity,
+    SensitivityLinear,
     RelMse,
     ResidMse,
 }
@@ -187,8 +240,11 @@ pub fn solve(a: SolveArgs) -> Result<()> {
         bail!("give a budget: --budget FRACTION or --max VALUE");
     }
     let cost = match a.cost {
-        CostArg::RelMse => Cost::RelMse,
-        CostArg::ResidMse => Cost::ResidMse,
+        None => Cost::default_for(&profile),
+        Some(CostArg::Sensitivity) => Cost::Sensitivity,
+        Some(CostArg::SensitivityLinear) => Cost::SensitivityLinear,
+        Some(CostArg::RelMse) => Cost::RelMse,
+        Some(CostArg::ResidMse) => Cost::ResidMse,
     };
     let s = solve_profile(&profile, &budget, cost)?;
     s.policies.write(&a.out)?;

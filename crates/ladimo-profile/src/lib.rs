@@ -17,7 +17,7 @@ mod profile;
 mod solve;
 
 pub use plots::write_plots;
-pub use profile::{ProfileConfig, candidates, profile_model};
+pub use profile::{ProfileConfig, add_sensitivity, candidates, profile_model};
 pub use solve::{Budget, BudgetKind, Cost, Solved, solve_profile, uniform_cost};
 
 use std::collections::BTreeMap;
@@ -129,6 +129,45 @@ pub struct Profile {
     /// Dense calibration perplexity and the uniform-policy points.
     pub dense_ppl: f64,
     pub uniform: Vec<UniformPoint>,
+    /// End-to-end layer sensitivities (absent in profiles made before they existed, or when
+    /// `ProfileConfig::sensitivity_k` is empty); see [`add_sensitivity`].
+    #[serde(default)]
+    pub sensitivity: Option<Sensitivity>,
+}
+
+/// What one probe policy on one layer does to the calibration perplexity when that layer alone
+/// runs the MoE and every other layer stays dense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SensitivityProbe {
+    pub policy: Policy,
+    /// The candidate's `rel_mse` and `mean_experts` in the profile (for the fit).
+    pub rel_mse: f64,
+    pub mean_experts: f64,
+    /// ln(ppl) - ln(dense ppl) on the sensitivity tokens (all languages), and per language tag.
+    pub delta_ln_ppl: f64,
+    pub delta_ln_ppl_by_lang: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSensitivity {
+    pub layer: usize,
+    pub probes: Vec<SensitivityProbe>,
+    /// Least squares through the origin of `delta_ln_ppl` against `rel_mse` over the probes:
+    /// ln-PPL change per unit of relative MSE on this layer.
+    pub weight: f64,
+}
+
+/// End-to-end layer sensitivities measured on calibration text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sensitivity {
+    /// Tokens per language tag the probes ran on, and the window length.
+    pub tokens: BTreeMap<String, usize>,
+    pub seq_len: usize,
+    /// Dense ln(ppl) on those tokens.
+    pub dense_ln_ppl: f64,
+    /// Wall-clock seconds the measurement took.
+    pub seconds: f64,
+    pub layers: Vec<LayerSensitivity>,
 }
 
 impl Profile {

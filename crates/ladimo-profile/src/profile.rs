@@ -3,14 +3,18 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 use ladimo_model::perplexity::perplexity;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{ModelError, Transformer};
 use ladimo_moe::{MoeBlock, Policy, moe_block, moe_block_mut};
 use rayon::prelude::*;
 
-use crate::{CandidateCost, HIST_BINS, LayerProfile, Profile, ProfileError, RoutingDistribution, UniformPoint};
+use crate::{
+    CandidateCost, HIST_BINS, LayerProfile, LayerSensitivity, Profile, ProfileError, RoutingDistribution, Sensitivity,
+    SensitivityProbe, UniformPoint,
+};
 
 /// What to profile and how.
 #[derive(Debug, Clone)]
@@ -28,6 +32,12 @@ pub struct ProfileConfig {
     pub chunk_tokens: usize,
     /// Uniform top-k values whose calibration perplexity calibrates the cost -> PPL prediction.
     pub uniform_k: Vec<usize>,
+    /// Probe policies of the layer sensitivity (top-k for these k; those above a layer's expert
+    /// count are skipped); empty: no sensitivity is measured. See [`add_sensitivity`].
+    pub sensitivity_k: Vec<usize>,
+    /// Calibration tokens the sensitivity probes run on (whole windows of `seq_len`, taken in
+    /// turn from each language's text; at least one window).
+    pub sensitivity_tokens: usize,
 }
 
 impl Default for ProfileConfig {
@@ -40,6 +50,8 @@ impl Default for ProfileConfig {
             latency_repeats: 5,
             chunk_tokens: 2048,
             uniform_k: vec![],
+            sensitivity_k: vec![4, 5, 6, 7],
+            sensitivity_tokens: 2048,
         }
     }
 }
@@ -397,7 +409,7 @@ pub fn profile_model(
         b.reset_stats();
     }
     let c = dense.param_counts();
-    Ok(Profile {
+    let mut profile = Profile {
         format: 1,
         model: fingerprint,
         model_path: model_path.to_string(),
@@ -410,5 +422,193 @@ pub fn profile_model(
         layers,
         dense_ppl,
         uniform,
-    })
+        sensitivity: None,
+    };
+    if !cfg.sensitivity_k.is_empty() {
+        add_sensitivity(&mut profile, moe, dense, texts, cfg, &mut progress)?;
+    }
+    Ok(profile)
+}
+
+/// The sensitivity windows: whole windows of `seq_len`, one from each text in turn, until
+/// `tokens` are covered (at least one window).
+fn sensitivity_windows(texts: &[(String, Vec<u32>)], seq_len: usize, tokens: usize) -> Vec<(usize, &[u32])> {
+    let per: Vec<Vec<&[u32]>> = texts
+        .iter()
+        .map(|(_, ids)| ids.chunks_exact(seq_len).collect())
+        .collect();
+    let mut out = Vec::new();
+    for i in 0.. {
+        let mut any = false;
+        for (t, w) in per.iter().enumerate() {
+            if let Some(w) = w.get(i)
+                && (out.is_empty() || out.len() * seq_len < tokens)
+            {
+                out.push((t, *w));
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    out
+}
+
+/// Summed NLL of `window[1..]` given the last hidden states `h` (before the final norm).
+fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f64 {
+    let n = window.len();
+    let logits = model.logits(model.norm.forward(h));
+    let logp = log_softmax(logits.narrow(1, 0, n - 1), 2);
+    let targets: Vec<i64> = window[1..].iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n - 1]), &model.device).reshape([1, n - 1, 1]);
+    -to_vec(logp.gather(2, targets)).iter().map(|&x| x as f64).sum::<f64>()
+}
+
+/// Measure, end to end on calibration text, how much each profiled MoE layer's routing error
+/// costs: for each layer l and each probe policy top-k (`cfg.sensitivity_k`), the change in
+/// calibration ln(perplexity) when layer l alone runs the MoE under that policy and every other
+/// layer is the dense teacher. The teacher's hidden state at each layer input is computed once,
+/// so a probe of layer l runs only layers l..L and the head. Sets `profile.sensitivity` (and
+/// replaces any there); the profile's candidates (for the probes' `rel_mse`) must be of `moe`.
+/// `progress(stage, done, total)`.
+pub fn add_sensitivity(
+    profile: &mut Profile,
+    moe: &mut Transformer,
+    dense: &Transformer,
+    texts: &[(String, Vec<u32>)],
+    cfg: &ProfileConfig,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<(), ProfileError> {
+    let start = Instant::now();
+    let fp = ladimo_moe::model_fingerprint(moe);
+    if fp != profile.model {
+        return Err(ProfileError::Invalid(format!(
+            "the profile is of model {}, not of this one ({fp})",
+            profile.model
+        )));
+    }
+    if moe.layers.len() != dense.layers.len() || moe.config.hidden_size != dense.config.hidden_size {
+        return Err(ProfileError::Invalid(
+            "the MoE model and the dense teacher differ in shape".into(),
+        ));
+    }
+    if cfg.sensitivity_k.is_empty() {
+        return Err(ProfileError::Invalid(
+            "no sensitivity probe policy (sensitivity_k is empty)".into(),
+        ));
+    }
+    let windows = sensitivity_windows(texts, cfg.seq_len, cfg.sensitivity_tokens);
+    if windows.is_empty() {
+        return Err(ProfileError::Invalid(format!(
+            "no calibration text has a whole window of {} tokens",
+            cfg.seq_len
+        )));
+    }
+    let n_lang = texts.len();
+    let mut count_lang = vec![0usize; n_lang];
+    for (t, w) in &windows {
+        count_lang[*t] += w.len() - 1;
+    }
+    // The dense teacher: each layer's input per window, and the NLL per language.
+    let mut inputs: Vec<Vec<Tensor<3>>> = Vec::with_capacity(windows.len());
+    let mut dense_nll = vec![0f64; n_lang];
+    for (wi, (t, ids)) in windows.iter().enumerate() {
+        let mut h = dense.embed(ids_tensor(ids, 1, &dense.device));
+        let mut hs = Vec::with_capacity(dense.layers.len());
+        for (l, layer) in dense.layers.iter().enumerate() {
+            hs.push(h.clone());
+            h = layer
+                .forward(h, &dense.rope, &mut None)
+                .map_err(|source| ModelError::Ffn { layer: l, source })?;
+        }
+        dense_nll[*t] += hidden_nll(dense, h, ids);
+        inputs.push(hs);
+        progress("sensitivity teacher", wi + 1, windows.len());
+    }
+    let total_count: usize = count_lang.iter().sum();
+    let ln_ppl = |nll: &[f64]| nll.iter().sum::<f64>() / total_count as f64;
+    let dense_ln_ppl = ln_ppl(&dense_nll);
+
+    let probes_of = |e: usize| -> Vec<Policy> {
+        cfg.sensitivity_k
+            .iter()
+            .filter(|&&k| k >= 1 && k <= e)
+            .map(|&k| Policy::TopK { k })
+            .collect()
+    };
+    let total: usize = profile.layers.iter().map(|lp| probes_of(lp.num_experts).len()).sum();
+    let mut done = 0;
+    let mut layers = Vec::with_capacity(profile.layers.len());
+    for lp in &profile.layers {
+        let l = lp.layer;
+        let original = moe_block(moe, l)
+            .ok_or_else(|| ProfileError::Invalid(format!("layer {l} of the profile is not an MoE layer of the model")))?
+            .policy
+            .clone();
+        let mut probes = Vec::new();
+        for policy in probes_of(lp.num_experts) {
+            let cand = lp
+                .candidates
+                .iter()
+                .find(|c| c.policy == policy)
+                .ok_or_else(|| ProfileError::Invalid(format!("probe {policy} is not a candidate of layer {l}")))?;
+            moe_block_mut(moe, l).expect("MoE layer").set_policy(policy.clone())?;
+            let mut nll = vec![0f64; n_lang];
+            for ((t, ids), hs) in windows.iter().zip(&inputs) {
+                let mut h = moe.layers[l]
+                    .forward(hs[l].clone(), &moe.rope, &mut None)
+                    .map_err(|source| ModelError::Ffn { layer: l, source })?;
+                for (j, layer) in dense.layers.iter().enumerate().skip(l + 1) {
+                    h = layer
+                        .forward(h, &dense.rope, &mut None)
+                        .map_err(|source| ModelError::Ffn { layer: j, source })?;
+                }
+                nll[*t] += hidden_nll(dense, h, ids);
+            }
+            probes.push(SensitivityProbe {
+                policy: policy.clone(),
+                rel_mse: cand.rel_mse,
+                mean_experts: cand.mean_experts,
+                delta_ln_ppl: ln_ppl(&nll) - dense_ln_ppl,
+                delta_ln_ppl_by_lang: texts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| count_lang[*i] > 0)
+                    .map(|(i, (lang, _))| (lang.clone(), (nll[i] - dense_nll[i]) / count_lang[i] as f64))
+                    .collect(),
+            });
+            done += 1;
+            progress("sensitivity", done, total);
+        }
+        let b = moe_block_mut(moe, l).expect("MoE layer");
+        b.set_policy(original)?;
+        b.reset_stats();
+        let (num, den) = probes.iter().fold((0.0, 0.0), |(n, d), p| {
+            (n + p.delta_ln_ppl * p.rel_mse, d + p.rel_mse * p.rel_mse)
+        });
+        layers.push(LayerSensitivity {
+            layer: l,
+            probes,
+            weight: if den > 0.0 { num / den } else { 0.0 },
+        });
+    }
+    profile.sensitivity = Some(Sensitivity {
+        tokens: texts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| count_lang[*i] > 0)
+            .map(|(i, (lang, _))| {
+                (
+                    lang.clone(),
+                    count_lang[i] + windows.iter().filter(|(t, _)| *t == i).count(),
+                )
+            })
+            .collect(),
+        seq_len: cfg.seq_len,
+        dense_ln_ppl,
+        seconds: start.elapsed().as_secs_f64(),
+        layers,
+    });
+    Ok(())
 }

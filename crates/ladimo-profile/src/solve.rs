@@ -6,7 +6,7 @@ use ladimo_moe::{Policy, PolicyFile};
 use ladimo_solve::Choice;
 use serde::{Deserialize, Serialize};
 
-use crate::{CandidateCost, Profile, ProfileError};
+use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError};
 
 /// What the budget limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,14 +36,98 @@ pub enum Cost {
     RelMse,
     /// Squared error relative to the residual stream after the layer.
     ResidMse,
+    /// Predicted calibration ln-PPL change: the layer's measured end-to-end sensitivity probes
+    /// (`Profile::sensitivity`) interpolated by the mean number of experts run (see
+    /// `by_experts`). Rel MSE does not order a layer's policies reliably (a block trained at
+    /// top-6 can be further from the dense FFN at top-7 yet better end to end), experts run do.
+    Sensitivity,
+    /// Predicted calibration ln-PPL change `w_l * rel_mse`, `w_l` the layer's least-squares
+    /// sensitivity weight (`LayerSensitivity::weight`).
+    SensitivityLinear,
 }
 
 impl Cost {
-    pub fn of(&self, c: &CandidateCost) -> f64 {
-        match self {
-            Cost::RelMse => c.rel_mse,
-            Cost::ResidMse => c.resid_mse,
+    /// Whether the summed cost is itself a predicted ln(ppl / dense ppl).
+    pub fn is_ln_ppl(&self) -> bool {
+        matches!(self, Cost::Sensitivity | Cost::SensitivityLinear)
+    }
+
+    /// The default for a profile: `Sensitivity` where it has sensitivity data, else `RelMse`.
+    pub fn default_for(profile: &Profile) -> Cost {
+        if profile.sensitivity.is_some() {
+            Cost::Sensitivity
+        } else {
+            Cost::RelMse
         }
+    }
+
+    /// The cost of every candidate of every profiled layer, in `profile.layers` order.
+    pub fn table(&self, profile: &Profile) -> Result<Vec<Vec<f64>>, ProfileError> {
+        profile
+            .layers
+            .iter()
+            .map(|l| match self {
+                Cost::RelMse => Ok(l.candidates.iter().map(|c| c.rel_mse).collect()),
+                Cost::ResidMse => Ok(l.candidates.iter().map(|c| c.resid_mse).collect()),
+                Cost::Sensitivity | Cost::SensitivityLinear => {
+                    let s = profile
+                        .sensitivity
+                        .as_ref()
+                        .and_then(|s| s.layers.iter().find(|s| s.layer == l.layer))
+                        .ok_or_else(|| {
+                            ProfileError::Invalid(format!(
+                                "the profile has no sensitivity data for layer {} (add it with \
+                                 `ladimo profile ... --sensitivity-only`)",
+                                l.layer
+                            ))
+                        })?;
+                    Ok(l.candidates
+                        .iter()
+                        .map(|c| match self {
+                            Cost::SensitivityLinear => s.weight * c.rel_mse,
+                            _ => by_experts(s, c),
+                        })
+                        .collect())
+                }
+            })
+            .collect()
+    }
+}
+
+/// The sensitivity probes of a layer as a function of the mean number of experts run, evaluated
+/// at candidate `c`: piecewise linear between the probes, made non-increasing in experts (more
+/// experts never hurt; a measured rise is noise) and non-negative; flat above the most experts
+/// probed; below the fewest, that probe's delta scaled up by the candidate's rel MSE relative to
+/// the probe's (the layer's own error growth; never below the probe's delta).
+fn by_experts(s: &LayerSensitivity, c: &CandidateCost) -> f64 {
+    let mut pts: Vec<(f64, f64, f64)> = s
+        .probes
+        .iter()
+        .filter(|p| p.mean_experts.is_finite() && p.delta_ln_ppl.is_finite())
+        .map(|p| (p.mean_experts, p.delta_ln_ppl.max(0.0), p.rel_mse))
+        .collect();
+    if pts.is_empty() {
+        return 0.0;
+    }
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for i in (0..pts.len() - 1).rev() {
+        pts[i].1 = pts[i].1.max(pts[i + 1].1);
+    }
+    let e = c.mean_experts;
+    let (lo, hi) = (pts[0], pts[pts.len() - 1]);
+    if e >= hi.0 {
+        return hi.1;
+    }
+    if e <= lo.0 {
+        let scale = if lo.2 > 0.0 { (c.rel_mse / lo.2).max(1.0) } else { 1.0 };
+        return lo.1 * scale;
+    }
+    let w = pts.windows(2).find(|w| e <= w[1].0).expect("e within the probes");
+    let ((x0, y0, _), (x1, y1, _)) = (w[0], w[1]);
+    if x1 > x0 {
+        y0 + (y1 - y0) * (e - x0) / (x1 - x0)
+    } else {
+        y1
     }
 }
 
@@ -75,13 +159,17 @@ pub struct Solved {
     pub frontier: Vec<FrontierEntry>,
 }
 
-/// ln(ppl / dense ppl) = slope * summed cost, fitted through the origin on the uniform points.
+/// ln(ppl / dense ppl) = slope * summed cost: 1 for a cost in ln-PPL units, else fitted through
+/// the origin on the uniform points.
 fn ppl_slope(profile: &Profile, cost: Cost) -> f64 {
+    if cost.is_ln_ppl() {
+        return 1.0;
+    }
     let (mut num, mut den) = (0.0, 0.0);
     for u in &profile.uniform {
         let c = match cost {
-            Cost::RelMse => u.sum_rel_mse,
             Cost::ResidMse => u.sum_resid_mse,
+            _ => u.sum_rel_mse,
         };
         let r = (u.ppl / profile.dense_ppl).ln();
         if c.is_finite() && r.is_finite() {
@@ -117,14 +205,17 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             )));
         }
     };
+    let table = cost.table(profile)?;
     let groups: Vec<Vec<Choice>> = profile
         .layers
         .iter()
-        .map(|l| {
+        .zip(&table)
+        .map(|(l, costs)| {
             l.candidates
                 .iter()
-                .map(|c| Choice {
-                    cost: cost.of(c),
+                .zip(costs)
+                .map(|(c, &cost)| Choice {
+                    cost,
                     weight: weight(c),
                 })
                 .collect()
@@ -203,12 +294,13 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
 
 /// The uniform policy `policy` on every layer, as the solver would report it (for comparisons).
 pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f64, f64)> {
+    let table = cost.table(profile).ok()?;
     let mut c = 0.0;
     let mut params = profile.non_ffn_params;
-    for l in &profile.layers {
-        let cand = l.candidates.iter().find(|x| &x.policy == policy)?;
-        c += cost.of(cand);
-        params += cand.active_params;
+    for (l, costs) in profile.layers.iter().zip(&table) {
+        let i = l.candidates.iter().position(|x| &x.policy == policy)?;
+        c += costs[i];
+        params += l.candidates[i].active_params;
     }
     Some((c, params))
 }
