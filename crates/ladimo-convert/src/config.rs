@@ -108,8 +108,14 @@ pub struct Stage2Config {
     pub latency_repeats: usize,
     /// Uniform top-k points whose calibration perplexity calibrates the PPL prediction.
     pub uniform_k: Vec<usize>,
+    /// End-to-end layer sensitivity: for each layer alone, the calibration ln-PPL change when it
+    /// runs the MoE at top-k for these k (every other layer dense), on `sensitivity_tokens`
+    /// tokens. Empty: not measured (then `cost` cannot be `sensitivity`).
+    pub sensitivity_k: Vec<usize>,
+    pub sensitivity_tokens: usize,
     pub budget: BudgetConfig,
-    /// The per-layer cost the solver minimises: rel-mse or resid-mse.
+    /// The per-layer cost the solver minimises: sensitivity (the measured ln-PPL changes,
+    /// interpolated by experts run), sensitivity-linear, rel-mse or resid-mse.
     pub cost: Cost,
     /// Skip the solver and give every MoE layer this policy, e.g. `{ type = "TopK", k = 6 }`
     /// (with renormalised combine weights that makes a Hugging Face Mixtral checkpoint). The
@@ -128,8 +134,10 @@ impl Default for Stage2Config {
             latency_tokens: p.latency_tokens,
             latency_repeats: p.latency_repeats,
             uniform_k: vec![4, 5, 6, 7],
+            sensitivity_k: p.sensitivity_k,
+            sensitivity_tokens: p.sensitivity_tokens,
             budget: BudgetConfig::default(),
-            cost: Cost::RelMse,
+            cost: Cost::Sensitivity,
             fixed_policy: None,
         }
     }
@@ -255,6 +263,12 @@ impl ConvertConfig {
                 "stage2.tokens ({}) is shorter than one window ({})",
                 self.stage2.tokens,
                 self.stage2.seq_len
+            );
+        }
+        if self.stage2.cost.is_ln_ppl() && self.stage2.sensitivity_k.is_empty() {
+            bail!(
+                "stage2.cost = {:?} needs stage2.sensitivity_k (the probes it is made of)",
+                self.stage2.cost
             );
         }
         if self.eval.ppl_tokens < self.eval.seq_len {

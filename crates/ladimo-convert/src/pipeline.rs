@@ -332,6 +332,8 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                 latency_tokens: s2cfg.latency_tokens,
                 latency_repeats: s2cfg.latency_repeats,
                 uniform_k: s2cfg.uniform_k.clone(),
+                // Measured as a step of its own below.
+                sensitivity_k: vec![],
                 ..ProfileConfig::default()
             };
             let mut pb: Option<(String, ProgressBar)> = None;
@@ -357,6 +359,40 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             p
         }
     };
+    // Stage 2, layer sensitivity: its own step, so that changing its settings keeps the profile.
+    let mut profile = profile;
+    if !s2cfg.sensitivity_k.is_empty() {
+        let key_s = hash(&[
+            key2.as_bytes(),
+            &serde_json::to_vec(&(&s2cfg.sensitivity_k, s2cfg.sensitivity_tokens))?,
+        ]);
+        let record = s2.join("sensitivity");
+        match read_record(&record).filter(|r| r.key == key_s && profile.sensitivity.is_some()) {
+            Some(r) => times.push(StageTime::earlier("stage 2: layer sensitivity", r.seconds)),
+            None => {
+                let t = Instant::now();
+                let pcfg = ProfileConfig {
+                    seq_len: s2cfg.seq_len,
+                    sensitivity_k: s2cfg.sensitivity_k.clone(),
+                    sensitivity_tokens: s2cfg.sensitivity_tokens,
+                    ..ProfileConfig::default()
+                };
+                let mut pb: Option<ProgressBar> = None;
+                ladimo_profile::add_sensitivity(&mut profile, &mut moe, &dense, &texts, &pcfg, |_, d, total| {
+                    let b = pb.get_or_insert_with(|| bar(total, "2/4 stage 2: sensitivity"));
+                    b.set_position(d as u64);
+                })?;
+                if let Some(b) = pb {
+                    b.finish();
+                }
+                profile.write(&profile_path)?;
+                let secs = t.elapsed().as_secs_f64();
+                times.push(StageTime::now("stage 2: layer sensitivity", secs));
+                std::fs::create_dir_all(&record).with_context(|| format!("{}: cannot create", record.display()))?;
+                finish_step(&record, &key_s, secs)?;
+            }
+        }
+    }
     let budget = Budget {
         kind: s2cfg.budget.of,
         fraction: s2cfg.budget.fraction,
