@@ -663,10 +663,18 @@ fn publish(fin: &Path, paths: &Paths) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let aside = out.with_file_name(format!(
-            "{}.replaced-{secs}",
-            out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // A free name: two replacements within one second must not collide.
+        let aside = (0..)
+            .map(|i| match i {
+                0 => out.with_file_name(format!("{name}.replaced-{secs}")),
+                i => out.with_file_name(format!("{name}.replaced-{secs}-{i}")),
+            })
+            .find(|p| !p.exists())
+            .expect("a free name");
         std::fs::rename(out, &aside).with_context(|| {
             format!(
                 "{}: cannot move the old output aside to {}",
