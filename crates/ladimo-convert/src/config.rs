@@ -244,7 +244,7 @@ impl ConvertConfig {
             (Some(_), Some(_)) => bail!("stage2.budget: give `fraction` or `max`, not both"),
             (None, None) => bail!("stage2.budget: give `fraction` or `max`"),
             (Some(f), None) if !(f > 0.0 && f <= 1.0) => bail!("stage2.budget.fraction = {f}: expected 0 < f <= 1"),
-            (None, Some(m)) if !(m > 0.0) => bail!("stage2.budget.max = {m}: expected > 0"),
+            (None, Some(m)) if m.is_nan() || m <= 0.0 => bail!("stage2.budget.max = {m}: expected > 0"),
             _ => {}
         }
         let s1 = &self.stage1;
@@ -290,7 +290,7 @@ impl ConvertConfig {
             if set.files.is_empty() {
                 bail!("data: text set `{}` names no files", set.tag);
             }
-            if !(set.share > 0.0) {
+            if set.share.is_nan() || set.share <= 0.0 {
                 bail!("data: text set `{}` has share {}; expected > 0", set.tag, set.share);
             }
         }
