@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Subcommand;
 use ladimo_io::{Checkpoint, fetch};
-use ladimo_model::util::{ids_tensor, to_vec};
-use ladimo_model::{KvCache, Transformer};
+use ladimo_model::Transformer;
+use ladimo_model::util::to_vec;
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -77,37 +77,7 @@ pub fn forward_on(
     repeats: usize,
 ) -> Result<(f64, f64)> {
     let model = Transformer::from_checkpoint(ckpt, device)?;
-    let run_prefill = || {
-        let mut cache = KvCache::new(model.layers.len());
-        let t = Instant::now();
-        let l = model.forward_last(ids_tensor(ids, 1, device), &mut cache);
-        let _ = to_vec(l.expect("forward"));
-        t.elapsed().as_secs_f64()
-    };
-    run_prefill(); // warm-up
-    let prefill = ids.len() as f64 / median((0..repeats).map(|_| run_prefill()).collect());
-    let run_decode = || {
-        let mut cache = KvCache::new(model.layers.len());
-        let _ = to_vec(
-            model
-                .forward_last(ids_tensor(&ids[..16], 1, device), &mut cache)
-                .expect("forward"),
-        );
-        let t = Instant::now();
-        let mut next = ids[16];
-        for _ in 0..decode_tokens {
-            let l = to_vec(
-                model
-                    .forward_last(ids_tensor(&[next], 1, device), &mut cache)
-                    .expect("forward"),
-            );
-            next = ladimo_model::generate::argmax(&l);
-        }
-        t.elapsed().as_secs_f64()
-    };
-    run_decode();
-    let decode = decode_tokens as f64 / median((0..repeats).map(|_| run_decode()).collect());
-    Ok((prefill, decode))
+    ladimo_convert::evaluate::speed(&model, ids, decode_tokens, repeats)
 }
 
 fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Option<String>) -> Result<()> {

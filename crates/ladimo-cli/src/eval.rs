@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use ladimo_convert::evaluate::score_task;
 use ladimo_data::Task;
@@ -56,9 +56,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         results.iter().map(|r| r.acc_per_char).sum::<f64>() / n
     );
     if let Some(out) = a.out {
-        let tmp = out.with_extension("part");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&results)?).with_context(|| format!("{}", tmp.display()))?;
-        std::fs::rename(&tmp, &out).with_context(|| format!("{}", out.display()))?;
+        ladimo_convert::evaluate::write_json(&out, &results)?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ladimo_io::{Checkpoint, DType, fetch};
+use ladimo_io::{Checkpoint, DType};
 use ladimo_model::Transformer;
 use ladimo_model::generate::{SamplingConfig, generate};
 use ladimo_model::perplexity::perplexity;
@@ -100,20 +100,8 @@ fn main() {
     }
 }
 
-/// A path, or a known model's name (fetched on first use).
-fn resolve_model(arg: &str) -> Result<PathBuf> {
-    let p = Path::new(arg);
-    if p.exists() {
-        return Ok(p.to_path_buf());
-    }
-    if let Ok(m) = fetch::known_model(arg) {
-        return Ok(fetch::fetch_model(m)?);
-    }
-    bail!("{arg}: no such file or directory (and not a known model name)")
-}
-
 pub(crate) fn open(arg: &str) -> Result<Checkpoint> {
-    let path = resolve_model(arg)?;
+    let path = ladimo_convert::pipeline::resolve_model(arg)?;
     Ok(Checkpoint::open(&path)?)
 }
 

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use ladimo_convert::evaluate::write_json;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::perplexity::perplexity;
 use ladimo_profile::{
@@ -294,12 +295,5 @@ fn check(s: &ladimo_profile::Solved, model: &str, dense: &str, text: &Path, n: u
         c.active(),
         c.ffn_active
     );
-    Ok(())
-}
-
-fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?).with_context(|| format!("{}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
     Ok(())
 }

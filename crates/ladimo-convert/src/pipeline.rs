@@ -434,6 +434,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         prepare_step(&ev, &key_e)?;
     }
     let mut ppl = Vec::new();
+    let mut first_ids = None;
     for set in &held_sets {
         let ids = heldout_ids(tok, set, cfg.eval.ppl_tokens)?;
         let file = ev.join(format!("ppl-{}.json", set.tag));
@@ -461,6 +462,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             }
         };
         ppl.push(row);
+        first_ids.get_or_insert(ids);
     }
     // Activated parameters per token: measured while scoring the first held-out set.
     let dc = dense.param_counts();
@@ -492,7 +494,11 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         let m = run(&moe, &moe_file, "moe")?;
         tasks.push(TaskRow::new(task, d, m));
     }
-    let speed_ids = heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens.max(cfg.eval.seq_len))?;
+    // The speed prompt: the start of the first held-out set (tokenized above when long enough).
+    let speed_ids = match first_ids.filter(|ids| ids.len() >= cfg.eval.prefill_tokens) {
+        Some(ids) => ids,
+        None => heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens)?,
+    };
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
     let (mut dp, mut dd, mut mp, mut md) = (vec![], vec![], vec![], vec![]);
     let pb = bar(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
