@@ -249,7 +249,7 @@ fn distillation_step_agrees_across_backends() {
         .unwrap();
         let mut optim = AdamWConfig::new().init();
         let (x, y) = (tokens(&ad, 6), tokens(&ad, 7).mul_scalar(0.1));
-        let (params, loss) = train_step(block.params, &mut optim, &cfg, x, y, 1e-3).unwrap();
+        let (params, loss) = train_step(block.params, &mut optim, &cfg, &cfg.train_policy, x, y, 1e-3).unwrap();
         // The loss is a few units; checked on the same relative scale as the weights.
         let mut out = vec![("loss".to_string(), vec![loss as f32])];
         out.extend(

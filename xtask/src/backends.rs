@@ -74,7 +74,7 @@ fn train_on(n_tok: usize, repeats: usize, device: &Device) -> Result<f64> {
     let mut times = Vec::new();
     for i in 0..=repeats {
         let t = Instant::now();
-        let (next, loss) = train_step(params, &mut optim, &cfg, x.clone(), y.clone(), 1e-4)?;
+        let (next, loss) = train_step(params, &mut optim, &cfg, &cfg.train_policy, x.clone(), y.clone(), 1e-4)?;
         params = next;
         if !loss.is_finite() {
             bail!("training-step benchmark: loss {loss}");

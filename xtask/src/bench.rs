@@ -24,6 +24,13 @@ pub enum Bench {
         /// Python with torch + transformers for the reference run (default: $LADIMO_PYTHON, python3).
         #[arg(long)]
         python: Option<String>,
+        /// A converted MoE checkpoint (e.g. out/default): time it against its dense SmolLM2
+        /// instead, dense and MoE alternating, on the default backend.
+        #[arg(long)]
+        moe: Option<std::path::PathBuf>,
+        /// With --moe: replace every layer's policy by this one (TOML, e.g. `{type="TopK",k=6}`).
+        #[arg(long, requires = "moe")]
+        policy: Option<String>,
     },
     /// SmolLM2-sized MoE blocks: dense FFN vs sparse dispatch at top-k of 8 and 16 experts.
     Moe {
@@ -43,7 +50,12 @@ pub fn run(b: Bench) -> Result<()> {
             decode_tokens,
             repeats,
             python,
-        } => forward(prompt_len, decode_tokens, repeats, python),
+            moe,
+            policy,
+        } => match moe {
+            Some(dir) => forward_moe(&dir, policy.as_deref(), prompt_len, decode_tokens, repeats),
+            None => forward(prompt_len, decode_tokens, repeats, python),
+        },
         Bench::Moe { tokens, repeats } => moe(&tokens, repeats),
         Bench::Backends(a) => crate::backends::run(a),
     }
@@ -137,6 +149,54 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
         ),
         Err(e) => println!("pytorch reference skipped: cannot run {python}: {e}"),
     }
+    Ok(())
+}
+
+/// Dense SmolLM2 against a converted MoE model, runs alternating so both see the same load.
+fn forward_moe(
+    dir: &std::path::Path,
+    policy: Option<&str>,
+    prompt_len: usize,
+    decode: usize,
+    repeats: usize,
+) -> Result<()> {
+    let device = ladimo_backend::device();
+    let path = fetch::fetch_model(&fetch::SMOLLM2_135M)?;
+    let ckpt = Checkpoint::open(&path)?;
+    let dense = Transformer::from_checkpoint(&ckpt, &device)?;
+    let mut moe = ladimo_moe::checkpoint::load_model(dir, &device)?;
+    if let Some(p) = policy {
+        let p: ladimo_moe::Policy = toml::from_str::<toml::Value>(&format!("p = {p}"))
+            .ok()
+            .and_then(|v| v.get("p").cloned())
+            .and_then(|v| v.try_into().ok())
+            .with_context(|| format!("--policy `{p}` is not a policy (e.g. {{type=\"TopK\",k=6}})"))?;
+        for l in 0..moe.layers.len() {
+            if let Some(b) = ladimo_moe::checkpoint::moe_block_mut(&mut moe, l) {
+                b.set_policy(p.clone())?;
+            }
+        }
+    }
+    let ids = prompt_ids(prompt_len, ckpt.config.vocab_size);
+    let (mut dp, mut dd, mut mp, mut md) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        let (p, d) = ladimo_convert::evaluate::speed(&dense, &ids, decode, 1)?;
+        dp.push(p);
+        dd.push(d);
+        let (p, d) = ladimo_convert::evaluate::speed(&moe, &ids, decode, 1)?;
+        mp.push(p);
+        md.push(d);
+    }
+    println!(
+        "dense SmolLM2 vs {}, backend {}, prefill {prompt_len} tokens, decode {decode} tokens, median of {repeats}",
+        dir.display(),
+        ladimo_backend::name()
+    );
+    println!("{:<8} {:>14} {:>14}", "model", "prefill tok/s", "decode tok/s");
+    let (dp, dd, mp, md) = (median(dp), median(dd), median(mp), median(md));
+    println!("{:<8} {dp:>14.1} {dd:>14.1}", "dense");
+    println!("{:<8} {mp:>14.1} {md:>14.1}", "moe");
+    println!("moe/dense: prefill {:.2}x, decode {:.2}x", mp / dp, md / dd);
     Ok(())
 }
 

@@ -33,6 +33,9 @@ pub struct DistillArgs {
     /// Top-k used while training.
     #[arg(long, default_value_t = 6)]
     k_train: usize,
+    /// Also train at these top-k, taking turns with --k-train (one step each).
+    #[arg(long, value_delimiter = ',')]
+    also_k: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[arg(long, default_value_t = 1e-4)]
@@ -160,6 +163,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         strategy: a.strategy.clone(),
         seed: a.seed,
         train_policy: Policy::TopK { k: a.k_train },
+        also_train_with: a.also_k.iter().map(|&k| Policy::TopK { k }).collect(),
         combine: match a.combine.as_str() {
             "renormalized" => ladimo_moe::Combine {
                 weights: ladimo_moe::CombineWeights::Renormalized,

@@ -40,8 +40,14 @@ pub struct TrainConfig {
     /// Partition strategy: contiguous, random, kmeans, coactivation.
     pub strategy: String,
     pub seed: u64,
-    /// The routing policy used while training.
+    /// The routing policy used while training (and to measure the validation error).
     pub train_policy: Policy,
+    /// More policies to train under, taking turns with `train_policy` (step `i` uses entry
+    /// `i mod (1 + len)` of `[train_policy, also_train_with..]`), so that a block holds up under
+    /// the range of policies stage 2 chooses from. Empty: train under `train_policy` only (and
+    /// left out of the serialized config, so keys of earlier runs stay valid).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_train_with: Vec<Policy>,
     /// How expert outputs combine (saved with the block).
     pub combine: Combine,
     pub epochs: usize,
@@ -77,6 +83,7 @@ impl Default for TrainConfig {
             strategy: "kmeans".into(),
             seed: 0,
             train_policy: Policy::TopK { k: 6 },
+            also_train_with: Vec::new(),
             combine: Combine {
                 weights: CombineWeights::Renormalized,
                 scale: 6.0,
@@ -167,11 +174,12 @@ pub fn train_step(
     params: MoeParams,
     optim: &mut ModuleOptimizer,
     cfg: &TrainConfig,
+    policy: &Policy,
     xb: Tensor<2>,
     yb: Tensor<2>,
     lr: f64,
 ) -> Result<(MoeParams, f64), DistillError> {
-    let (out, _) = params.forward_sparse(&cfg.combine, &cfg.train_policy, xb.clone())?;
+    let (out, _) = params.forward_sparse(&cfg.combine, policy, xb.clone())?;
     let diff = out.clone() - yb.clone();
     // MSE relative to the target's mean square: scale-free, so loss weights mean the same
     // in every layer (Adam itself does not care about the loss scale).
@@ -265,7 +273,11 @@ pub fn train_layer(
         for batch in order.chunks_exact(cfg.batch_tokens) {
             let xb = rows(x, hidden, batch, &ad);
             let yb = rows(y, hidden, batch, &ad);
-            let (next, value) = train_step(params, &mut optim, cfg, xb, yb, lr_at(cfg, step, total))?;
+            let policy = match step % (1 + cfg.also_train_with.len()) {
+                0 => &cfg.train_policy,
+                i => &cfg.also_train_with[i - 1],
+            };
+            let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
             params = next;
             if !value.is_finite() {
                 return Err(DistillError::Invalid(format!(

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{Policy, RoutingPolicy, order_by_prob};
 use crate::{HostFfn, MoeError};
 
+/// Up to this many tokens, [`MoeBlock::forward_tokens`] runs each token's experts directly (the
+/// decode path); above it, tokens are grouped per expert (gather, run, scatter-add).
+pub const FEW_TOKENS: usize = 2;
+
 /// Which weight each chosen expert's output gets before the outputs are summed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CombineWeights {
@@ -363,9 +367,43 @@ impl MoeBlock {
     /// expert weights and (through the combine weights) in the router.
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let n = x.dims()[0];
-        let (out, load) = self.params.forward_sparse(&self.combine, &self.policy, x)?;
+        let (out, load) = if n <= FEW_TOKENS {
+            self.forward_few(x)?
+        } else {
+            self.params.forward_sparse(&self.combine, &self.policy, x)?
+        };
         self.record(&load, n);
         Ok(out)
+    }
+
+    /// Decode-sized inputs: each token runs its chosen experts one after the other, weighted by
+    /// host-side scalars. No gather, scatter or thread hand-off: at one token those cost more
+    /// than the experts' matmuls. Not differentiable in the router (inference only).
+    fn forward_few(&self, x: Tensor<2>) -> Result<(Tensor<2>, Vec<usize>), MoeError> {
+        let [n, _] = x.dims();
+        let routes = self.route(&self.router_probs(x.clone())?);
+        let mut load = vec![0; self.num_experts()];
+        let mut rows = Vec::with_capacity(n);
+        for (t, route) in routes.iter().enumerate() {
+            let xt = if n == 1 { x.clone() } else { x.clone().narrow(0, t, 1) };
+            let mut y = self.params.shared.as_ref().map(|s| s.forward_any(xt.clone()));
+            for &(i, w) in route {
+                load[i] += 1;
+                let e = self.params.experts[i].forward_any(xt.clone());
+                let e = if w == 1.0 { e } else { e.mul_scalar(w) };
+                y = Some(match y {
+                    Some(y) => y + e,
+                    None => e,
+                });
+            }
+            rows.push(y.unwrap_or_else(|| xt.zeros_like()));
+        }
+        let out = if rows.len() == 1 {
+            rows.pop().expect("one row")
+        } else {
+            Tensor::cat(rows, 0)
+        };
+        Ok((out, load))
     }
 
     /// Reference path: every expert runs on every token and unchosen outputs get weight 0. Exact

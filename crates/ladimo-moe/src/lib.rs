@@ -21,7 +21,7 @@ mod host;
 mod policy;
 pub mod policy_file;
 
-pub use block::{Combine, CombineWeights, MoeBlock, MoeParams, RoutingStats};
+pub use block::{Combine, CombineWeights, FEW_TOKENS, MoeBlock, MoeParams, RoutingStats};
 pub use checkpoint::{CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint};
 pub use error::MoeError;
 pub use host::HostFfn;

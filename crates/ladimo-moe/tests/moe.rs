@@ -134,6 +134,14 @@ fn sparse_dispatch_equals_the_dense_reference_for_every_policy() {
             let reference = to_vec(moe.forward_dense(x.clone()).unwrap());
             let e = rel_err(&sparse, &reference);
             assert!(e <= 1e-5, "{policy} {weights:?}: {e}");
+            // The decode path (one or two tokens at a time) gives the same rows.
+            for few in 1..=ladimo_moe::FEW_TOKENS {
+                let xs = x.clone().narrow(0, 3, few);
+                let got = to_vec(moe.forward_tokens(xs.clone()).unwrap());
+                let want = to_vec(moe.forward_dense(xs).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e <= 1e-5, "{policy} {weights:?}, {few} token(s): {e}");
+            }
         }
     }
 }
