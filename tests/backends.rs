@@ -6,8 +6,9 @@
 //! Built with the default features this binary holds one backend: the tests are then ignored
 //! (`--ignored` with `LADIMO_COMPARE_BACKENDS=cpu,cpu` still exercises the comparison code).
 //! With `--features wgpu` it compares WGPU (Mesa's lavapipe, a software Vulkan driver, where there
-//! is no GPU; README "Backends" has the environment) with CPU; CI does not run that yet. `LADIMO_COMPARE_BACKENDS=wgpu,cpu`
-//! limits or orders the backends compared (the first is the reference).
+//! is no GPU; README "Backends" has the environment) with CPU; CI runs it that way through
+//! `scripts/test`. `LADIMO_COMPARE_BACKENDS=wgpu,cpu` limits or orders the backends compared (the
+//! first is the reference).
 
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Tensor, TensorData};
