@@ -86,3 +86,46 @@ fn bad_ranges_and_budgets_are_clear_errors() {
     let e = capture(&model, &tokens[..10], 64, 0..1, dir.path(), |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("fewer than one sequence"), "{e}");
 }
+
+/// `also_train_with` trains under each listed policy in turn: a block trained at top-2 and top-1
+/// is better at top-1 than one trained at top-2 alone, and still close at top-2.
+#[test]
+fn training_under_several_policies_prepares_the_block_for_each() {
+    use ladimo_distill::capture::load_layer;
+    use ladimo_distill::train::train_layer;
+    use ladimo_model::util::to_vec;
+    use ladimo_moe::HostFfn;
+
+    let (ckpt, model, tokens) = setup();
+    let device = ladimo_backend::device();
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("capture");
+    let meta = capture(&model, &tokens, 64, 0..1, &cap, |_, _| {}).unwrap();
+    let (x, y) = load_layer(&cap, &meta, 0).unwrap();
+    let ffn = HostFfn::from_checkpoint(&ckpt, 0).unwrap();
+    let h = ffn.hidden_size();
+    let n = x.len() / h;
+    let xt = burn::tensor::Tensor::<2>::from_data(burn::tensor::TensorData::new(x.clone(), [n, h]), &device);
+    let rel = |block: &mut ladimo_moe::MoeBlock, k: usize| {
+        block.set_policy(Policy::TopK { k }).unwrap();
+        let got = to_vec(block.forward_tokens(xt.clone()).unwrap());
+        let num: f64 = got.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = y.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let unit = Combine {
+        weights: CombineWeights::Unit,
+        scale: 1.0,
+    };
+    let only = TrainConfig { combine: unit, ..cfg() };
+    let both = TrainConfig {
+        also_train_with: vec![Policy::TopK { k: 1 }],
+        ..only.clone()
+    };
+    let (mut a, _) = train_layer(0, &ffn, &x, &y, &only, &device, |_, _, _| {}).unwrap();
+    let (mut b, _) = train_layer(0, &ffn, &x, &y, &both, &device, |_, _, _| {}).unwrap();
+    let (a1, b1, a2, b2) = (rel(&mut a, 1), rel(&mut b, 1), rel(&mut a, 2), rel(&mut b, 2));
+    eprintln!("rel error at top-1: top-2 only {a1:.3}, both {b1:.3}; at top-2: {a2:.3}, {b2:.3}");
+    assert!(b1 < a1, "top-1 error {b1} (trained at top-1 too) >= {a1} (top-2 only)");
+    assert!(b2 < 1.5 * a2, "top-2 error {b2} vs {a2}");
+}
