@@ -211,6 +211,21 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// This (batch-1) cache repeated `n` times along the batch axis: `n` sequences that share a
+    /// prefix.
+    pub fn repeat_batch(&self, n: usize) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref()
+                        .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A decoder-only language model.
