@@ -70,8 +70,15 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     assert_eq!(aside.len(), 1, "the previous output is kept beside the new one");
     assert!(aside[0].path().join("report.md").is_file());
 
-    // One TopK everywhere (no solver): a Hugging Face Mixtral checkpoint.
-    let mut a = args(&out, &["stage2.fixed_policy={ type = \"TopK\", k = 3 }"]);
+    // One TopK everywhere (no solver) and Mixtral's combine rule: a Hugging Face Mixtral
+    // checkpoint. (The default Unit weights are not Mixtral's rule.)
+    let mut a = args(
+        &out,
+        &[
+            "stage2.fixed_policy={ type = \"TopK\", k = 3 }",
+            "stage1.train.combine={ weights = \"Renormalized\", scale = 3.0 }",
+        ],
+    );
     a.force = true;
     let fixed = run(a).expect("convert with a fixed policy");
     assert!(fixed.mixtral_exact);
@@ -110,6 +117,16 @@ fn bad_input_is_a_clear_error_and_no_output() {
     // A budget below the cheapest policy: the error names the minimum.
     let e = format!("{:#}", run(args(&out, &["stage2.budget.fraction=0.05"])).unwrap_err());
     assert!(e.contains("minimum") || e.contains("cheapest"), "{e}");
+    // A training policy that names more experts than the layer has.
+    let e = format!(
+        "{:#}",
+        run(args(
+            &out,
+            &["stage1.train.also_train_with=[{ type = \"TopK\", k = 9 }]"]
+        ))
+        .unwrap_err()
+    );
+    assert!(e.contains("also_train_with") && e.contains('9'), "{e}");
     // A model folder whose weights are unreadable.
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();

@@ -258,6 +258,13 @@ impl ConvertConfig {
         if s1.train.experts < 2 {
             bail!("stage1.train.experts = {}: need at least 2", s1.train.experts);
         }
+        let policies = std::iter::once(("train_policy", &s1.train.train_policy))
+            .chain(s1.train.also_train_with.iter().map(|p| ("also_train_with", p)));
+        for (field, p) in policies {
+            use ladimo_moe::RoutingPolicy;
+            p.validate(s1.train.experts)
+                .map_err(|e| anyhow::anyhow!("stage1.train.{field}: {p}: {e}"))?;
+        }
         if self.stage2.tokens < self.stage2.seq_len {
             bail!(
                 "stage2.tokens ({}) is shorter than one window ({})",

@@ -18,7 +18,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use ladimo_io::HostTensor;
 use ladimo_model::util::to_vec;
 use ladimo_moe::checkpoint::linear_host_weight;
-use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy};
+use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy, RoutingPolicy};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -44,9 +44,7 @@ pub struct TrainConfig {
     pub train_policy: Policy,
     /// More policies to train under, taking turns with `train_policy` (step `i` uses entry
     /// `i mod (1 + len)` of `[train_policy, also_train_with..]`), so that a block holds up under
-    /// the range of policies stage 2 chooses from. Empty: train under `train_policy` only (and
-    /// left out of the serialized config, so keys of earlier runs stay valid).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// the range of policies stage 2 chooses from. Empty: train under `train_policy` only.
     pub also_train_with: Vec<Policy>,
     /// How expert outputs combine (saved with the block).
     pub combine: Combine,
@@ -83,10 +81,10 @@ impl Default for TrainConfig {
             strategy: "kmeans".into(),
             seed: 0,
             train_policy: Policy::TopK { k: 6 },
-            also_train_with: Vec::new(),
+            also_train_with: [4, 5, 7, 8].map(|k| Policy::TopK { k }).to_vec(),
             combine: Combine {
-                weights: CombineWeights::Renormalized,
-                scale: 6.0,
+                weights: CombineWeights::Unit,
+                scale: 1.0,
             },
             epochs: 1,
             batch_tokens: 512,
@@ -98,7 +96,7 @@ impl Default for TrainConfig {
             val_frac: 0.05,
             log_every: 10,
             router_init_std: 0.1,
-            router_norm_weight: 0.0,
+            router_norm_weight: 1.0,
             router_norm_temp: 1.0,
         }
     }
@@ -228,6 +226,10 @@ pub fn train_layer(
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<(MoeBlock, LayerReport), DistillError> {
     let start = Instant::now();
+    for p in &cfg.also_train_with {
+        p.validate(cfg.experts)
+            .map_err(|e| DistillError::Invalid(format!("also_train_with {p}: {e}")))?;
+    }
     let hidden = ffn.hidden_size();
     let tokens = x.len() / hidden;
     let val = ((tokens as f64 * cfg.val_frac) as usize).min(tokens.saturating_sub(1));

@@ -19,6 +19,8 @@ fn cfg() -> TrainConfig {
         experts: 4,
         strategy: "kmeans".into(),
         train_policy: Policy::TopK { k: 2 },
+        also_train_with: Vec::new(),
+        router_norm_weight: 0.0,
         combine: Combine {
             weights: CombineWeights::Renormalized,
             scale: 2.0,
