@@ -96,9 +96,11 @@ impl Cost {
 
 /// The sensitivity probes of a layer as a function of the mean number of experts run, evaluated
 /// at candidate `c`: piecewise linear between the probes, made non-increasing in experts (more
-/// experts never hurt; a measured rise is noise) and non-negative; flat above the most experts
-/// probed; below the fewest, that probe's delta scaled up by the candidate's rel MSE relative to
-/// the probe's (the layer's own error growth; never below the probe's delta).
+/// experts never hurt; a measured rise is noise) and non-negative. Outside the probes the delta
+/// follows the layer's own error: below the fewest experts probed, that probe's delta scaled up by
+/// the candidate's rel MSE relative to the probe's (never below the probe's delta); above the most,
+/// scaled down the same way (never above it), so a policy that runs every expert of a block that
+/// sums back to its FFN costs about nothing.
 fn by_experts(s: &LayerSensitivity, c: &CandidateCost) -> f64 {
     let mut pts: Vec<(f64, f64, f64)> = s
         .probes
@@ -116,7 +118,8 @@ fn by_experts(s: &LayerSensitivity, c: &CandidateCost) -> f64 {
     let e = c.mean_experts;
     let (lo, hi) = (pts[0], pts[pts.len() - 1]);
     if e >= hi.0 {
-        return hi.1;
+        let scale = if hi.2 > 0.0 { (c.rel_mse / hi.2).min(1.0) } else { 1.0 };
+        return hi.1 * scale;
     }
     if e <= lo.0 {
         let scale = if lo.2 > 0.0 { (c.rel_mse / lo.2).max(1.0) } else { 1.0 };
@@ -303,4 +306,50 @@ pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f
         params += l.candidates[i].active_params;
     }
     Some((c, params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SensitivityProbe;
+    use ladimo_moe::Policy;
+
+    fn cand(k: usize, rel_mse: f64) -> CandidateCost {
+        CandidateCost {
+            policy: Policy::TopK { k },
+            rel_mse,
+            resid_mse: 0.0,
+            rel_mse_by_lang: Default::default(),
+            mean_experts: k as f64,
+            active_params: 0.0,
+            seconds_per_token: 0.0,
+        }
+    }
+
+    #[test]
+    fn sensitivity_follows_the_layer_error_outside_the_probes() {
+        // Probes at top-5 (delta 0.2, rel MSE 0.2) and top-7 (0.05, 0.1).
+        let probe = |k: usize, delta: f64, rel_mse: f64| SensitivityProbe {
+            policy: Policy::TopK { k },
+            rel_mse,
+            mean_experts: k as f64,
+            delta_ln_ppl: delta,
+            delta_ln_ppl_by_lang: Default::default(),
+        };
+        let s = LayerSensitivity {
+            layer: 0,
+            probes: vec![probe(5, 0.2, 0.2), probe(7, 0.05, 0.1)],
+            weight: 1.0,
+        };
+        assert!(
+            (by_experts(&s, &cand(6, 0.15)) - 0.125).abs() < 1e-12,
+            "between probes: linear"
+        );
+        // Every expert of a block that sums back to its FFN: about no cost, not the top-7 delta.
+        assert!((by_experts(&s, &cand(8, 0.001)) - 0.0005).abs() < 1e-12);
+        // Never above the last probe's delta, never below the first's.
+        assert_eq!(by_experts(&s, &cand(8, 0.5)), 0.05);
+        assert!((by_experts(&s, &cand(4, 0.4)) - 0.4).abs() < 1e-12);
+        assert_eq!(by_experts(&s, &cand(4, 0.1)), 0.2);
+    }
 }
