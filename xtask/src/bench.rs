@@ -61,10 +61,7 @@ pub fn run(b: Bench) -> Result<()> {
     }
 }
 
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+pub use ladimo_convert::evaluate::median;
 
 /// Deterministic pseudo-random token ids (no special tokens).
 pub fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
@@ -178,22 +175,14 @@ fn forward_moe(
         }
     }
     let ids = prompt_ids(prompt_len, ckpt.config.vocab_size);
-    let (mut dp, mut dd, mut mp, mut md) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..repeats.max(1) {
-        let (p, d) = ladimo_convert::evaluate::speed(&dense, &ids, decode, 1)?;
-        dp.push(p);
-        dd.push(d);
-        let (p, d) = ladimo_convert::evaluate::speed(&moe, &ids, decode, 1)?;
-        mp.push(p);
-        md.push(d);
-    }
+    let ((dp, dd), (mp, md)) =
+        ladimo_convert::evaluate::speed_side_by_side(&dense, &moe, &ids, decode, repeats, || {})?;
     println!(
         "dense SmolLM2 vs {}, backend {}, prefill {prompt_len} tokens, decode {decode} tokens, median of {repeats}",
         dir.display(),
         ladimo_backend::name()
     );
     println!("{:<8} {:>14} {:>14}", "model", "prefill tok/s", "decode tok/s");
-    let (dp, dd, mp, md) = (median(dp), median(dd), median(mp), median(md));
     println!("{:<8} {dp:>14.1} {dd:>14.1}", "dense");
     println!("{:<8} {mp:>14.1} {md:>14.1}", "moe");
     println!("moe/dense: prefill {:.2}x, decode {:.2}x", mp / dp, md / dd);

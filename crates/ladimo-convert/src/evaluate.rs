@@ -156,3 +156,33 @@ pub fn speed(model: &Transformer, ids: &[u32], decode: usize, repeats: usize) ->
     d.sort_by(f64::total_cmp);
     Ok((ids.len() as f64 / p[p.len() / 2], decode as f64 / d[d.len() / 2]))
 }
+
+/// Dense and MoE tokens/s side by side: `repeats` rounds, each timing dense then MoE once, so a
+/// noisy neighbour slows both alike. Returns the medians `((prefill, decode) dense, (prefill,
+/// decode) MoE)`; `tick` runs after each round (progress).
+pub fn speed_side_by_side(
+    dense: &Transformer,
+    moe: &Transformer,
+    ids: &[u32],
+    decode: usize,
+    repeats: usize,
+    mut tick: impl FnMut(),
+) -> Result<((f64, f64), (f64, f64))> {
+    let (mut dp, mut dd, mut mp, mut md) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats.max(1) {
+        let (p, d) = speed(dense, ids, decode, 1)?;
+        dp.push(p);
+        dd.push(d);
+        let (p, d) = speed(moe, ids, decode, 1)?;
+        mp.push(p);
+        md.push(d);
+        tick();
+    }
+    Ok(((median(dp), median(dd)), (median(mp), median(md))))
+}
+
+/// The median (NaN for no values).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

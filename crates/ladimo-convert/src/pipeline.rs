@@ -500,18 +500,15 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         None => heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens)?,
     };
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
-    let (mut dp, mut dd, mut mp, mut md) = (vec![], vec![], vec![], vec![]);
     let pb = bar(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
-    for _ in 0..cfg.eval.speed_repeats.max(1) {
-        // Alternate dense and MoE so that a noisy neighbour slows both alike.
-        let (p, d) = evaluate::speed(&dense, speed_ids, cfg.eval.decode_tokens, 1)?;
-        dp.push(p);
-        dd.push(d);
-        let (p, d) = evaluate::speed(&moe, speed_ids, cfg.eval.decode_tokens, 1)?;
-        mp.push(p);
-        md.push(d);
-        pb.inc(1);
-    }
+    let ((dp, dd), (mp, md)) = evaluate::speed_side_by_side(
+        &dense,
+        &moe,
+        speed_ids,
+        cfg.eval.decode_tokens,
+        cfg.eval.speed_repeats,
+        || pb.inc(1),
+    )?;
     pb.finish();
     times.push(StageTime::now("evaluation", t.elapsed().as_secs_f64()));
     finish_step(&ev, &key_e, t.elapsed().as_secs_f64())?;
@@ -544,15 +541,15 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             total_params: dc.total() as f64,
             active_params: dc.active(),
             active_ffn_params: dc.ffn_active,
-            prefill_tok_s: median(dp),
-            decode_tok_s: median(dd),
+            prefill_tok_s: dp,
+            decode_tok_s: dd,
         },
         moe: ModelSide {
             total_params: moe.param_counts().total() as f64,
             active_params: moe_active,
             active_ffn_params: moe_ffn_active,
-            prefill_tok_s: median(mp),
-            decode_tok_s: median(md),
+            prefill_tok_s: mp,
+            decode_tok_s: md,
         },
         ppl,
         tasks,
@@ -629,11 +626,6 @@ fn reset_stats(model: &Transformer) {
             b.reset_stats();
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn solved_summary(s: &Solved) -> report::SolvedSummary {

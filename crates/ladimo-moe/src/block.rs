@@ -363,8 +363,9 @@ impl MoeBlock {
     }
 
     /// Sparse dispatch on flattened tokens `x: [tokens, hidden]`: each expert runs once, on the
-    /// tokens routed to it, and the weighted outputs are scatter-added. Differentiable in the
-    /// expert weights and (through the combine weights) in the router.
+    /// tokens routed to it, and the weighted outputs are scatter-added. Up to [`FEW_TOKENS`]
+    /// tokens take the decode path instead (not differentiable in the router; training calls
+    /// [`MoeParams::forward_sparse`], which is).
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let n = x.dims()[0];
         let (out, load) = if n <= FEW_TOKENS {
