@@ -199,3 +199,20 @@ fn gguf_missing_tensor_and_unknown_arch() {
     let g = GgufBuilder::default().str("general.architecture", "mamba");
     assert_mentions(&gguf_err(g.build()), &["GGUF architecture `mamba`"]);
 }
+
+/// Held-out text is the files joined in order, read from the start; too little of it is an error
+/// that names the first file.
+#[test]
+fn held_out_tokens_join_files_in_order_and_refuse_short_text() {
+    let tok = ladimo_tests::smol().ckpt.tokenizer().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.txt"), d.path().join("b.jsonl"));
+    std::fs::write(&a, "The capital of France is").unwrap();
+    std::fs::write(&b, "{\"text\": \"Paris.\"}\n{\"text\": \"Yes.\"}\n").unwrap();
+    let files = [a.clone(), b];
+    let all = tok.encode("The capital of France is\nParis.\nYes.\n").unwrap();
+    let ids = ladimo_data::heldout_tokens(tok, &files, 7).unwrap();
+    assert_eq!(ids, all[..7]);
+    let e = ladimo_data::heldout_tokens(tok, &files, 1000).unwrap_err().to_string();
+    assert_mentions(&e, &["a.txt", "2 held-out file(s)", "fewer than the 1000"]);
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ladimo_data::{Part, take_tokens};
+use ladimo_data::{Part, heldout_tokens, take_tokens};
 use ladimo_distill::partition::{calibrate_router, router_from_partition};
 use ladimo_distill::train::{TrainConfig, finished, load_layer_block, run_layers};
 use ladimo_io::{Checkpoint, fetch};
@@ -92,23 +92,6 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
     b.set_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap());
     b.set_message(msg.to_string());
     b
-}
-
-fn heldout_tokens(tok: &ladimo_io::Tokenizer, files: &[PathBuf], n: usize) -> Result<Vec<u32>> {
-    let mut text = String::new();
-    for f in files {
-        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?);
-        text.push('\n');
-        if text.len() > n * 8 {
-            break;
-        }
-    }
-    let mut ids = tok.encode(&text)?;
-    if ids.len() < n {
-        anyhow::bail!("held-out text has only {} tokens, {n} requested", ids.len());
-    }
-    ids.truncate(n);
-    Ok(ids)
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {

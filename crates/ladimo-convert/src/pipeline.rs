@@ -172,28 +172,10 @@ fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)>
     Ok((cal, held))
 }
 
-/// The first `n` tokens of the files' texts, concatenated (held-out text is read from the start).
-fn heldout_ids(tok: &ladimo_io::Tokenizer, set: &TextSet, n: usize) -> Result<Vec<u32>> {
-    let mut text = String::new();
-    for f in &set.files {
-        text.push_str(&ladimo_data::read_texts(f)?.join("\n"));
-        text.push('\n');
-        if text.len() > n * 8 {
-            break;
-        }
-    }
-    let mut ids = tok.encode(&text)?;
-    if ids.len() < n {
-        bail!(
-            "held-out set `{}` ({} files, first {}) has {} tokens; eval.ppl_tokens asks for {n}",
-            set.tag,
-            set.files.len(),
-            set.files[0].display(),
-            ids.len()
-        );
-    }
-    ids.truncate(n);
-    Ok(ids)
+/// The first `n` held-out tokens of `set`; the error names the set and the config field.
+fn heldout_ids(tok: &ladimo_io::Tokenizer, set: &TextSet, n: usize, field: &str) -> Result<Vec<u32>> {
+    ladimo_data::heldout_tokens(tok, &set.files, n)
+        .with_context(|| format!("held-out set `{}` ({field} = {n})", set.tag))
 }
 
 /// Run the whole conversion; returns the report (also written to `paths.out`).
@@ -436,7 +418,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     let mut ppl = Vec::new();
     let mut first_ids = None;
     for set in &held_sets {
-        let ids = heldout_ids(tok, set, cfg.eval.ppl_tokens)?;
+        let ids = heldout_ids(tok, set, cfg.eval.ppl_tokens, "eval.ppl_tokens")?;
         let file = ev.join(format!("ppl-{}.json", set.tag));
         let row: LangPpl = match std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
             Some(r) => r,
@@ -497,7 +479,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     // The speed prompt: the start of the first held-out set (tokenized above when long enough).
     let speed_ids = match first_ids.filter(|ids| ids.len() >= cfg.eval.prefill_tokens) {
         Some(ids) => ids,
-        None => heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens)?,
+        None => heldout_ids(tok, &held_sets[0], cfg.eval.prefill_tokens, "eval.prefill_tokens")?,
     };
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
     let pb = bar(cfg.eval.speed_repeats, "4/4 eval: tokens/s");

@@ -42,7 +42,7 @@ use std::path::PathBuf;
 pub use error::{Error, Result};
 pub use fetch::{data_dir, fetch_data};
 pub use tasks::{Metric, Task, TaskItem, UNCOND_DOCID_OFFSET, fetch_tasks, load_task, task_file, tasks_dir};
-pub use texts::{Part, read_texts, take_tokens};
+pub use texts::{Part, heldout_tokens, read_texts, take_tokens};
 
 /// The fetched corpora: paths of UTF-8 text files in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
