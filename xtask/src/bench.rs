@@ -32,10 +32,13 @@ pub enum Bench {
         #[arg(long, requires = "moe")]
         policy: Option<String>,
     },
-    /// SmolLM2-sized MoE blocks: dense FFN vs sparse dispatch at top-k of 8 and 16 experts.
+    /// SmolLM2-sized MoE blocks: dense FFN vs sparse dispatch at top-k of 8 and 16 experts (`--experts`).
     Moe {
         #[arg(long, value_delimiter = ',', default_value = "512,2048")]
         tokens: Vec<usize>,
+        /// Expert counts; each runs top-k at 1/4, 1/2 and 3/4 of them.
+        #[arg(long, value_delimiter = ',', default_value = "8,16")]
+        experts: Vec<usize>,
         #[arg(long, default_value_t = 11)]
         repeats: usize,
     },
@@ -56,7 +59,11 @@ pub fn run(b: Bench) -> Result<()> {
             Some(dir) => forward_moe(&dir, policy.as_deref(), prompt_len, decode_tokens, repeats),
             None => forward(prompt_len, decode_tokens, repeats, python),
         },
-        Bench::Moe { tokens, repeats } => moe(&tokens, repeats),
+        Bench::Moe {
+            tokens,
+            experts,
+            repeats,
+        } => moe(&tokens, &experts, repeats),
         Bench::Backends(a) => crate::backends::run(a),
     }
 }
@@ -295,8 +302,12 @@ pub fn moe_on(
     })
 }
 
-/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into 8 or 16 experts) against the dense FFN.
-pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
+/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into `experts` experts) against the dense
+/// FFN, at top-k for k = 1/4, 1/2 and 3/4 of the experts.
+pub fn moe(tokens: &[usize], experts: &[usize], repeats: usize) -> Result<()> {
+    if let Some(&n) = experts.iter().find(|&&n| n < 4 || MOE_FFN % n != 0) {
+        anyhow::bail!("--experts {n}: need at least 4 experts that divide the FFN's {MOE_FFN} neurons");
+    }
     let device = ladimo_backend::device();
     let (h, f) = (MOE_HIDDEN, MOE_FFN);
     let dense = bench_ffn();
@@ -310,8 +321,8 @@ pub fn moe(tokens: &[usize], repeats: usize) -> Result<()> {
         "tokens", "experts", "policy", "dense ms", "router ms", "moe ms", "active", "moe/target", "ok"
     );
     for &n_tok in tokens {
-        for (n_exp, ks) in [(8usize, [2usize, 4, 6]), (16, [4, 8, 12])] {
-            for k in ks {
+        for &n_exp in experts {
+            for k in [n_exp / 4, n_exp / 2, 3 * n_exp / 4] {
                 let t = moe_on(&dense, n_tok, n_exp, k, repeats, &device)?;
                 let target = 1.15 * t.active * t.dense + t.router;
                 let ratio = t.moe / target;
