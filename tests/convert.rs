@@ -70,13 +70,15 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     assert_eq!(aside.len(), 1, "the previous output is kept beside the new one");
     assert!(aside[0].path().join("report.md").is_file());
 
-    // One TopK everywhere (no solver) and Mixtral's combine rule: a Hugging Face Mixtral
-    // checkpoint. (The default Unit weights are not Mixtral's rule.)
+    // One TopK everywhere (no solver), Mixtral's combine rule and no shared experts: a Hugging
+    // Face Mixtral checkpoint. (The default Unit weights are not Mixtral's rule, and Mixtral has no
+    // shared experts.)
     let mut a = args(
         &out,
         &[
             "stage2.fixed_policy={ type = \"TopK\", k = 3 }",
             "stage1.train.combine={ weights = \"Renormalized\", scale = 3.0 }",
+            "stage1.train.shared_neurons=0",
         ],
     );
     a.force = true;

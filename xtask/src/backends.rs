@@ -31,7 +31,7 @@ pub struct BackendsArgs {
     /// Tokens through the dense FFN and the MoE block (8 experts, top-2).
     #[arg(long, default_value_t = 512)]
     moe_tokens: usize,
-    /// Tokens per distillation step (SmolLM2-sized block, 8 experts, the default TrainConfig).
+    /// Tokens per distillation step (SmolLM2-sized block laid out as the default TrainConfig).
     #[arg(long, default_value_t = 512)]
     train_tokens: usize,
     #[arg(long, default_value_t = 3)]
@@ -50,18 +50,21 @@ struct Row {
     train_ms: f64,
 }
 
-/// Median seconds of one distillation step (`train_step`, the default TrainConfig: 8 experts,
-/// top-6 training policy) on a SmolLM2-sized FFN, `n_tok` tokens per step.
+/// Median seconds of one distillation step (`train_step`, the default TrainConfig: its shared
+/// neurons, routed experts and training policy) on a SmolLM2-sized FFN, `n_tok` tokens per step.
 fn train_on(n_tok: usize, repeats: usize, device: &Device) -> Result<f64> {
     let cfg = TrainConfig::default();
     let dense = bench_ffn();
-    let (router, experts) = bench_experts(&dense, cfg.experts);
+    let f = dense.intermediate_size();
+    let shared = (cfg.shared_neurons > 0).then(|| dense.select_neurons(&(0..cfg.shared_neurons).collect::<Vec<_>>()));
+    let routed = dense.select_neurons(&(cfg.shared_neurons..f).collect::<Vec<_>>());
+    let (router, experts) = bench_experts(&routed, cfg.experts);
     let ad = device.clone().autodiff();
     let block = MoeBlock::new(
         &router,
         None,
         &experts,
-        None,
+        shared.as_ref(),
         cfg.combine,
         cfg.train_policy.clone(),
         &ad,
@@ -123,12 +126,16 @@ pub fn run(a: BackendsArgs) -> Result<()> {
             train_ms: train * 1e3,
         });
     }
+    let t = TrainConfig::default();
     println!(
         "SmolLM2-135M f32: prefill {} tokens, decode {} tokens; FFN 576x1536 on {} tokens, MoE 8 experts top-2; \
-         distillation step: 8 experts top-6, {} tokens; median of {}",
+         distillation step: {} shared neurons + {} experts, {}, {} tokens; median of {}",
         a.prompt_len.max(17),
         a.decode_tokens,
         a.moe_tokens,
+        t.shared_neurons,
+        t.experts,
+        t.train_policy,
         a.train_tokens,
         a.repeats
     );

@@ -37,11 +37,11 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 5)]
     pub latency_repeats: usize,
     /// Uniform top-k models whose calibration perplexity calibrates the solver's PPL prediction.
-    #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5")]
     pub uniform_k: Vec<usize>,
     /// Layer-sensitivity probes: top-k for these k, each run on one MoE layer alone with every
     /// other layer dense, measuring the calibration ln-PPL change (empty: none).
-    #[arg(long, value_delimiter = ',', default_value = "4,5,6,7")]
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5")]
     pub sensitivity_k: Vec<usize>,
     /// Calibration tokens the sensitivity probes run on (windows taken in turn from each text).
     #[arg(long, default_value_t = 2048)]

@@ -133,7 +133,7 @@ impl Default for Stage2Config {
             tau_grid: p.tau_grid,
             latency_tokens: p.latency_tokens,
             latency_repeats: p.latency_repeats,
-            uniform_k: vec![4, 5, 6, 7],
+            uniform_k: vec![2, 3, 4, 5],
             sensitivity_k: p.sensitivity_k,
             sensitivity_tokens: p.sensitivity_tokens,
             budget: BudgetConfig::default(),

@@ -76,12 +76,12 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            experts: 8,
-            shared_neurons: 0,
+            experts: 6,
+            shared_neurons: 384,
             strategy: "kmeans".into(),
             seed: 0,
-            train_policy: Policy::TopK { k: 6 },
-            also_train_with: [4, 5, 7, 8].map(|k| Policy::TopK { k }).to_vec(),
+            train_policy: Policy::TopK { k: 4 },
+            also_train_with: [2, 3, 5, 6].map(|k| Policy::TopK { k }).to_vec(),
             combine: Combine {
                 weights: CombineWeights::Unit,
                 scale: 1.0,

@@ -17,6 +17,7 @@ fn setup() -> (Checkpoint, Transformer, Vec<u32>) {
 fn cfg() -> TrainConfig {
     TrainConfig {
         experts: 4,
+        shared_neurons: 0,
         strategy: "kmeans".into(),
         train_policy: Policy::TopK { k: 2 },
         also_train_with: Vec::new(),

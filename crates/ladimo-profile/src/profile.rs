@@ -50,7 +50,7 @@ impl Default for ProfileConfig {
             latency_repeats: 5,
             chunk_tokens: 2048,
             uniform_k: vec![],
-            sensitivity_k: vec![4, 5, 6, 7],
+            sensitivity_k: vec![2, 3, 4, 5],
             sensitivity_tokens: 2048,
         }
     }
