@@ -305,7 +305,7 @@ pub fn moe_on(
 /// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into `experts` experts) against the dense
 /// FFN, at top-k for k = 1/4, 1/2 and 3/4 of the experts.
 pub fn moe(tokens: &[usize], experts: &[usize], repeats: usize) -> Result<()> {
-    if let Some(&n) = experts.iter().find(|&&n| n < 4 || MOE_FFN % n != 0) {
+    if let Some(&n) = experts.iter().find(|&&n| n < 4 || !MOE_FFN.is_multiple_of(n)) {
         anyhow::bail!("--experts {n}: need at least 4 experts that divide the FFN's {MOE_FFN} neurons");
     }
     let device = ladimo_backend::device();
