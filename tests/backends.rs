@@ -7,8 +7,9 @@
 //! (`--ignored` with `LADIMO_COMPARE_BACKENDS=cpu,cpu` still exercises the comparison code).
 //! With `--features wgpu` it compares WGPU (Mesa's lavapipe, a software Vulkan driver, where there
 //! is no GPU; README "Backends" has the environment) with CPU; CI runs it that way through
-//! `scripts/test`. `LADIMO_COMPARE_BACKENDS=wgpu,cpu` limits or orders the backends compared (the
-//! first is the reference).
+//! `cargo test-all`. Without a Vulkan driver, running as root on Debian, the tests install lavapipe
+//! (`mesa-vulkan-drivers`) first. `LADIMO_COMPARE_BACKENDS=wgpu,cpu` limits or orders the backends
+//! compared (the first is the reference).
 
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -20,6 +21,35 @@ use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy};
 use ladimo_tests::{fixture, max_abs_diff};
 
 const TOL: f32 = 1e-4;
+
+/// WGPU needs a Vulkan driver; where there is none, install Debian's software one (lavapipe) when
+/// running as root with apt-get, once per test binary. Otherwise say what is missing (the WGPU
+/// comparisons then fail with wgpu's own error).
+fn ensure_vulkan_driver() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let have = std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        });
+        if have {
+            return;
+        }
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let installed = root
+            && std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "mesa-vulkan-drivers"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !installed {
+            eprintln!("no Vulkan driver: install mesa-vulkan-drivers (as root) for the WGPU comparison");
+        }
+    });
+}
 
 /// (name, device) of each backend to compare, the reference first.
 fn backends() -> Vec<(&'static str, Device)> {
@@ -41,6 +71,9 @@ fn backends() -> Vec<(&'static str, Device)> {
         && std::env::var("LADIMO_COMPARE_BACKENDS").is_err()
     {
         names.swap(0, i);
+    }
+    if names.contains(&"wgpu") {
+        ensure_vulkan_driver();
     }
     if names.len() < 2 {
         eprintln!(
