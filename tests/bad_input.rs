@@ -209,7 +209,7 @@ fn held_out_tokens_join_files_in_order_and_refuse_short_text() {
     let (a, b) = (d.path().join("a.txt"), d.path().join("b.jsonl"));
     std::fs::write(&a, "The capital of France is").unwrap();
     std::fs::write(&b, "{\"text\": \"Paris.\"}\n{\"text\": \"Yes.\"}\n").unwrap();
-    let files = [a.clone(), b];
+    let files = [a, b];
     let all = tok.encode("The capital of France is\nParis.\nYes.\n").unwrap();
     let ids = ladimo_data::heldout_tokens(tok, &files, 7).unwrap();
     assert_eq!(ids, all[..7]);

@@ -121,6 +121,35 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// The first `n` tokens of `files`' texts joined in order, each file's documents and each file
+/// ended by a newline: how held-out text is read (from the start, files in their order), so that
+/// every command scores the same tokens. Errors, naming the first file, when there are fewer.
+pub fn heldout_tokens(tok: &ladimo_io::Tokenizer, files: &[std::path::PathBuf], n: usize) -> Result<Vec<u32>> {
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&read_texts(f)?.join("\n"));
+        text.push('\n');
+        // About 4 characters per token: stop reading once there is ample text.
+        if text.len() > n * 8 {
+            break;
+        }
+    }
+    let first = files.first().cloned().unwrap_or_default();
+    let mut ids = tok.encode(&text).map_err(|e| Error::format(&first, e.to_string()))?;
+    if ids.len() < n {
+        return Err(Error::Empty {
+            path: first,
+            msg: format!(
+                "{} held-out file(s) starting here give {} tokens, fewer than the {n} asked for",
+                files.len(),
+                ids.len()
+            ),
+        });
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,35 +251,6 @@ mod tests {
         let e = err(&d.path().join("absent.txt"));
         assert!(e.contains("absent.txt"), "{e}");
     }
-}
-
-/// The first `n` tokens of `files`' texts joined in order, each file's documents and each file
-/// ended by a newline: how held-out text is read (from the start, files in their order), so that
-/// every command scores the same tokens. Errors, naming the first file, when there are fewer.
-pub fn heldout_tokens(tok: &ladimo_io::Tokenizer, files: &[std::path::PathBuf], n: usize) -> Result<Vec<u32>> {
-    let mut text = String::new();
-    for f in files {
-        text.push_str(&read_texts(f)?.join("\n"));
-        text.push('\n');
-        // About 4 characters per token: stop reading once there is ample text.
-        if text.len() > n * 8 {
-            break;
-        }
-    }
-    let first = files.first().cloned().unwrap_or_default();
-    let mut ids = tok.encode(&text).map_err(|e| Error::format(&first, e.to_string()))?;
-    if ids.len() < n {
-        return Err(Error::Empty {
-            path: first,
-            msg: format!(
-                "{} held-out file(s) starting here give {} tokens, fewer than the {n} asked for",
-                files.len(),
-                ids.len()
-            ),
-        });
-    }
-    ids.truncate(n);
-    Ok(ids)
 }
 
 /// Which part of each file [`take_tokens`] reads.
