@@ -72,13 +72,15 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
 
     // One TopK everywhere (no solver), Mixtral's combine rule and no shared experts: a Hugging
     // Face Mixtral checkpoint. (The default Unit weights are not Mixtral's rule, and Mixtral has no
-    // shared experts.)
+    // shared experts.) Stage 1 on the teacher's hidden states this time, from a capture, so both
+    // ways of training run end to end.
     let mut a = args(
         &out,
         &[
             "stage2.fixed_policy={ type = \"TopK\", k = 3 }",
             "stage1.train.combine={ weights = \"Renormalized\", scale = 3.0 }",
             "stage1.train.shared_neurons=0",
+            "stage1.train.inputs=\"teacher\"",
         ],
     );
     a.force = true;

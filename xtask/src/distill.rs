@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_data::{Part, heldout_tokens, take_tokens};
 use ladimo_distill::partition::{calibrate_router, router_from_partition};
-use ladimo_distill::train::{TrainConfig, finished, load_layer_block, run_layers};
+use ladimo_distill::train::{Inputs, TrainConfig, finished, load_layer_block, run_layers};
 use ladimo_io::{Checkpoint, fetch};
 use ladimo_model::Transformer;
 use ladimo_model::perplexity::perplexity;
@@ -70,6 +70,13 @@ pub struct DistillArgs {
     /// needs every layer finished in --out and is skipped until they are.
     #[arg(long, value_parser = parse_range)]
     layers: Option<std::ops::Range<usize>>,
+    /// Train on the teacher's hidden states (layers independent, from a capture) or on the
+    /// student's own (layers in order; see ladimo_distill::sequential).
+    #[arg(long, default_value = "teacher")]
+    inputs: String,
+    /// With --inputs student: how far each block aims at the teacher's residual stream (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    correction: f64,
     /// Stop after training and export (no perplexity evaluation).
     #[arg(long)]
     no_eval: bool,
@@ -126,20 +133,6 @@ pub fn run(a: DistillArgs) -> Result<()> {
         anyhow::bail!("--layers {layers:?} is outside the model's {} layers", all_layers.end);
     }
 
-    let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
-    let t = Instant::now();
-    let cap_dir = fetch::cache_dir().join(format!("capture/smollm2-{}-{}", a.tokens, a.seq_len));
-    let pb = bar((calib.len() / a.seq_len) as u64, "capture");
-    let meta = ladimo_distill::capture::capture(&model, &calib, a.seq_len, layers.clone(), &cap_dir, |d, _| {
-        pb.set_position(d as u64)
-    })?;
-    pb.finish();
-    let capture_s = if t.elapsed().as_secs_f64() < 1.0 {
-        meta.seconds
-    } else {
-        t.elapsed().as_secs_f64()
-    };
-
     let cfg = TrainConfig {
         experts: a.experts,
         shared_neurons: a.shared,
@@ -163,27 +156,58 @@ pub fn run(a: DistillArgs) -> Result<()> {
         batch_tokens: a.batch,
         lr: a.lr,
         cosine_weight: a.cosine,
+        inputs: match a.inputs.as_str() {
+            "teacher" => Inputs::Teacher,
+            "student" => Inputs::Student,
+            other => anyhow::bail!("--inputs {other}: expected teacher or student"),
+        },
+        residual_correction: a.correction,
         ..Default::default()
     };
+    let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
+    let cap_dir = fetch::cache_dir().join(format!("capture/smollm2-{}-{}", a.tokens, a.seq_len));
+    // Student inputs need no capture (the untrained rows then read none either: skipped).
+    let mut meta = None;
+    let mut capture_s = 0.0;
+    if cfg.inputs == Inputs::Teacher {
+        let t = Instant::now();
+        let pb = bar((calib.len() / a.seq_len) as u64, "capture");
+        let m = ladimo_distill::capture::capture(&model, &calib, a.seq_len, layers.clone(), &cap_dir, |d, _| {
+            pb.set_position(d as u64)
+        })?;
+        pb.finish();
+        capture_s = if t.elapsed().as_secs_f64() < 1.0 {
+            m.seconds
+        } else {
+            t.elapsed().as_secs_f64()
+        };
+        meta = Some(m);
+    }
+
     let t = Instant::now();
     let overall = bar(layers.len() as u64, "layers");
     let layer_bar = bar(1, "layer");
-    let reports = run_layers(
-        &ckpt,
-        &cap_dir,
-        &out,
-        layers.clone(),
-        &cfg,
-        &device,
-        |l, s, total, loss| {
-            layer_bar.set_length(total as u64);
-            layer_bar.set_position(s as u64);
-            layer_bar.set_message(format!("L{l} {loss:.2e}"));
-            if s == total {
-                overall.inc(1);
-            }
-        },
-    )?;
+    let show = |l: usize, s: usize, total: usize, loss: f64| {
+        layer_bar.set_length(total as u64);
+        layer_bar.set_position(s as u64);
+        layer_bar.set_message(format!("L{l} {loss:.2e}"));
+        if s == total {
+            overall.inc(1);
+        }
+    };
+    let reports = match cfg.inputs {
+        Inputs::Teacher => run_layers(&ckpt, &cap_dir, &out, layers.clone(), &cfg, &device, show)?,
+        Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
+            &ckpt,
+            &model,
+            &calib,
+            a.seq_len,
+            &out,
+            layers.clone(),
+            &cfg,
+            show,
+        )?,
+    };
     layer_bar.finish();
     overall.finish();
     let train_s: f64 = reports.iter().map(|r| r.seconds).sum();
@@ -254,7 +278,8 @@ pub fn run(a: DistillArgs) -> Result<()> {
                 let experts: Vec<HostFfn> = r.partition.experts.iter().map(|p| ffn.select_neurons(p)).collect();
                 let shared = (!r.partition.shared.is_empty()).then(|| ffn.select_neurons(&r.partition.shared));
                 // The same initial router as training starts from.
-                let (x, _) = ladimo_distill::capture::load_layer(&cap_dir, &meta, layer)?;
+                let meta = meta.as_ref().context("the untrained rows read the capture")?;
+                let (x, _) = ladimo_distill::capture::load_layer(&cap_dir, meta, layer)?;
                 let n = (x.len() / ffn.hidden_size()).min(1024);
                 let mut router = router_from_partition(&ffn, &r.partition);
                 calibrate_router(&mut router, &x[..n * ffn.hidden_size()], n, r.config.router_init_std);
@@ -276,7 +301,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         set_blocks(&mut model, k, true)?;
         eval(&model, format!("moe top-{k}/{} distilled", a.experts), &mut rows)?;
     }
-    for &k in &a.untrained_k {
+    for &k in a.untrained_k.iter().filter(|_| meta.is_some()) {
         set_blocks(&mut model, k, false)?;
         eval(&model, format!("moe top-{k}/{} not distilled", a.experts), &mut rows)?;
     }

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_data::{Part, Task, take_tokens};
-use ladimo_distill::train::{finished, load_layer_block, run_layers};
+use ladimo_distill::train::{Inputs, finished, load_layer_block, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::perplexity::perplexity;
@@ -239,35 +239,56 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         }
         None => {
             prepare_step(&s1, &key1)?;
-            let pb = bar(calib.len() / cfg.stage1.seq_len, "1/4 stage 1: capture");
-            let meta =
-                ladimo_distill::capture::capture(&dense, &calib, cfg.stage1.seq_len, 0..n_layers, &cap, |d, _| {
-                    pb.set_position(d as u64)
-                })?;
-            pb.finish();
-            tracing::info!("capture: {} tokens in {:.0} s", meta.tokens, meta.seconds);
-            let capture_s = t.elapsed().as_secs_f64();
+            // Teacher inputs: capture every layer's FFN input/output once, then train the layers
+            // independently. Student inputs: layers in order on the partly converted model's own
+            // hidden states, no capture (`ladimo_distill::sequential`).
+            let mut capture_s = None;
+            if train.inputs == Inputs::Teacher {
+                let pb = bar(calib.len() / cfg.stage1.seq_len, "1/4 stage 1: capture");
+                let meta =
+                    ladimo_distill::capture::capture(&dense, &calib, cfg.stage1.seq_len, 0..n_layers, &cap, |d, _| {
+                        pb.set_position(d as u64)
+                    })?;
+                pb.finish();
+                tracing::info!("capture: {} tokens in {:.0} s", meta.tokens, meta.seconds);
+                capture_s = Some(t.elapsed().as_secs_f64());
+            }
             let overall = bar(n_layers, "1/4 stage 1: layers");
             let layer_bar = bar(1, "layer");
             let already = (0..n_layers)
                 .filter(|&l| finished(&s1, l).is_some_and(|r| r.config == *train))
                 .count();
             overall.set_position(already as u64);
-            let t_train = Instant::now();
-            run_layers(&ckpt, &cap, &s1, 0..n_layers, train, &device, |l, s, total, loss| {
+            let show = |l: usize, s: usize, total: usize, loss: f64| {
                 layer_bar.set_length(total as u64);
                 layer_bar.set_position(s as u64);
                 layer_bar.set_message(format!("layer {l} loss {loss:.2e}"));
                 if s == total {
                     overall.inc(1);
                 }
-            })?;
+            };
+            let t_train = Instant::now();
+            match train.inputs {
+                Inputs::Teacher => run_layers(&ckpt, &cap, &s1, 0..n_layers, train, &device, show)?,
+                Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
+                    &ckpt,
+                    &dense,
+                    &calib,
+                    cfg.stage1.seq_len,
+                    &s1,
+                    0..n_layers,
+                    train,
+                    show,
+                )?,
+            };
             layer_bar.finish_and_clear();
             overall.finish();
-            times.push(StageTime::now("stage 1: capture", capture_s));
+            if let Some(capture_s) = capture_s {
+                times.push(StageTime::now("stage 1: capture", capture_s));
+            }
             times.push(StageTime::now("stage 1: distillation", t_train.elapsed().as_secs_f64()));
             finish_step(&s1, &key1, t.elapsed().as_secs_f64())?;
-            if !cfg.stage1.keep_capture {
+            if !cfg.stage1.keep_capture && cap.exists() {
                 std::fs::remove_dir_all(&cap)
                     .with_context(|| format!("{}: cannot remove the capture", cap.display()))?;
             }

@@ -10,10 +10,13 @@
 //!   k-means on weight rows, co-activation clustering) and pick always-on shared neurons.
 //! - [`capture`]: the teacher's per-layer FFN inputs and outputs, bounded memory, on disk.
 //! - [`train`]: distil one layer's MoE block; a run covers a range of layers and resumes.
+//! - [`sequential`]: the same, layer by layer in order on the partly converted model's own hidden
+//!   states (`inputs = "student"`), optionally aiming each block at the teacher's residual stream.
 
 pub mod capture;
 mod error;
 pub mod partition;
+pub mod sequential;
 pub mod train;
 
 pub use error::DistillError;

@@ -71,6 +71,27 @@ pub struct TrainConfig {
     /// combine weights). Most useful with `Unit` combine weights, where the router only selects.
     pub router_norm_weight: f64,
     pub router_norm_temp: f64,
+    /// Which hidden states the blocks learn on. `Teacher`: the dense model's (every layer
+    /// independent, trained from a capture, in parallel or across processes). `Student`: layer by
+    /// layer in order, each layer's inputs coming from the model whose earlier layers are the
+    /// blocks already trained (see `sequential`), so a block learns on the inputs it will see.
+    pub inputs: Inputs,
+    /// With `Student` inputs: how much of the residual stream's accumulated error a block is
+    /// trained to undo. The target is `y_dense(x) + c * (h_teacher_next - h_student_attn -
+    /// y_dense(x)) / residual_multiplier`: 0 imitates the dense FFN on the student's inputs, 1
+    /// aims the layer's output at the teacher's residual stream. Not with Peri-LN post norms.
+    pub residual_correction: f64,
+}
+
+/// Which hidden states stage 1 trains each block on (`TrainConfig::inputs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inputs {
+    /// The dense teacher's (LaDiMo's layer-wise distillation; layers independent).
+    #[default]
+    Teacher,
+    /// The partly converted model's own, layer by layer in order.
+    Student,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +119,8 @@ impl Default for TrainConfig {
             router_init_std: 0.1,
             router_norm_weight: 1.0,
             router_norm_temp: 1.0,
+            inputs: Inputs::Student,
+            residual_correction: 1.0,
         }
     }
 }
@@ -418,6 +441,11 @@ pub fn run_layers(
     device: &Device,
     mut progress: impl FnMut(usize, usize, usize, f64),
 ) -> Result<Vec<LayerReport>, DistillError> {
+    if cfg.inputs != Inputs::Teacher {
+        return Err(DistillError::Invalid(
+            "inputs = \"student\" trains layers in order on the student's hidden states: use sequential::run_layers_sequential, not a capture".into(),
+        ));
+    }
     let meta = crate::capture::read_meta(capture_dir)?;
     if layers.is_empty() || layers.start < meta.layers.start || layers.end > meta.layers.end {
         return Err(DistillError::Invalid(format!(
@@ -448,6 +476,12 @@ pub fn run_layers(
         );
         reports.push(report);
     }
+    write_summary(out_dir, &reports)?;
+    Ok(reports)
+}
+
+/// `summary.json`: per-layer final loss, relative error before/after and seconds.
+pub(crate) fn write_summary(out_dir: &Path, reports: &[LayerReport]) -> Result<(), DistillError> {
     let summary: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
@@ -458,8 +492,7 @@ pub fn run_layers(
     let p = out_dir.join("summary.json");
     let tmp = p.with_extension("json.part");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&summary).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
-    Ok(reports)
+    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))
 }
 
 /// Write the finished run `run_dir` (every layer of the model must be finished there) with the

@@ -2,7 +2,7 @@
 //! with the same result as an uninterrupted one.
 
 use ladimo_distill::capture::capture;
-use ladimo_distill::train::{TrainConfig, block_path, run_layers};
+use ladimo_distill::train::{Inputs, TrainConfig, block_path, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_moe::{Combine, CombineWeights, Policy};
@@ -30,6 +30,8 @@ fn cfg() -> TrainConfig {
         batch_tokens: 64,
         lr: 2e-3,
         log_every: 1,
+        // LaDiMo's layer-wise distillation from a capture (student inputs: tests/sequential.rs).
+        inputs: Inputs::Teacher,
         ..Default::default()
     }
 }

@@ -1,0 +1,196 @@
+//! Stage 1 on the student's own hidden states (`TrainConfig::inputs = Student`).
+//!
+//! LaDiMo trains every block on the dense teacher's hidden states, so each layer is independent.
+//! At inference, though, layer `l` sees hidden states that the blocks of layers `0..l` have
+//! already bent away from the teacher's, and the errors add up over the layers. Here the layers
+//! are trained in order: layer `l`'s FFN inputs come from the model whose layers `0..l` are the
+//! blocks trained so far (under the training policy), and its target is the dense FFN's output on
+//! those same inputs, moved by `residual_correction` towards what would put the residual stream
+//! back on the teacher's:
+//!
+//! ```text
+//! h_s  student residual stream at layer l's input     h_t  the teacher's
+//! (a_s, x) = attention_part(h_s)                      h_t' = teacher layer l (h_t)
+//! y = ffn_dense(x) + c * ((h_t' - a_s) / residual_multiplier - ffn_dense(x))
+//! train block l on (x, y); h_s' = a_s + residual_multiplier * block(x)
+//! ```
+//!
+//! No capture is written: the streams live in memory as f32, `(4 + [c > 0]) * tokens * hidden * 4`
+//! bytes (SmolLM2-135M, 100K tokens: 1.2 GB; a 7B LLaMA: 8.2 GB). A run covering layers `a..b`
+//! needs layers `0..a` finished in the output folder (it replays them), so a model can still be
+//! split across runs, one after the other. Finished layers are replayed from their saved blocks,
+//! so a killed run resumes and ends with the same result.
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::{Tensor, TensorData};
+use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::{FeedForward, ModelError, Transformer};
+use ladimo_moe::HostFfn;
+
+use crate::DistillError;
+use crate::train::{Inputs, LayerReport, TrainConfig, finished, load_layer_block, save_layer, train_layer};
+
+/// Window `w` of a host `[tokens, hidden]` stream, as a `[1, seq_len, hidden]` tensor.
+fn window(data: &[f32], w: usize, seq_len: usize, hidden: usize, device: &burn::tensor::Device) -> Tensor<3> {
+    let n = seq_len * hidden;
+    Tensor::from_data(
+        TensorData::new(data[w * n..(w + 1) * n].to_vec(), [1, seq_len, hidden]),
+        device,
+    )
+}
+
+fn put(data: &mut [f32], w: usize, t: Tensor<3>) {
+    let v = to_vec(t);
+    data[w * v.len()..(w + 1) * v.len()].copy_from_slice(&v);
+}
+
+fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
+    move |source| ModelError::Ffn { layer, source }.into()
+}
+
+/// Train layers `layers` in order on the student's hidden states (see the module doc), writing
+/// to `out_dir` like `train::run_layers`. `model` is the dense teacher; `tokens` are cut into
+/// windows of `seq_len` (whole windows only). `progress(layer, step, total, loss)`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_layers_sequential(
+    ckpt: &ladimo_io::Checkpoint,
+    model: &Transformer,
+    tokens: &[u32],
+    seq_len: usize,
+    out_dir: &Path,
+    layers: Range<usize>,
+    cfg: &TrainConfig,
+    mut progress: impl FnMut(usize, usize, usize, f64),
+) -> Result<Vec<LayerReport>, DistillError> {
+    let c = &model.config;
+    if cfg.inputs != Inputs::Student {
+        return Err(DistillError::Invalid(
+            "run_layers_sequential needs inputs = \"student\"".into(),
+        ));
+    }
+    if layers.is_empty() || layers.end > c.num_layers {
+        return Err(DistillError::Invalid(format!(
+            "layer range {layers:?} is outside the model's {} layers",
+            c.num_layers
+        )));
+    }
+    let corr = cfg.residual_correction;
+    if !(0.0..=1.0).contains(&corr) {
+        return Err(DistillError::Invalid(format!(
+            "residual_correction {corr}: expected a number from 0 to 1"
+        )));
+    }
+    if corr > 0.0 && c.use_post_norm {
+        return Err(DistillError::Invalid(
+            "residual_correction needs the FFN output added to the residual stream as it is; \
+             this model has Peri-LN post norms (use_post_norm): set residual_correction = 0"
+                .into(),
+        ));
+    }
+    if tokens.len() < seq_len || seq_len == 0 {
+        return Err(DistillError::Invalid(format!(
+            "{} calibration tokens are fewer than one sequence of {seq_len}",
+            tokens.len()
+        )));
+    }
+    if let Some(l) = (0..layers.start).find(|&l| finished(out_dir, l).is_none()) {
+        return Err(DistillError::Invalid(format!(
+            "layer range {layers:?} with student inputs needs layers 0..{} finished in {} (layer {l} is not)",
+            layers.start,
+            out_dir.display()
+        )));
+    }
+    // Every layer already finished with this config: nothing to replay.
+    let done: Option<Vec<LayerReport>> = layers
+        .clone()
+        .map(|l| finished(out_dir, l).filter(|r| r.config == *cfg))
+        .collect();
+    if let Some(reports) = done {
+        tracing::info!("layers {layers:?} already finished");
+        crate::train::write_summary(out_dir, &reports)?;
+        return Ok(reports);
+    }
+    let device = &model.device;
+    let hidden = c.hidden_size;
+    let windows = tokens.len() / seq_len;
+    let n = windows * seq_len * hidden;
+    let mut h_s = vec![0f32; n];
+    for w in 0..windows {
+        let ids = &tokens[w * seq_len..(w + 1) * seq_len];
+        put(&mut h_s, w, model.embed(ids_tensor(ids, 1, device)));
+    }
+    let mut h_t = (corr > 0.0).then(|| h_s.clone());
+    let (mut a_s, mut x, mut y) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut reports = Vec::new();
+    for l in 0..layers.end {
+        let layer = &model.layers[l];
+        let done = finished(out_dir, l);
+        let train = layers.contains(&l) && done.as_ref().is_none_or(|r| r.config != *cfg);
+        if !train
+            && let Some(r) = &done
+            && r.config != *cfg
+        {
+            tracing::warn!(layer = l, "replaying a layer finished with another config");
+        }
+        let t = Instant::now();
+        // The student's attention part; the target (dense FFN, corrected towards the teacher).
+        for w in 0..windows {
+            let (a, xs) = layer.attention_part(window(&h_s, w, seq_len, hidden, device), &model.rope, &mut None);
+            if let Some(h_t) = h_t.as_mut() {
+                let ht = window(h_t, w, seq_len, hidden, device);
+                let (at, xt) = layer.attention_part(ht, &model.rope, &mut None);
+                let next = layer.ffn_residual(at, layer.ffn.forward(xt).map_err(ffn_err(l))?);
+                if train {
+                    let yd = layer.ffn.forward(xs.clone()).map_err(ffn_err(l))?;
+                    let want = (next.clone() - a.clone()).div_scalar(c.residual_multiplier);
+                    put(&mut y, w, yd.clone() + (want - yd).mul_scalar(corr));
+                }
+                put(h_t, w, next);
+            } else if train {
+                put(&mut y, w, layer.ffn.forward(xs.clone()).map_err(ffn_err(l))?);
+            }
+            put(&mut a_s, w, a);
+            put(&mut x, w, xs);
+        }
+        let block = if train {
+            let ffn = HostFfn::from_checkpoint(ckpt, l).map_err(ModelError::from)?;
+            let (block, mut report) = train_layer(l, &ffn, &x, &y, cfg, device, |s, total, loss| {
+                progress(l, s, total, loss)
+            })?;
+            report.seconds = t.elapsed().as_secs_f64(); // inputs pass + training
+            save_layer(out_dir, &block, &report)?;
+            tracing::info!(
+                layer = l,
+                rel_error_init = report.val_rel_error_init,
+                rel_error = report.val_rel_error,
+                seconds = report.seconds,
+                "layer finished (student inputs)"
+            );
+            reports.push(report);
+            block
+        } else {
+            if let (true, Some(r)) = (layers.contains(&l), done) {
+                tracing::info!(layer = l, "already finished, replaying");
+                reports.push(r);
+            }
+            load_layer_block(out_dir, l, cfg.train_policy.clone(), device)?
+        };
+        if l + 1 == layers.end {
+            break;
+        }
+        // The student's residual stream after this layer.
+        for w in 0..windows {
+            let f = FeedForward::forward(&block, window(&x, w, seq_len, hidden, device)).map_err(ffn_err(l))?;
+            put(
+                &mut h_s,
+                w,
+                layer.ffn_residual(window(&a_s, w, seq_len, hidden, device), f),
+            );
+        }
+    }
+    crate::train::write_summary(out_dir, &reports)?;
+    Ok(reports)
+}
