@@ -72,8 +72,8 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
 
     // One TopK everywhere (no solver), Mixtral's combine rule and no shared experts: a Hugging
     // Face Mixtral checkpoint. (The default Unit weights are not Mixtral's rule, and Mixtral has no
-    // shared experts.) Stage 1 on the teacher's hidden states this time, from a capture, so both
-    // ways of training run end to end.
+    // shared experts.) Stage 1 on the teacher's hidden states this time (ci.toml trains on the
+    // student's), from a capture, so both ways of training run end to end.
     let mut a = args(
         &out,
         &[

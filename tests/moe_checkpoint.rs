@@ -11,7 +11,9 @@ use ladimo_moe::{
     Combine, CombineWeights, HostFfn, MoeBlock, Policy, PolicyFile, load_model, model_fingerprint, moe_block,
     save_moe_checkpoint,
 };
-use ladimo_profile::{Budget, BudgetKind, Cost, Profile, ProfileConfig, add_sensitivity, profile_model, solve_profile};
+use ladimo_profile::{
+    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, profile_model, solve_profile,
+};
 use ladimo_tests::{fixture, max_abs_diff};
 
 fn device() -> burn::tensor::Device {
@@ -467,4 +469,54 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not of this one"), "{err}");
+}
+
+/// With the MoE as context, each probe is measured around the model's own policies: the probe
+/// at that policy changes nothing, and the solver's prediction starts from the MoE's own
+/// perplexity (the context offset), not the dense one.
+#[test]
+fn sensitivity_around_the_moe_operating_point() {
+    use ladimo_moe::moe_block_mut;
+    let (dense, mut moe) = tiny_moe(true);
+    for l in 0..2 {
+        moe_block_mut(&mut moe, l)
+            .unwrap()
+            .set_policy(Policy::TopK { k: 2 })
+            .unwrap();
+    }
+    let mut cfg = small_cfg();
+    let mut p = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
+    cfg.sensitivity_k = vec![1, 2, 3];
+    cfg.sensitivity_tokens = 40;
+    cfg.sensitivity_context = SensitivityContext::Moe;
+    add_sensitivity(&mut p, &mut moe, &dense, &texts(), &cfg, |_, _, _| {}).unwrap();
+    assert!((0..2).all(|l| moe_block(&moe, l).unwrap().policy == Policy::TopK { k: 2 }));
+    let s = p.sensitivity.clone().unwrap();
+    assert_eq!(s.context, SensitivityContext::Moe);
+    let offset = s.context_offset();
+    assert!(offset.abs() > 1e-3, "top-2 of 4 everywhere is lossy: offset {offset}");
+    for l in &s.layers {
+        let own = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 2 }).unwrap();
+        assert_eq!(
+            own.delta_ln_ppl, 0.0,
+            "layer {}: the probe at the model's own policy",
+            l.layer
+        );
+    }
+    // The solver's prediction for top-2 everywhere is the context model's own perplexity ratio.
+    let b = Budget {
+        kind: BudgetKind::FfnParams,
+        fraction: Some(0.5),
+        absolute: None,
+    };
+    let sol = solve_profile(&p, &b, Cost::Sensitivity).unwrap();
+    assert!((sol.predicted_ppl_ratio - (sol.cost + offset).exp()).abs() < 1e-12);
+    // A profile from before the context existed reads as dense-context.
+    let mut old = serde_json::to_value(&p).unwrap();
+    let so = old["sensitivity"].as_object_mut().unwrap();
+    so.remove("context");
+    so.remove("context_ln_ppl");
+    let old: Profile = serde_json::from_value(old).unwrap();
+    let so = old.sensitivity.unwrap();
+    assert_eq!((so.context, so.context_offset()), (SensitivityContext::Dense, 0.0));
 }

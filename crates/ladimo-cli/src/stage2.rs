@@ -9,8 +9,8 @@ use ladimo_convert::evaluate::write_json;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::perplexity::perplexity;
 use ladimo_profile::{
-    Budget, BudgetKind, Cost, Profile, ProfileConfig, add_sensitivity, profile_model, solve_profile, uniform_cost,
-    write_plots,
+    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, profile_model,
+    solve_profile, uniform_cost, write_plots,
 };
 
 use crate::{load, open};
@@ -46,6 +46,10 @@ pub struct ProfileArgs {
     /// Calibration tokens the sensitivity probes run on (windows taken in turn from each text).
     #[arg(long, default_value_t = 2048)]
     pub sensitivity_tokens: usize,
+    /// What every other layer runs while one is probed: dense (the teacher) or moe (the MoE
+    /// model under its loaded policies; for stage 1 with student inputs).
+    #[arg(long, default_value = "dense", value_parser = parse_context)]
+    pub sensitivity_context: SensitivityContext,
     /// Only measure the layer sensitivity and add it to the existing OUT/profile.json (rewritten
     /// in place, atomically), keeping everything else in it.
     #[arg(long)]
@@ -53,6 +57,14 @@ pub struct ProfileArgs {
     /// Output folder: profile.json and plots/.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+fn parse_context(s: &str) -> Result<SensitivityContext, String> {
+    match s {
+        "dense" => Ok(SensitivityContext::Dense),
+        "moe" => Ok(SensitivityContext::Moe),
+        _ => Err(format!("`{s}`: expected dense or moe")),
+    }
 }
 
 fn parse_tagged(s: &str) -> Result<(String, Vec<PathBuf>), String> {
@@ -90,6 +102,7 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         uniform_k: a.uniform_k.clone(),
         sensitivity_k: a.sensitivity_k.clone(),
         sensitivity_tokens: a.sensitivity_tokens,
+        sensitivity_context: a.sensitivity_context,
         ..Default::default()
     };
     let show = |stage: &str, d: usize, t: usize| {
@@ -152,9 +165,17 @@ fn print_profile(p: &Profile) {
     }
     if let Some(s) = &p.sensitivity {
         println!(
-            "layer sensitivity on {:?} tokens ({:.0} s): calibration ln-PPL change with one layer MoE, \
-             the rest dense; weight = fitted ln-PPL per unit rel MSE",
-            s.tokens, s.seconds
+            "layer sensitivity on {:?} tokens ({:.0} s): calibration ln-PPL change with one layer probed, \
+             the rest {}; weight = fitted ln-PPL per unit rel MSE",
+            s.tokens,
+            s.seconds,
+            match s.context {
+                SensitivityContext::Dense => "dense".to_string(),
+                SensitivityContext::Moe => format!(
+                    "the MoE under its own policies (itself ppl x{:.3} of dense)",
+                    s.context_offset().exp()
+                ),
+            }
         );
         for l in &s.layers {
             let probes: Vec<String> = l
@@ -169,7 +190,7 @@ fn print_profile(p: &Profile) {
                 println!(
                     "  uniform {}: summed sensitivity predicts ppl x{:.3} of dense; measured x{:.3}",
                     u.policy,
-                    c.exp(),
+                    (c + s.context_offset()).exp(),
                     u.ppl / p.dense_ppl
                 );
             }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use ladimo_distill::train::TrainConfig;
 use ladimo_moe::Policy;
-use ladimo_profile::{BudgetKind, Cost};
+use ladimo_profile::{BudgetKind, Cost, SensitivityContext};
 use serde::{Deserialize, Serialize};
 
 /// Everything `convert` does, in pipeline order.
@@ -113,6 +113,10 @@ pub struct Stage2Config {
     /// tokens. Empty: not measured (then `cost` cannot be `sensitivity`).
     pub sensitivity_k: Vec<usize>,
     pub sensitivity_tokens: usize,
+    /// What every other layer runs while one is probed: `dense` (each layer's cost on its own)
+    /// or `moe` (the stage-1 model under its training policy: each layer's cost around that
+    /// operating point; for stage 1 with student inputs, whose blocks are tuned to each other).
+    pub sensitivity_context: SensitivityContext,
     pub budget: BudgetConfig,
     /// The per-layer cost the solver minimises: sensitivity (the measured ln-PPL changes,
     /// interpolated by experts run), sensitivity-linear, rel-mse or resid-mse.
@@ -136,6 +140,7 @@ impl Default for Stage2Config {
             uniform_k: vec![2, 3, 4, 5],
             sensitivity_k: p.sensitivity_k,
             sensitivity_tokens: p.sensitivity_tokens,
+            sensitivity_context: p.sensitivity_context,
             budget: BudgetConfig::default(),
             cost: Cost::Sensitivity,
             fixed_policy: None,

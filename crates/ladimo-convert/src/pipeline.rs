@@ -368,6 +368,11 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         let key_s = hash(&[
             key2.as_bytes(),
             &serde_json::to_vec(&(&s2cfg.sensitivity_k, s2cfg.sensitivity_tokens))?,
+            // Absent for the dense context, so a finished dense-context step keeps its key.
+            &match s2cfg.sensitivity_context {
+                ladimo_profile::SensitivityContext::Dense => Vec::new(),
+                c => serde_json::to_vec(&c)?,
+            },
         ]);
         let record = s2.join("sensitivity");
         match read_record(&record).filter(|r| r.key == key_s && profile.sensitivity.is_some()) {
@@ -378,6 +383,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                     seq_len: s2cfg.seq_len,
                     sensitivity_k: s2cfg.sensitivity_k.clone(),
                     sensitivity_tokens: s2cfg.sensitivity_tokens,
+                    sensitivity_context: s2cfg.sensitivity_context,
                     ..ProfileConfig::default()
                 };
                 let mut pb: Option<ProgressBar> = None;

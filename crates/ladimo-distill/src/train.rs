@@ -119,8 +119,8 @@ impl Default for TrainConfig {
             router_init_std: 0.1,
             router_norm_weight: 1.0,
             router_norm_temp: 1.0,
-            inputs: Inputs::Student,
-            residual_correction: 1.0,
+            inputs: Inputs::Teacher,
+            residual_correction: 0.0,
         }
     }
 }

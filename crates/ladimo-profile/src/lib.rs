@@ -165,9 +165,36 @@ pub struct Sensitivity {
     pub seq_len: usize,
     /// Dense ln(ppl) on those tokens.
     pub dense_ln_ppl: f64,
+    /// What the layers other than the probed one ran (see [`SensitivityContext`]).
+    #[serde(default)]
+    pub context: SensitivityContext,
+    /// ln(ppl) of the context model itself (`Moe`: every layer under its own policy), which
+    /// the probes' `delta_ln_ppl` are measured from; `None` for `Dense` (= `dense_ln_ppl`).
+    #[serde(default)]
+    pub context_ln_ppl: Option<f64>,
     /// Wall-clock seconds the measurement took.
     pub seconds: f64,
     pub layers: Vec<LayerSensitivity>,
+}
+
+/// What the other layers run while one layer is probed (`ProfileConfig::sensitivity_context`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SensitivityContext {
+    /// The dense teacher: each layer's cost on its own, as if the others were not converted.
+    #[default]
+    Dense,
+    /// The MoE model as loaded (every layer under its stage-1 training policy): each layer's
+    /// cost around that operating point. Right for blocks trained on each other's outputs
+    /// (stage 1 with student inputs), whose errors do not add up independently.
+    Moe,
+}
+
+impl Sensitivity {
+    /// ln(context ppl / dense ppl): what the summed probe deltas are measured on top of.
+    pub fn context_offset(&self) -> f64 {
+        self.context_ln_ppl.map_or(0.0, |c| c - self.dense_ln_ppl)
+    }
 }
 
 impl Profile {

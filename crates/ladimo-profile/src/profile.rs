@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::{
     CandidateCost, HIST_BINS, LayerProfile, LayerSensitivity, Profile, ProfileError, RoutingDistribution, Sensitivity,
-    SensitivityProbe, UniformPoint,
+    SensitivityContext, SensitivityProbe, UniformPoint,
 };
 
 /// What to profile and how.
@@ -38,6 +38,9 @@ pub struct ProfileConfig {
     /// Calibration tokens the sensitivity probes run on (whole windows of `seq_len`, taken in
     /// turn from each language's text; at least one window).
     pub sensitivity_tokens: usize,
+    /// What the other layers run while one layer is probed: the dense teacher, or the MoE model
+    /// under its loaded policies. See [`crate::SensitivityContext`].
+    pub sensitivity_context: SensitivityContext,
 }
 
 impl Default for ProfileConfig {
@@ -52,6 +55,7 @@ impl Default for ProfileConfig {
             uniform_k: vec![],
             sensitivity_k: vec![2, 3, 4, 5],
             sensitivity_tokens: 2048,
+            sensitivity_context: SensitivityContext::Dense,
         }
     }
 }
@@ -467,9 +471,11 @@ fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f64 {
 
 /// Measure, end to end on calibration text, how much each profiled MoE layer's routing error
 /// costs: for each layer l and each probe policy top-k (`cfg.sensitivity_k`), the change in
-/// calibration ln(perplexity) when layer l alone runs the MoE under that policy and every other
-/// layer is the dense teacher. The teacher's hidden state at each layer input is computed once,
-/// so a probe of layer l runs only layers l..L and the head. Sets `profile.sensitivity` (and
+/// calibration ln(perplexity) when layer l runs the MoE under that policy and every other layer
+/// runs the context (`cfg.sensitivity_context`): the dense teacher (default), or the MoE under
+/// its loaded policies (then the change is from the MoE's own ln-PPL, stored as
+/// `context_ln_ppl`). The context's hidden state at each layer input is computed once, so a
+/// probe of layer l runs only layers l..L and the head. Sets `profile.sensitivity` (and
 /// replaces any there); the profile's candidates (for the probes' `rel_mse`) must be of `moe`.
 /// `progress(stage, done, total)`.
 pub fn add_sensitivity(
@@ -510,25 +516,42 @@ pub fn add_sensitivity(
     for (t, w) in &windows {
         count_lang[*t] += w.len() - 1;
     }
-    // The dense teacher: each layer's input per window, and the NLL per language.
+    // The context model (dense teacher, or the MoE under its own policies): each layer's input
+    // per window, and the NLL per language; and the dense NLL (the same pass when dense).
+    let context = cfg.sensitivity_context;
     let mut inputs: Vec<Vec<Tensor<3>>> = Vec::with_capacity(windows.len());
     let mut dense_nll = vec![0f64; n_lang];
+    let mut context_nll = vec![0f64; n_lang];
     for (wi, (t, ids)) in windows.iter().enumerate() {
-        let mut h = dense.embed(ids_tensor(ids, 1, &dense.device));
-        let mut hs = Vec::with_capacity(dense.layers.len());
-        for (l, layer) in dense.layers.iter().enumerate() {
-            hs.push(h.clone());
-            h = layer
-                .forward(h, &dense.rope, &mut None)
-                .map_err(|source| ModelError::Ffn { layer: l, source })?;
-        }
-        dense_nll[*t] += hidden_nll(dense, h, ids);
+        let run = |m: &Transformer, keep: bool| -> Result<(f64, Vec<Tensor<3>>), ProfileError> {
+            let mut h = m.embed(ids_tensor(ids, 1, &m.device));
+            let mut hs = Vec::with_capacity(if keep { m.layers.len() } else { 0 });
+            for (l, layer) in m.layers.iter().enumerate() {
+                if keep {
+                    hs.push(h.clone());
+                }
+                h = layer
+                    .forward(h, &m.rope, &mut None)
+                    .map_err(|source| ModelError::Ffn { layer: l, source })?;
+            }
+            Ok((hidden_nll(dense, h, ids), hs))
+        };
+        let (nll, hs) = match context {
+            SensitivityContext::Dense => run(dense, true)?,
+            SensitivityContext::Moe => run(moe, true)?,
+        };
+        context_nll[*t] += nll;
+        dense_nll[*t] += match context {
+            SensitivityContext::Dense => nll,
+            SensitivityContext::Moe => run(dense, false)?.0,
+        };
         inputs.push(hs);
-        progress("sensitivity teacher", wi + 1, windows.len());
+        progress("sensitivity context", wi + 1, windows.len());
     }
     let total_count: usize = count_lang.iter().sum();
     let ln_ppl = |nll: &[f64]| nll.iter().sum::<f64>() / total_count as f64;
     let dense_ln_ppl = ln_ppl(&dense_nll);
+    let context_ln_ppl = ln_ppl(&context_nll);
 
     let probes_of = |e: usize| -> Vec<Policy> {
         cfg.sensitivity_k
@@ -559,7 +582,11 @@ pub fn add_sensitivity(
                 let mut h = moe.layers[l]
                     .forward(hs[l].clone(), &moe.rope, &mut None)
                     .map_err(|source| ModelError::Ffn { layer: l, source })?;
-                for (j, layer) in dense.layers.iter().enumerate().skip(l + 1) {
+                let rest = match context {
+                    SensitivityContext::Dense => &dense.layers,
+                    SensitivityContext::Moe => &moe.layers,
+                };
+                for (j, layer) in rest.iter().enumerate().skip(l + 1) {
                     h = layer
                         .forward(h, &dense.rope, &mut None)
                         .map_err(|source| ModelError::Ffn { layer: j, source })?;
@@ -570,12 +597,12 @@ pub fn add_sensitivity(
                 policy: policy.clone(),
                 rel_mse: cand.rel_mse,
                 mean_experts: cand.mean_experts,
-                delta_ln_ppl: ln_ppl(&nll) - dense_ln_ppl,
+                delta_ln_ppl: ln_ppl(&nll) - context_ln_ppl,
                 delta_ln_ppl_by_lang: texts
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| count_lang[*i] > 0)
-                    .map(|(i, (lang, _))| (lang.clone(), (nll[i] - dense_nll[i]) / count_lang[i] as f64))
+                    .map(|(i, (lang, _))| (lang.clone(), (nll[i] - context_nll[i]) / count_lang[i] as f64))
                     .collect(),
             });
             done += 1;
@@ -607,8 +634,16 @@ pub fn add_sensitivity(
             .collect(),
         seq_len: cfg.seq_len,
         dense_ln_ppl,
+        context,
+        context_ln_ppl: (context == SensitivityContext::Moe).then_some(context_ln_ppl),
         seconds: start.elapsed().as_secs_f64(),
         layers,
     });
+    // The context passes ran every block: their routing counts are not the profile's.
+    for l in 0..moe.layers.len() {
+        if let Some(b) = moe_block(moe, l) {
+            b.reset_stats();
+        }
+    }
     Ok(())
 }

@@ -162,12 +162,25 @@ pub struct Solved {
     pub frontier: Vec<FrontierEntry>,
 }
 
-/// ln(ppl / dense ppl) = slope * summed cost: 1 for a cost in ln-PPL units, else fitted through
+/// ln(ppl / dense ppl) = slope * summed cost (+ `ppl_intercept`): 1 for a cost in ln-PPL units, else fitted through
 /// the origin on the uniform points.
 fn ppl_slope(profile: &Profile, cost: Cost) -> f64 {
     if cost.is_ln_ppl() {
         return 1.0;
     }
+    ppl_slope_fitted(profile, cost)
+}
+
+/// ln(ppl / dense ppl) at summed cost 0: the sensitivity context's own ln-PPL excess (0 when the
+/// probes ran with every other layer dense, or for costs fitted through the origin).
+fn ppl_intercept(profile: &Profile, cost: Cost) -> f64 {
+    match (cost.is_ln_ppl(), &profile.sensitivity) {
+        (true, Some(s)) => s.context_offset(),
+        _ => 0.0,
+    }
+}
+
+fn ppl_slope_fitted(profile: &Profile, cost: Cost) -> f64 {
     let (mut num, mut den) = (0.0, 0.0);
     for u in &profile.uniform {
         let c = match cost {
@@ -241,7 +254,7 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             100.0 * min / dense_value
         )));
     };
-    let slope = ppl_slope(profile, cost);
+    let (slope, intercept) = (ppl_slope(profile, cost), ppl_intercept(profile, cost));
     let chosen: Vec<&CandidateCost> = profile
         .layers
         .iter()
@@ -259,7 +272,7 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             budget: p.weight + offset,
             fraction_of_dense: (p.weight + offset) / dense_value,
             cost: p.cost,
-            predicted_ppl_ratio: (slope * p.cost).exp(),
+            predicted_ppl_ratio: (slope * p.cost + intercept).exp(),
         })
         .collect();
     let policies = PolicyFile {
@@ -288,7 +301,7 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
         used: sol.weight + offset,
         dense_value,
         cost: sol.cost,
-        predicted_ppl_ratio: (slope * sol.cost).exp(),
+        predicted_ppl_ratio: (slope * sol.cost + intercept).exp(),
         predicted_params: profile.non_ffn_params + ffn,
         predicted_ffn_params: ffn,
         frontier,
