@@ -12,7 +12,8 @@ use ladimo_moe::{
     save_moe_checkpoint,
 };
 use ladimo_profile::{
-    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, profile_model, solve_profile,
+    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, predict_ppl_ratio,
+    profile_model, solve_profile, uniform_cost,
 };
 use ladimo_tests::{fixture, max_abs_diff};
 
@@ -497,20 +498,39 @@ fn sensitivity_around_the_moe_operating_point() {
     assert!(offset.abs() > 1e-3, "top-2 of 4 everywhere is lossy: offset {offset}");
     for l in &s.layers {
         let own = l.probes.iter().find(|q| q.policy == Policy::TopK { k: 2 }).unwrap();
-        assert_eq!(
-            own.delta_ln_ppl, 0.0,
+        assert!(
+            own.delta_ln_ppl.abs() < 1e-6,
             "layer {}: the probe at the model's own policy",
             l.layer
         );
     }
-    // The solver's prediction for top-2 everywhere is the context model's own perplexity ratio.
+    // Deltas below the context's own perplexity are kept (lifted, not cut at 0): every layer's
+    // cost curve is non-negative, touches 0, and never rises with more experts.
+    for (l, costs) in p.layers.iter().zip(Cost::Sensitivity.table(&p).unwrap()) {
+        let at = |k: usize| {
+            costs[l
+                .candidates
+                .iter()
+                .position(|c| c.policy == Policy::TopK { k })
+                .unwrap()]
+        };
+        assert!(costs.iter().all(|&c| c >= 0.0), "layer {}", l.layer);
+        assert!(at(1) >= at(2) && at(2) >= at(3) && at(3) >= at(4), "layer {}", l.layer);
+        assert!(
+            costs.iter().cloned().fold(f64::INFINITY, f64::min) < 1e-12,
+            "layer {}",
+            l.layer
+        );
+    }
+    let (c2, _) = uniform_cost(&p, &Policy::TopK { k: 2 }, Cost::Sensitivity).unwrap();
+    assert!(predict_ppl_ratio(&p, Cost::Sensitivity, c2).is_finite());
     let b = Budget {
         kind: BudgetKind::FfnParams,
-        fraction: Some(0.5),
+        fraction: Some(0.6),
         absolute: None,
     };
     let sol = solve_profile(&p, &b, Cost::Sensitivity).unwrap();
-    assert!((sol.predicted_ppl_ratio - (sol.cost + offset).exp()).abs() < 1e-12);
+    assert!((sol.predicted_ppl_ratio - predict_ppl_ratio(&p, Cost::Sensitivity, sol.cost)).abs() < 1e-12);
     // A profile from before the context existed reads as dense-context.
     let mut old = serde_json::to_value(&p).unwrap();
     let so = old["sensitivity"].as_object_mut().unwrap();

@@ -9,8 +9,8 @@ use ladimo_convert::evaluate::write_json;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::perplexity::perplexity;
 use ladimo_profile::{
-    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, profile_model,
-    solve_profile, uniform_cost, write_plots,
+    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, predict_ppl_ratio,
+    profile_model, solve_profile, uniform_cost, write_plots,
 };
 
 use crate::{load, open};
@@ -190,7 +190,7 @@ fn print_profile(p: &Profile) {
                 println!(
                     "  uniform {}: summed sensitivity predicts ppl x{:.3} of dense; measured x{:.3}",
                     u.policy,
-                    (c + s.context_offset()).exp(),
+                    predict_ppl_ratio(p, Cost::Sensitivity, c),
                     u.ppl / p.dense_ppl
                 );
             }

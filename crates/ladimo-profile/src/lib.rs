@@ -18,7 +18,7 @@ mod solve;
 
 pub use plots::write_plots;
 pub use profile::{ProfileConfig, add_sensitivity, candidates, profile_model};
-pub use solve::{Budget, BudgetKind, Cost, Solved, solve_profile, uniform_cost};
+pub use solve::{Budget, BudgetKind, Cost, Solved, predict_ppl_ratio, solve_profile, uniform_cost};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

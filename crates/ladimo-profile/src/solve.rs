@@ -6,7 +6,7 @@ use ladimo_moe::{Policy, PolicyFile};
 use ladimo_solve::Choice;
 use serde::{Deserialize, Serialize};
 
-use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError};
+use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError, SensitivityContext};
 
 /// What the budget limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +85,7 @@ impl Cost {
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => by_experts(s, c),
+                            _ => by_experts(s, c, lift(profile, s)),
                         })
                         .collect())
                 }
@@ -101,12 +101,17 @@ impl Cost {
 /// the candidate's rel MSE relative to the probe's (never below the probe's delta); above the most,
 /// scaled down the same way (never above it), so a policy that runs every expert of a block that
 /// sums back to its FFN costs about nothing.
-fn by_experts(s: &LayerSensitivity, c: &CandidateCost) -> f64 {
+///
+/// With the MoE as context the deltas are measured from the MoE's own perplexity, so policies
+/// above the operating point have negative deltas; `lift` (see [`lift`]) raises the layer's curve
+/// so that its lowest probe is 0, which keeps that shape (a constant per layer does not change
+/// which policies the solver picks) and is added back in the prediction (`ppl_intercept`).
+fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64) -> f64 {
     let mut pts: Vec<(f64, f64, f64)> = s
         .probes
         .iter()
         .filter(|p| p.mean_experts.is_finite() && p.delta_ln_ppl.is_finite())
-        .map(|p| (p.mean_experts, p.delta_ln_ppl.max(0.0), p.rel_mse))
+        .map(|p| (p.mean_experts, (p.delta_ln_ppl + lift).max(0.0), p.rel_mse))
         .collect();
     if pts.is_empty() {
         return 0.0;
@@ -171,13 +176,43 @@ fn ppl_slope(profile: &Profile, cost: Cost) -> f64 {
     ppl_slope_fitted(profile, cost)
 }
 
-/// ln(ppl / dense ppl) at summed cost 0: the sensitivity context's own ln-PPL excess (0 when the
-/// probes ran with every other layer dense, or for costs fitted through the origin).
-fn ppl_intercept(profile: &Profile, cost: Cost) -> f64 {
-    match (cost.is_ln_ppl(), &profile.sensitivity) {
-        (true, Some(s)) => s.context_offset(),
+/// How far a layer's sensitivity curve is raised (`by_experts`): 0 with the dense context (a
+/// probe there cannot beat dense; a negative delta is noise and reads as 0); with the MoE
+/// context, minus its most negative probe.
+fn lift(profile: &Profile, s: &LayerSensitivity) -> f64 {
+    match profile.sensitivity.as_ref().map(|x| x.context) {
+        Some(SensitivityContext::Moe) => s
+            .probes
+            .iter()
+            .map(|p| p.delta_ln_ppl)
+            .filter(|d| d.is_finite())
+            .fold(0.0, |m: f64, d| m.max(-d)),
         _ => 0.0,
     }
+}
+
+/// ln(ppl / dense ppl) at summed cost 0: 0 when the probes ran with every other layer dense, or
+/// for costs fitted through the origin; with the MoE as context, the MoE's own ln-PPL excess
+/// minus the lifts `Cost::Sensitivity` added to each layer's curve.
+fn ppl_intercept(profile: &Profile, cost: Cost) -> f64 {
+    match (cost, &profile.sensitivity) {
+        (Cost::Sensitivity, Some(s)) => {
+            s.context_offset()
+                - profile
+                    .layers
+                    .iter()
+                    .filter_map(|l| s.layers.iter().find(|x| x.layer == l.layer))
+                    .map(|x| lift(profile, x))
+                    .sum::<f64>()
+        }
+        (Cost::SensitivityLinear, Some(s)) => s.context_offset(),
+        _ => 0.0,
+    }
+}
+
+/// Predicted perplexity / dense perplexity of policies whose summed `cost` is `summed`.
+pub fn predict_ppl_ratio(profile: &Profile, cost: Cost, summed: f64) -> f64 {
+    (ppl_slope(profile, cost) * summed + ppl_intercept(profile, cost)).exp()
 }
 
 fn ppl_slope_fitted(profile: &Profile, cost: Cost) -> f64 {
@@ -355,14 +390,14 @@ mod tests {
             weight: 1.0,
         };
         assert!(
-            (by_experts(&s, &cand(6, 0.15)) - 0.125).abs() < 1e-12,
+            (by_experts(&s, &cand(6, 0.15), 0.0) - 0.125).abs() < 1e-12,
             "between probes: linear"
         );
         // Every expert of a block that sums back to its FFN: about no cost, not the top-7 delta.
-        assert!((by_experts(&s, &cand(8, 0.001)) - 0.0005).abs() < 1e-12);
+        assert!((by_experts(&s, &cand(8, 0.001), 0.0) - 0.0005).abs() < 1e-12);
         // Never above the last probe's delta, never below the first's.
-        assert_eq!(by_experts(&s, &cand(8, 0.5)), 0.05);
-        assert!((by_experts(&s, &cand(4, 0.4)) - 0.4).abs() < 1e-12);
-        assert_eq!(by_experts(&s, &cand(4, 0.1)), 0.2);
+        assert_eq!(by_experts(&s, &cand(8, 0.5), 0.0), 0.05);
+        assert!((by_experts(&s, &cand(4, 0.4), 0.0) - 0.4).abs() < 1e-12);
+        assert_eq!(by_experts(&s, &cand(4, 0.1), 0.0), 0.2);
     }
 }
