@@ -12,9 +12,12 @@
 //! - [`train`]: distil one layer's MoE block; a run covers a range of layers and resumes.
 //! - [`sequential`]: the same, layer by layer in order on the partly converted model's own hidden
 //!   states (`inputs = "student"`), optionally aiming each block at the teacher's residual stream.
+//! - [`finetune`]: an optional end-to-end polish after the layer-wise pass: every block's experts
+//!   trained at once to match the teacher's next-token distribution (KL).
 
 pub mod capture;
 mod error;
+pub mod finetune;
 pub mod partition;
 pub mod sequential;
 pub mod train;

@@ -143,13 +143,19 @@ pub struct LayerReport {
 }
 
 fn lr_at(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
-    let warm = ((total as f64 * cfg.warmup_frac) as usize).max(1);
+    warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total)
+}
+
+/// Learning rate at `step` of `total`: linear warm-up over `warmup_frac` of the steps, then
+/// cosine decay from `lr` to `lr * min_lr_frac`.
+pub(crate) fn warmup_cosine(lr: f64, warmup_frac: f64, min_lr_frac: f64, step: usize, total: usize) -> f64 {
+    let warm = ((total as f64 * warmup_frac) as usize).max(1);
     if step < warm {
-        return cfg.lr * (step + 1) as f64 / warm as f64;
+        return lr * (step + 1) as f64 / warm as f64;
     }
     let t = (step - warm) as f64 / (total - warm).max(1) as f64;
-    let min = cfg.lr * cfg.min_lr_frac;
-    min + (cfg.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    let min = lr * min_lr_frac;
+    min + (lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
 /// Rows `idx` of a `[tokens, hidden]` host matrix, as a device tensor.

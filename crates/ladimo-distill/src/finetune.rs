@@ -1,0 +1,293 @@
+//! End-to-end polish after layer-wise distillation: train every block's experts at once so that
+//! the whole MoE model's next-token distribution matches the dense teacher's.
+//!
+//! Layer-wise distillation leaves each block with an error of its own (about 0.3 of the FFN
+//! output's norm on SmolLM2 at 75% of the FFN), and the errors add up over the layers. Here the
+//! MoE model runs as a whole on the calibration windows, the loss is the KL divergence from the
+//! teacher's next-token distribution to the student's, and its gradient flows back through every
+//! layer into the experts' (and shared neurons') weights:
+//!
+//! ```text
+//! p_t = softmax(teacher(ids))                    dense model, no gradient
+//! loss = mean_tokens sum_v p_t * (log p_t - log_softmax(student(ids)))
+//! student = the model with every MoE block under policies[step % policies.len()]
+//! ```
+//!
+//! Attention, norms and embeddings stay frozen; with `Unit` combine weights the router gets no
+//! gradient from this loss and keeps its layer-wise training. Every 20th window is held back to
+//! measure the KL before and after. The result is written like a stage-1 run (one
+//! `layerNNN.moe.safetensors` + `layerNNN.json` per layer, temporary names, then renamed) plus
+//! `finetune.json`, written last: a folder with `finetune.json` for the same settings is finished
+//! and is not trained again. A killed run starts over (it keeps no optimiser state on disk).
+
+use std::any::Any;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+use ladimo_io::Checkpoint;
+use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::{ModelError, Transformer};
+use ladimo_moe::{MoeBlock, Policy, RoutingPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::DistillError;
+use crate::train::{finished, load_layer_block, save_layer, warmup_cosine};
+
+/// Settings of the end-to-end polish. Every field has a default; unknown fields are an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// Passes over the calibration windows; 0 = no polish.
+    pub epochs: usize,
+    /// Routing policies the steps take turns with, the same in every layer (the first also
+    /// measures the KL). Empty: each block's stage-1 training policy.
+    pub policies: Vec<Policy>,
+    /// Windows (of the calibration's sequence length) per optimiser step.
+    pub batch_windows: usize,
+    pub lr: f64,
+    pub warmup_frac: f64,
+    pub min_lr_frac: f64,
+    pub weight_decay: f32,
+    pub seed: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 0,
+            policies: [4, 3, 5].map(|k| Policy::TopK { k }).to_vec(),
+            batch_windows: 2,
+            lr: 3e-4,
+            warmup_frac: 0.05,
+            min_lr_frac: 0.1,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// What the polish did; saved as `finetune.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneReport {
+    pub config: FinetuneConfig,
+    pub seq_len: usize,
+    pub train_windows: usize,
+    pub val_windows: usize,
+    pub steps: usize,
+    /// (step, KL of the batch in nats per token).
+    pub loss_curve: Vec<(usize, f64)>,
+    /// Mean KL(teacher || student) per token on the held-back windows, before and after.
+    pub val_kl_init: f64,
+    pub val_kl: f64,
+    pub seconds: f64,
+}
+
+fn report_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("finetune.json")
+}
+
+/// A finished polish in `dir` (its `finetune.json`), if any.
+pub fn finished_finetune(dir: &Path) -> Option<FinetuneReport> {
+    serde_json::from_str(&std::fs::read_to_string(report_file(dir)).ok()?).ok()
+}
+
+fn moe_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
+    let ffn: &mut dyn Any = model.layers[layer].ffn.as_mut();
+    ffn.downcast_mut::<MoeBlock>().expect("every layer holds an MoE block")
+}
+
+fn set_policies(model: &mut Transformer, policies: &[Policy]) -> Result<(), DistillError> {
+    for (l, p) in policies.iter().enumerate() {
+        moe_mut(model, l).set_policy(p.clone())?;
+    }
+    Ok(())
+}
+
+/// Mean KL(teacher || student) per token over one batch of windows `ids` (`[b * seq_len]`), as a
+/// differentiable scalar on the student's device.
+fn kl(teacher: &Transformer, student: &Transformer, ids: &[u32], batch: usize) -> Result<Tensor<1>, ModelError> {
+    let t = log_softmax(teacher.forward(ids_tensor(ids, batch, &teacher.device))?, 2);
+    let t = Tensor::<3>::from_data(t.into_data(), &student.device);
+    let s = log_softmax(student.forward(ids_tensor(ids, batch, &student.device))?, 2);
+    let [b, n, v] = s.dims();
+    let per_token = (t.clone().exp() * (t - s)).reshape([b * n, v]).sum_dim(1);
+    Ok(per_token.mean())
+}
+
+/// Polish the finished stage-1 run in `run_dir` (every layer of `ckpt` finished there) on
+/// `tokens`, cut into windows of `seq_len`, writing the polished blocks to `out_dir`. `teacher`
+/// is the dense model. `progress(step, total, kl)` is called after every step.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune(
+    ckpt: &Checkpoint,
+    teacher: &Transformer,
+    run_dir: &Path,
+    out_dir: &Path,
+    tokens: &[u32],
+    seq_len: usize,
+    cfg: &FinetuneConfig,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<FinetuneReport, DistillError> {
+    let start = Instant::now();
+    let n_layers = ckpt.config.num_layers;
+    if cfg.epochs == 0 || cfg.batch_windows == 0 || !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        return Err(DistillError::Invalid(format!(
+            "finetune: epochs ({}), batch_windows ({}) and lr ({}) must be positive",
+            cfg.epochs, cfg.batch_windows, cfg.lr
+        )));
+    }
+    if out_dir == run_dir {
+        return Err(DistillError::Invalid(format!(
+            "finetune would overwrite the stage-1 run {}: give another output folder",
+            run_dir.display()
+        )));
+    }
+    let missing: Vec<usize> = (0..n_layers).filter(|&l| finished(run_dir, l).is_none()).collect();
+    if !missing.is_empty() {
+        return Err(DistillError::Invalid(format!(
+            "{}: layers {missing:?} are not finished; finetune starts from a whole stage-1 run",
+            run_dir.display()
+        )));
+    }
+    let windows: Vec<&[u32]> = tokens.chunks_exact(seq_len.max(1)).collect();
+    let val: Vec<&[u32]> = windows.iter().skip(19).step_by(20).copied().collect();
+    let train: Vec<&[u32]> = windows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 20 != 19)
+        .map(|(_, w)| *w)
+        .collect();
+    if val.is_empty() || train.len() < cfg.batch_windows {
+        return Err(DistillError::Invalid(format!(
+            "finetune: {} calibration tokens make {} windows of {seq_len}; it needs at least 20 \
+             (one in 20 is held back) and one batch of {}",
+            tokens.len(),
+            windows.len(),
+            cfg.batch_windows
+        )));
+    }
+    if let Some(r) = finished_finetune(out_dir)
+        && r.config == *cfg
+        && r.seq_len == seq_len
+        && (0..n_layers).all(|l| finished(out_dir, l).is_some())
+    {
+        tracing::info!("finetune already finished in {}", out_dir.display());
+        return Ok(r);
+    }
+
+    for l in 0..n_layers {
+        let experts = finished(run_dir, l).expect("checked above").partition.experts.len();
+        for p in &cfg.policies {
+            p.validate(experts)
+                .map_err(|e| DistillError::Invalid(format!("finetune policy {p} in layer {l}: {e}")))?;
+        }
+    }
+    // Per layer, the policies the steps take turns with.
+    let turns: Vec<Vec<Policy>> = if cfg.policies.is_empty() {
+        vec![
+            (0..n_layers)
+                .map(|l| finished(run_dir, l).expect("checked above").config.train_policy)
+                .collect(),
+        ]
+    } else {
+        cfg.policies.iter().map(|p| vec![p.clone(); n_layers]).collect()
+    };
+    // The student: the teacher's attention, norms and embeddings (frozen) with the stage-1 blocks.
+    let ad = teacher.device.clone().autodiff();
+    let mut student = Transformer::from_checkpoint_with(ckpt, &ad, |l| {
+        let block = load_layer_block(run_dir, l, turns[0][l].clone(), &ad)
+            .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
+        Ok(Box::new(block))
+    })?;
+    for layer in &mut student.layers {
+        let a = &mut layer.self_attn;
+        for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+            *lin = lin.clone().no_grad();
+        }
+        for norm in [&mut layer.input_layernorm, &mut layer.post_attention_layernorm] {
+            *norm = norm.clone().no_grad();
+        }
+        for norm in [&mut layer.post_norm1, &mut layer.post_norm2].into_iter().flatten() {
+            *norm = norm.clone().no_grad();
+        }
+    }
+    student.norm = student.norm.clone().no_grad();
+
+    let val_kl = |student: &mut Transformer| -> Result<f64, DistillError> {
+        set_policies(student, &turns[0])?;
+        let mut sum = 0.0;
+        for w in &val {
+            sum += to_vec(kl(teacher, student, w, 1)?)[0] as f64;
+        }
+        Ok(sum / val.len() as f64)
+    };
+    let val_kl_init = val_kl(&mut student)?;
+    tracing::info!(val_kl_init, "finetune: KL before");
+
+    let steps_per_epoch = train.len() / cfg.batch_windows;
+    let total = steps_per_epoch * cfg.epochs;
+    let mut optims: Vec<ModuleOptimizer> = (0..n_layers)
+        .map(|_| AdamWConfig::new().with_weight_decay(cfg.weight_decay).init())
+        .collect();
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+    let mut curve = Vec::new();
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+        for batch in order.chunks_exact(cfg.batch_windows) {
+            set_policies(&mut student, &turns[step % turns.len()])?;
+            let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].iter().copied()).collect();
+            let loss = kl(teacher, &student, &ids, batch.len())?;
+            let value = to_vec(loss.clone())[0] as f64;
+            if !value.is_finite() {
+                return Err(DistillError::Invalid(format!(
+                    "finetune: the KL became {value} at step {step}; try a lower lr (now {})",
+                    cfg.lr
+                )));
+            }
+            let mut grads = loss.backward();
+            let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
+            for (l, optim) in optims.iter_mut().enumerate() {
+                let block = moe_mut(&mut student, l);
+                let g = GradientsParams::from_module(&mut grads, &block.params);
+                block.params = optim.step(lr, block.params.clone(), g);
+            }
+            step += 1;
+            if step % 5 == 0 || step == total {
+                curve.push((step, value));
+                tracing::debug!(step, kl = value, lr, "finetune step");
+            }
+            progress(step, total, value);
+        }
+    }
+    let val_kl_after = val_kl(&mut student)?;
+    tracing::info!(val_kl_init, val_kl = val_kl_after, "finetune: KL after");
+
+    for l in 0..n_layers {
+        let report = finished(run_dir, l).expect("checked above");
+        let block = moe_mut(&mut student, l);
+        block.set_policy(report.config.train_policy.clone())?;
+        save_layer(out_dir, block, &report)?;
+    }
+    let report = FinetuneReport {
+        config: cfg.clone(),
+        seq_len,
+        train_windows: train.len(),
+        val_windows: val.len(),
+        steps: step,
+        loss_curve: curve,
+        val_kl_init,
+        val_kl: val_kl_after,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    let p = report_file(out_dir);
+    let tmp = p.with_extension("json.part");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
+    Ok(report)
+}

@@ -1,0 +1,106 @@
+//! The end-to-end polish (`finetune`): it lowers the held-back KL to the teacher, a finished
+//! folder is not trained again, and bad settings are clear errors that write nothing.
+
+use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune};
+use ladimo_distill::sequential::run_layers_sequential;
+use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished};
+use ladimo_io::Checkpoint;
+use ladimo_model::Transformer;
+use ladimo_moe::{Combine, CombineWeights, Policy};
+
+fn stage1(dir: &std::path::Path) -> (Checkpoint, Transformer, Vec<u32>) {
+    let ckpt = Checkpoint::open(ladimo_tests::fixture("tiny-llama3")).unwrap();
+    let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
+    let tokens: Vec<u32> = (0..2560u32).map(|i| (i * 7919 + 13) % 500 + 1).collect();
+    let cfg = TrainConfig {
+        experts: 4,
+        shared_neurons: 0,
+        train_policy: Policy::TopK { k: 2 },
+        also_train_with: Vec::new(),
+        combine: Combine {
+            weights: CombineWeights::Unit,
+            scale: 1.0,
+        },
+        epochs: 1,
+        batch_tokens: 64,
+        lr: 2e-3,
+        inputs: Inputs::Student,
+        ..Default::default()
+    };
+    let n = ckpt.config.num_layers;
+    run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, dir, 0..n, &cfg, |_, _, _, _| {}).unwrap();
+    (ckpt, model, tokens)
+}
+
+#[test]
+fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("stage1");
+    let (ckpt, model, tokens) = stage1(&run);
+    let n = ckpt.config.num_layers;
+    let cfg = FinetuneConfig {
+        epochs: 3,
+        policies: vec![Policy::TopK { k: 2 }, Policy::TopK { k: 1 }],
+        batch_windows: 2,
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let out = dir.path().join("polished");
+    let r = finetune(&ckpt, &model, &run, &out, &tokens, 64, &cfg, |_, _, _| {}).unwrap();
+    assert_eq!((r.train_windows, r.val_windows), (38, 2));
+    assert_eq!(r.steps, 3 * 19);
+    assert!(r.val_kl_init > 0.0 && r.val_kl.is_finite());
+    assert!(r.val_kl < 0.8 * r.val_kl_init, "KL {} -> {}", r.val_kl_init, r.val_kl);
+    for l in 0..n {
+        // Written like a stage-1 run: same partition, the stage-1 policy, new weights.
+        let (a, b) = (finished(&run, l).unwrap(), finished(&out, l).unwrap());
+        assert_eq!(a, b);
+        assert_ne!(
+            std::fs::read(block_path(&run, l)).unwrap(),
+            std::fs::read(block_path(&out, l)).unwrap()
+        );
+    }
+    let saved = finished_finetune(&out).unwrap();
+    assert_eq!((saved.config, saved.steps), (cfg.clone(), r.steps));
+    assert!((saved.val_kl - r.val_kl).abs() <= 1e-12 * r.val_kl);
+    // Finished: the same call returns the saved report without training again.
+    let again = finetune(&ckpt, &model, &run, &out, &tokens, 64, &cfg, |_, _, _| {
+        panic!("a finished folder must not train again")
+    })
+    .unwrap();
+    assert_eq!(again.seconds, finished_finetune(&out).unwrap().seconds);
+}
+
+#[test]
+fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("stage1");
+    let (ckpt, model, tokens) = stage1(&run);
+    let cfg = FinetuneConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let out = dir.path().join("out");
+    let err = |run: &std::path::Path, out: &std::path::Path, tokens: &[u32], cfg: &FinetuneConfig| {
+        finetune(&ckpt, &model, run, out, tokens, 64, cfg, |_, _, _| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&run, &out, &tokens[..640], &cfg);
+    assert!(e.contains("10 windows of 64") && e.contains("at least 20"), "{e}");
+    let e = err(&run, &out, &tokens, &FinetuneConfig { lr: 0.0, ..cfg.clone() });
+    assert!(e.contains("lr (0)"), "{e}");
+    let e = err(&dir.path().join("nothing"), &out, &tokens, &cfg);
+    assert!(e.contains("nothing") && e.contains("not finished"), "{e}");
+    let e = err(&run, &run, &tokens, &cfg);
+    assert!(e.contains("overwrite the stage-1 run"), "{e}");
+    assert!(!out.exists());
+    // A policy the blocks cannot run (top-5 of 4 experts) fails before anything is written.
+    let top5 = FinetuneConfig {
+        policies: vec![Policy::TopK { k: 5 }],
+        ..cfg.clone()
+    };
+    let e = err(&run, &out, &tokens, &top5);
+    assert!(e.contains("5"), "{e}");
+    assert!(!out.exists());
+}
