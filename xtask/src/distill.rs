@@ -80,6 +80,19 @@ pub struct DistillArgs {
     /// Stop after training and export (no perplexity evaluation).
     #[arg(long)]
     no_eval: bool,
+    /// After the layer-wise pass, polish every block end to end (KL to the teacher's next-token
+    /// distribution, `ladimo_distill::finetune`) at this learning rate; the evaluation then
+    /// scores the polished blocks (and skips the untrained rows).
+    #[arg(long)]
+    finetune_lr: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    finetune_epochs: usize,
+    /// Top-k the polish trains at, taking turns (default: --k-train).
+    #[arg(long, value_delimiter = ',')]
+    finetune_k: Vec<usize>,
+    /// Windows of --seq-len per polish step.
+    #[arg(long, default_value_t = 2)]
+    finetune_batch: usize,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
@@ -234,6 +247,53 @@ pub fn run(a: DistillArgs) -> Result<()> {
             s.why_not_mixtral.map(|w| format!(", {w}")).unwrap_or_default()
         );
     }
+    // Optional end-to-end polish; the evaluation then reads the polished blocks.
+    let mut blocks_dir = out.clone();
+    if let Some(lr) = a.finetune_lr {
+        let ks = if a.finetune_k.is_empty() {
+            vec![a.k_train]
+        } else {
+            a.finetune_k.clone()
+        };
+        let fcfg = ladimo_distill::finetune::FinetuneConfig {
+            epochs: a.finetune_epochs,
+            policies: ks.iter().map(|&k| Policy::TopK { k }).collect(),
+            batch_windows: a.finetune_batch,
+            lr,
+            ..Default::default()
+        };
+        let ks_name: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
+        blocks_dir = out.join(format!(
+            "finetune-lr{lr:e}-e{}-k{}-b{}",
+            a.finetune_epochs,
+            ks_name.join("_"),
+            a.finetune_batch
+        ));
+        let pb = bar(1, "finetune");
+        let r = ladimo_distill::finetune::finetune(
+            &ckpt,
+            &model,
+            &out,
+            &blocks_dir,
+            &calib,
+            a.seq_len,
+            &fcfg,
+            |s, total, kl| {
+                pb.set_length(total as u64);
+                pb.set_position(s as u64);
+                pb.set_message(format!("kl {kl:.3}"));
+            },
+        )?;
+        pb.finish();
+        println!(
+            "finetune: {} steps, held-back KL {:.4} -> {:.4} nats/token, {:.0} s; blocks in {}",
+            r.steps,
+            r.val_kl_init,
+            r.val_kl,
+            r.seconds,
+            blocks_dir.display()
+        );
+    }
     if a.no_eval {
         return Ok(());
     }
@@ -271,7 +331,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     let set_blocks = |model: &mut Transformer, k: usize, trained: bool| -> Result<()> {
         for layer in all_layers.clone() {
             let block = if trained {
-                load_layer_block(&out, layer, Policy::TopK { k }, &device)?
+                load_layer_block(&blocks_dir, layer, Policy::TopK { k }, &device)?
             } else {
                 let r = finished(&out, layer).context("layer report")?;
                 let ffn = HostFfn::from_checkpoint(&ckpt, layer)?;
@@ -299,9 +359,18 @@ pub fn run(a: DistillArgs) -> Result<()> {
     };
     for &k in &a.eval_k {
         set_blocks(&mut model, k, true)?;
-        eval(&model, format!("moe top-{k}/{} distilled", a.experts), &mut rows)?;
+        let what = if a.finetune_lr.is_some() {
+            "distilled+finetuned"
+        } else {
+            "distilled"
+        };
+        eval(&model, format!("moe top-{k}/{} {what}", a.experts), &mut rows)?;
     }
-    for &k in a.untrained_k.iter().filter(|_| meta.is_some()) {
+    for &k in a
+        .untrained_k
+        .iter()
+        .filter(|_| meta.is_some() && a.finetune_lr.is_none())
+    {
         set_blocks(&mut model, k, false)?;
         eval(&model, format!("moe top-{k}/{} not distilled", a.experts), &mut rows)?;
     }
@@ -311,7 +380,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         "dense_params": {"total": dense_counts.total(), "ffn": dense_counts.ffn_total},
         "rows": rows, "wall_seconds": total_start.elapsed().as_secs_f64(),
     });
-    let p = out.join("results.json");
+    let p = blocks_dir.join("results.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&results)?)?;
     println!(
         "\n{:<32} {:>10} {:>10} {:>14} {:>12}",

@@ -32,7 +32,7 @@ enum Cmd {
     /// unless --config says otherwise; the same as `ladimo convert`.
     Convert(ladimo_convert::ConvertArgs),
     /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
-    Distill(distill::DistillArgs),
+    Distill(Box<distill::DistillArgs>),
     /// Benchmarks; they print figures and ratios, they assert nothing.
     Bench {
         #[command(subcommand)]
@@ -88,7 +88,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             ladimo_convert::run(a).map(|_| ())
         }
-        Cmd::Distill(a) => distill::run(a),
+        Cmd::Distill(a) => distill::run(*a),
         Cmd::GpuCheck { args } => {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");
             println!("+ bash {script} {}", args.join(" "));
