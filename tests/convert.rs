@@ -53,6 +53,10 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
             .contains("## Headline")
     );
     assert!(!r.times.iter().any(|t| t.earlier));
+    // ci.toml polishes the blocks end to end: the held-back KL to the dense model falls.
+    let (before, after) = json.stage1_polish_kl.expect("the polish ran");
+    assert!(after < before, "polish KL {before} -> {after}");
+    assert!(r.times.iter().any(|t| t.stage == "stage 1: end-to-end polish"));
 
     // Again with --force: stages 1 and 2 come from the work folder, the old output is moved aside
     // (not deleted), and the result is the same.
@@ -131,6 +135,11 @@ fn bad_input_is_a_clear_error_and_no_output() {
         .unwrap_err()
     );
     assert!(e.contains("also_train_with") && e.contains('9'), "{e}");
+    let e = format!(
+        "{:#}",
+        run(args(&out, &["stage1.finetune.policies=[{ type = \"TopK\", k = 9 }]"])).unwrap_err()
+    );
+    assert!(e.contains("stage1.finetune.policies") && e.contains('9'), "{e}");
     // A model folder whose weights are unreadable.
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use ladimo_distill::finetune::FinetuneConfig;
 use ladimo_distill::train::TrainConfig;
 use ladimo_moe::Policy;
 use ladimo_profile::{BudgetKind, Cost, SensitivityContext};
@@ -79,6 +80,9 @@ pub struct Stage1Config {
     /// epochs, batch_tokens, lr, warmup_frac, min_lr_frac, weight_decay, cosine_weight, val_frac,
     /// log_every, router_init_std, router_norm_weight, router_norm_temp.
     pub train: TrainConfig,
+    /// The optional end-to-end polish after the layer-wise pass
+    /// (`ladimo_distill::finetune::FinetuneConfig`; `epochs = 0` skips it).
+    pub finetune: FinetuneConfig,
 }
 
 impl Default for Stage1Config {
@@ -88,6 +92,7 @@ impl Default for Stage1Config {
             seq_len: 512,
             keep_capture: false,
             train: TrainConfig::default(),
+            finetune: FinetuneConfig::default(),
         }
     }
 }
@@ -269,6 +274,28 @@ impl ConvertConfig {
             use ladimo_moe::RoutingPolicy;
             p.validate(s1.train.experts)
                 .map_err(|e| anyhow::anyhow!("stage1.train.{field}: {p}: {e}"))?;
+        }
+        let ft = &s1.finetune;
+        if ft.epochs > 0 {
+            for p in &ft.policies {
+                use ladimo_moe::RoutingPolicy;
+                p.validate(s1.train.experts)
+                    .map_err(|e| anyhow::anyhow!("stage1.finetune.policies: {p}: {e}"))?;
+            }
+            if ft.batch_windows == 0 || !(ft.lr.is_finite() && ft.lr > 0.0) {
+                bail!(
+                    "stage1.finetune: batch_windows ({}) and lr ({}) must be positive",
+                    ft.batch_windows,
+                    ft.lr
+                );
+            }
+            if s1.tokens / s1.seq_len.max(1) < 20 {
+                bail!(
+                    "stage1.finetune holds back one window in 20: stage1.tokens ({}) must make at least 20 windows of {}",
+                    s1.tokens,
+                    s1.seq_len
+                );
+            }
         }
         if self.stage2.tokens < self.stage2.seq_len {
             bail!(

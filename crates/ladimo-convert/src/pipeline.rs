@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_data::{Part, Task, take_tokens};
+use ladimo_distill::finetune::finetune;
 use ladimo_distill::train::{Inputs, finished, load_layer_block, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -294,11 +295,50 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             }
         }
     }
+    // ---- Stage 1, optional: polish every block end to end (KL to the teacher) ---------------
+    let ft = &cfg.stage1.finetune;
+    let (blocks_dir, key1) = if ft.epochs > 0 {
+        let key_f = hash(&[key1.as_bytes(), &serde_json::to_vec(ft)?]);
+        let sf = work.join("stage1-finetune");
+        match read_record(&sf).filter(|r| r.key == key_f) {
+            Some(r) => times.push(StageTime::earlier("stage 1: end-to-end polish", r.seconds)),
+            None => {
+                prepare_step(&sf, &key_f)?;
+                let pb = bar(1, "1/4 stage 1: polish");
+                let r = finetune(
+                    &ckpt,
+                    &dense,
+                    &s1,
+                    &sf,
+                    &calib,
+                    cfg.stage1.seq_len,
+                    ft,
+                    |s, total, kl| {
+                        pb.set_length(total as u64);
+                        pb.set_position(s as u64);
+                        pb.set_message(format!("1/4 stage 1: polish, KL {kl:.3}"));
+                    },
+                )?;
+                pb.finish();
+                tracing::info!(
+                    "polish: held-back KL {:.4} -> {:.4} nats/token in {:.0} s",
+                    r.val_kl_init,
+                    r.val_kl,
+                    r.seconds
+                );
+                times.push(StageTime::now("stage 1: end-to-end polish", r.seconds));
+                finish_step(&sf, &key_f, r.seconds)?;
+            }
+        }
+        (sf, key_f)
+    } else {
+        (s1.clone(), key1)
+    };
     let layer_reports: Vec<_> = (0..n_layers)
         .map(|l| finished(&s1, l).with_context(|| format!("{}: layer {l} is not finished", s1.display())))
         .collect::<Result<_>>()?;
     let mut moe = Transformer::from_checkpoint_with(&ckpt, &device, |l| {
-        let b = load_layer_block(&s1, l, train.train_policy.clone(), &device)
+        let b = load_layer_block(&blocks_dir, l, train.train_policy.clone(), &device)
             .map_err(|e| ladimo_model::ModelError::Invalid(e.to_string()))?;
         Ok(Box::new(b))
     })?;
@@ -537,6 +577,10 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         calibration_files: cal_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         heldout_files: held_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         stage1_val_rel_error: layer_reports.iter().map(|r| r.val_rel_error).collect(),
+        stage1_polish_kl: (ft.epochs > 0)
+            .then(|| ladimo_distill::finetune::finished_finetune(&blocks_dir))
+            .flatten()
+            .map(|r| (r.val_kl_init, r.val_kl)),
         solved: {
             let mut sv = solved_summary(&solved);
             if let Some(p) = &s2cfg.fixed_policy {
