@@ -14,6 +14,13 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
+/// Panics unless files `a` and `b` hold the same bytes (e.g. a resumed run's output against an
+/// uninterrupted one's); `what` names the pair in the message.
+pub fn assert_same_bytes(a: &Path, b: &Path, what: &str) {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(read(a) == read(b), "{what}: {} and {} differ", a.display(), b.display());
+}
+
 /// A reference safetensors file, read whole.
 pub struct Reference {
     bytes: Vec<u8>,

@@ -93,6 +93,15 @@ fn roundtrip(name: &str, blocks: impl Fn(&Checkpoint, usize) -> Option<MoeBlock>
     section
 }
 
+/// A budget of `fraction` of the dense FFN's activated parameters.
+fn ffn_budget(fraction: f64) -> Budget {
+    Budget {
+        kind: BudgetKind::FfnParams,
+        fraction: Some(fraction),
+        absolute: None,
+    }
+}
+
 #[test]
 fn uniform_topk_renormalised_is_saved_as_mixtral() {
     let s = roundtrip("tiny-llama3", |c, l| {
@@ -300,11 +309,7 @@ fn profile_costs_are_exact_where_known_and_solver_meets_budgets() {
     }
     assert_eq!(p.uniform.len(), 2);
     for frac in [0.5, 0.75, 0.9] {
-        let b = Budget {
-            kind: BudgetKind::FfnParams,
-            fraction: Some(frac),
-            absolute: None,
-        };
+        let b = ffn_budget(frac);
         let s = solve_profile(&p, &b, Cost::RelMse).unwrap();
         assert!(
             s.used <= s.budget_value * (1.0 + 1e-12),
@@ -330,11 +335,7 @@ fn profile_costs_are_exact_where_known_and_solver_meets_budgets() {
         );
         s.policies.apply(&mut moe, Path::new("solved.toml")).unwrap();
     }
-    let too_small = Budget {
-        kind: BudgetKind::FfnParams,
-        fraction: Some(0.01),
-        absolute: None,
-    };
+    let too_small = ffn_budget(0.01);
     let err = solve_profile(&p, &too_small, Cost::RelMse).unwrap_err().to_string();
     assert!(
         err.contains("below the cheapest") && err.contains("% of dense"),
@@ -366,11 +367,7 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     let old: Profile = serde_json::from_value(old).unwrap();
     assert_eq!(old, p0);
     assert_eq!(Cost::default_for(&old), Cost::RelMse);
-    let b = Budget {
-        kind: BudgetKind::FfnParams,
-        fraction: Some(0.75),
-        absolute: None,
-    };
+    let b = ffn_budget(0.75);
     let err = solve_profile(&old, &b, Cost::Sensitivity).unwrap_err().to_string();
     assert!(err.contains("no sensitivity data"), "{err}");
 
@@ -438,11 +435,7 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
             }
         }
         for frac in [0.5, 0.75, 0.9] {
-            let b = Budget {
-                kind: BudgetKind::FfnParams,
-                fraction: Some(frac),
-                absolute: None,
-            };
+            let b = ffn_budget(frac);
             let sol = solve_profile(&p, &b, cost).unwrap();
             assert!(sol.used <= sol.budget_value * (1.0 + 1e-12));
             assert!((sol.predicted_ppl_ratio - sol.cost.exp()).abs() < 1e-12);
@@ -524,11 +517,7 @@ fn sensitivity_around_the_moe_operating_point() {
     }
     let (c2, _) = uniform_cost(&p, &Policy::TopK { k: 2 }, Cost::Sensitivity).unwrap();
     assert!(predict_ppl_ratio(&p, Cost::Sensitivity, c2).is_finite());
-    let b = Budget {
-        kind: BudgetKind::FfnParams,
-        fraction: Some(0.6),
-        absolute: None,
-    };
+    let b = ffn_budget(0.6);
     let sol = solve_profile(&p, &b, Cost::Sensitivity).unwrap();
     assert!((sol.predicted_ppl_ratio - predict_ppl_ratio(&p, Cost::Sensitivity, sol.cost)).abs() < 1e-12);
     // A profile from before the context existed reads as dense-context.

@@ -73,11 +73,10 @@ fn distillation_loss_falls_and_resume_equals_uninterrupted() {
     .unwrap();
     assert_eq!(trained, [1], "only the unfinished layer is trained");
     for layer in 0..2 {
-        let a = std::fs::read(block_path(&full, layer)).unwrap();
-        let b = std::fs::read(block_path(&resumed, layer)).unwrap();
-        assert!(
-            a == b,
-            "layer {layer}: resumed result differs from the uninterrupted one"
+        ladimo_tests::assert_same_bytes(
+            &block_path(&full, layer),
+            &block_path(&resumed, layer),
+            &format!("layer {layer}, resumed vs uninterrupted"),
         );
     }
 }

@@ -86,11 +86,10 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
     .unwrap();
     assert_eq!(trained, [1], "only the unfinished layer is trained");
     for layer in 0..2 {
-        let a = std::fs::read(block_path(&full, layer)).unwrap();
-        let b = std::fs::read(block_path(&resumed, layer)).unwrap();
-        assert!(
-            a == b,
-            "layer {layer}: resumed result differs from the uninterrupted one"
+        ladimo_tests::assert_same_bytes(
+            &block_path(&full, layer),
+            &block_path(&resumed, layer),
+            &format!("layer {layer}, resumed vs uninterrupted"),
         );
     }
     // A range that starts later replays the earlier layers from the folder.
