@@ -275,27 +275,10 @@ impl ConvertConfig {
             p.validate(s1.train.experts)
                 .map_err(|e| anyhow::anyhow!("stage1.train.{field}: {p}: {e}"))?;
         }
-        let ft = &s1.finetune;
-        if ft.epochs > 0 {
-            for p in &ft.policies {
-                use ladimo_moe::RoutingPolicy;
-                p.validate(s1.train.experts)
-                    .map_err(|e| anyhow::anyhow!("stage1.finetune.policies: {p}: {e}"))?;
-            }
-            if ft.batch_windows == 0 || !(ft.lr.is_finite() && ft.lr > 0.0) {
-                bail!(
-                    "stage1.finetune: batch_windows ({}) and lr ({}) must be positive",
-                    ft.batch_windows,
-                    ft.lr
-                );
-            }
-            if s1.tokens / s1.seq_len.max(1) < 20 {
-                bail!(
-                    "stage1.finetune holds back one window in 20: stage1.tokens ({}) must make at least 20 windows of {}",
-                    s1.tokens,
-                    s1.seq_len
-                );
-            }
+        if s1.finetune.epochs > 0 {
+            s1.finetune
+                .check(s1.train.experts, s1.tokens / s1.seq_len, s1.seq_len)
+                .map_err(|e| anyhow::anyhow!("stage1.finetune.{e}"))?;
         }
         if self.stage2.tokens < self.stage2.seq_len {
             bail!(

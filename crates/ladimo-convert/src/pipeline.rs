@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_data::{Part, Task, take_tokens};
-use ladimo_distill::finetune::finetune;
+use ladimo_distill::finetune::{finetune, finished_finetune};
 use ladimo_distill::train::{Inputs, finished, load_layer_block, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -297,11 +297,14 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     }
     // ---- Stage 1, optional: polish every block end to end (KL to the teacher) ---------------
     let ft = &cfg.stage1.finetune;
-    let (blocks_dir, key1) = if ft.epochs > 0 {
+    let (blocks_dir, key1, polish) = if ft.epochs > 0 {
         let key_f = hash(&[key1.as_bytes(), &serde_json::to_vec(ft)?]);
         let sf = work.join("stage1-finetune");
-        match read_record(&sf).filter(|r| r.key == key_f) {
-            Some(r) => times.push(StageTime::earlier("stage 1: end-to-end polish", r.seconds)),
+        let polish = match read_record(&sf).filter(|r| r.key == key_f) {
+            Some(r) => {
+                times.push(StageTime::earlier("stage 1: end-to-end polish", r.seconds));
+                finished_finetune(&sf).with_context(|| format!("{}: finetune.json is unreadable", sf.display()))?
+            }
             None => {
                 prepare_step(&sf, &key_f)?;
                 let pb = bar(1, "1/4 stage 1: polish");
@@ -328,11 +331,12 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                 );
                 times.push(StageTime::now("stage 1: end-to-end polish", r.seconds));
                 finish_step(&sf, &key_f, r.seconds)?;
+                r
             }
-        }
-        (sf, key_f)
+        };
+        (sf, key_f, Some(polish))
     } else {
-        (s1.clone(), key1)
+        (s1.clone(), key1, None)
     };
     let layer_reports: Vec<_> = (0..n_layers)
         .map(|l| finished(&s1, l).with_context(|| format!("{}: layer {l} is not finished", s1.display())))
@@ -577,10 +581,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         calibration_files: cal_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         heldout_files: held_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         stage1_val_rel_error: layer_reports.iter().map(|r| r.val_rel_error).collect(),
-        stage1_polish_kl: (ft.epochs > 0)
-            .then(|| ladimo_distill::finetune::finished_finetune(&blocks_dir))
-            .flatten()
-            .map(|r| (r.val_kl_init, r.val_kl)),
+        stage1_polish_kl: polish.map(|r| (r.val_kl_init, r.val_kl)),
         solved: {
             let mut sv = solved_summary(&solved);
             if let Some(p) = &s2cfg.fixed_policy {

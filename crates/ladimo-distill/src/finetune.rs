@@ -35,7 +35,7 @@ use ladimo_moe::{MoeBlock, Policy, RoutingPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
-use crate::train::{finished, load_layer_block, save_layer, warmup_cosine};
+use crate::train::{LayerReport, finished, load_layer_block, save_layer, warmup_cosine};
 
 /// Settings of the end-to-end polish. Every field has a default; unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +67,32 @@ impl Default for FinetuneConfig {
             weight_decay: 0.0,
             seed: 0,
         }
+    }
+}
+
+impl FinetuneConfig {
+    /// Whether these settings can polish blocks of `experts` routed experts on `windows`
+    /// calibration windows of `seq_len` tokens (one in 20 is held back); the message names the
+    /// problem, led by the field it concerns. Called by [`finetune`] and, before any long work,
+    /// by a converter's config check.
+    pub fn check(&self, experts: usize, windows: usize, seq_len: usize) -> Result<(), String> {
+        if self.epochs == 0 || self.batch_windows == 0 || !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!(
+                "epochs ({}), batch_windows ({}) and lr ({}) must be positive",
+                self.epochs, self.batch_windows, self.lr
+            ));
+        }
+        if windows < 20 || windows - windows / 20 < self.batch_windows {
+            return Err(format!(
+                "batch_windows ({}): {windows} windows of {seq_len} calibration tokens are too few; \
+                 the polish needs at least 20 (one in 20 is held back) and one batch",
+                self.batch_windows
+            ));
+        }
+        for p in &self.policies {
+            p.validate(experts).map_err(|e| format!("policies: {p}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -134,26 +160,26 @@ pub fn finetune(
 ) -> Result<FinetuneReport, DistillError> {
     let start = Instant::now();
     let n_layers = ckpt.config.num_layers;
-    if cfg.epochs == 0 || cfg.batch_windows == 0 || !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        return Err(DistillError::Invalid(format!(
-            "finetune: epochs ({}), batch_windows ({}) and lr ({}) must be positive",
-            cfg.epochs, cfg.batch_windows, cfg.lr
-        )));
-    }
     if out_dir == run_dir {
         return Err(DistillError::Invalid(format!(
             "finetune would overwrite the stage-1 run {}: give another output folder",
             run_dir.display()
         )));
     }
-    let missing: Vec<usize> = (0..n_layers).filter(|&l| finished(run_dir, l).is_none()).collect();
-    if !missing.is_empty() {
+    // The stage-1 reports (partition, training policy), read once.
+    let reports: Vec<LayerReport> = (0..n_layers).filter_map(|l| finished(run_dir, l)).collect();
+    if reports.len() < n_layers {
+        let missing: Vec<usize> = (0..n_layers).filter(|&l| finished(run_dir, l).is_none()).collect();
         return Err(DistillError::Invalid(format!(
             "{}: layers {missing:?} are not finished; finetune starts from a whole stage-1 run",
             run_dir.display()
         )));
     }
     let windows: Vec<&[u32]> = tokens.chunks_exact(seq_len.max(1)).collect();
+    for r in &reports {
+        cfg.check(r.partition.experts.len(), windows.len(), seq_len)
+            .map_err(|e| DistillError::Invalid(format!("finetune, layer {}: {e}", r.layer)))?;
+    }
     let val: Vec<&[u32]> = windows.iter().skip(19).step_by(20).copied().collect();
     let train: Vec<&[u32]> = windows
         .iter()
@@ -161,15 +187,6 @@ pub fn finetune(
         .filter(|(i, _)| i % 20 != 19)
         .map(|(_, w)| *w)
         .collect();
-    if val.is_empty() || train.len() < cfg.batch_windows {
-        return Err(DistillError::Invalid(format!(
-            "finetune: {} calibration tokens make {} windows of {seq_len}; it needs at least 20 \
-             (one in 20 is held back) and one batch of {}",
-            tokens.len(),
-            windows.len(),
-            cfg.batch_windows
-        )));
-    }
     if let Some(r) = finished_finetune(out_dir)
         && r.config == *cfg
         && r.seq_len == seq_len
@@ -179,20 +196,9 @@ pub fn finetune(
         return Ok(r);
     }
 
-    for l in 0..n_layers {
-        let experts = finished(run_dir, l).expect("checked above").partition.experts.len();
-        for p in &cfg.policies {
-            p.validate(experts)
-                .map_err(|e| DistillError::Invalid(format!("finetune policy {p} in layer {l}: {e}")))?;
-        }
-    }
     // Per layer, the policies the steps take turns with.
     let turns: Vec<Vec<Policy>> = if cfg.policies.is_empty() {
-        vec![
-            (0..n_layers)
-                .map(|l| finished(run_dir, l).expect("checked above").config.train_policy)
-                .collect(),
-        ]
+        vec![reports.iter().map(|r| r.config.train_policy.clone()).collect()]
     } else {
         cfg.policies.iter().map(|p| vec![p.clone(); n_layers]).collect()
     };
@@ -268,11 +274,10 @@ pub fn finetune(
     let val_kl_after = val_kl(&mut student)?;
     tracing::info!(val_kl_init, val_kl = val_kl_after, "finetune: KL after");
 
-    for l in 0..n_layers {
-        let report = finished(run_dir, l).expect("checked above");
+    for (l, report) in reports.iter().enumerate() {
         let block = moe_mut(&mut student, l);
         block.set_policy(report.config.train_policy.clone())?;
-        save_layer(out_dir, block, &report)?;
+        save_layer(out_dir, block, report)?;
     }
     let report = FinetuneReport {
         config: cfg.clone(),
