@@ -12,8 +12,8 @@ use ladimo_moe::{
     save_moe_checkpoint,
 };
 use ladimo_profile::{
-    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, predict_ppl_ratio,
-    profile_model, solve_profile, uniform_cost,
+    Budget, BudgetKind, Cost, LayerProfile, Profile, ProfileConfig, SensitivityContext, add_sensitivity,
+    predict_ppl_ratio, profile_model, solve_profile, uniform_cost,
 };
 use ladimo_tests::{fixture, max_abs_diff};
 
@@ -91,6 +91,16 @@ fn roundtrip(name: &str, blocks: impl Fn(&Checkpoint, usize) -> Option<MoeBlock>
         .collect();
     assert_eq!(left.len(), 1, "{left:?}");
     section
+}
+
+/// The cost of a layer's TopK { k } candidate in `costs` (one per candidate, as `Cost::table` gives).
+fn topk_cost(layer: &LayerProfile, costs: &[f64], k: usize) -> f64 {
+    let i = layer
+        .candidates
+        .iter()
+        .position(|c| c.policy == Policy::TopK { k })
+        .unwrap_or_else(|| panic!("layer {}: no top-{k} candidate", layer.layer));
+    costs[i]
 }
 
 /// A budget of `fraction` of the dense FFN's activated parameters.
@@ -421,13 +431,7 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     for cost in [Cost::Sensitivity, Cost::SensitivityLinear] {
         let table = cost.table(&p).unwrap();
         for (l, costs) in p.layers.iter().zip(&table) {
-            let at = |k: usize| {
-                costs[l
-                    .candidates
-                    .iter()
-                    .position(|c| c.policy == Policy::TopK { k })
-                    .unwrap()]
-            };
+            let at = |k: usize| topk_cost(l, costs, k);
             assert!(at(4).abs() < 1e-4, "{cost:?} layer {}", l.layer);
             if cost == Cost::Sensitivity {
                 // Non-increasing in experts run and non-negative.
@@ -500,13 +504,7 @@ fn sensitivity_around_the_moe_operating_point() {
     // Deltas below the context's own perplexity are kept (lifted, not cut at 0): every layer's
     // cost curve is non-negative, touches 0, and never rises with more experts.
     for (l, costs) in p.layers.iter().zip(Cost::Sensitivity.table(&p).unwrap()) {
-        let at = |k: usize| {
-            costs[l
-                .candidates
-                .iter()
-                .position(|c| c.policy == Policy::TopK { k })
-                .unwrap()]
-        };
+        let at = |k: usize| topk_cost(l, &costs, k);
         assert!(costs.iter().all(|&c| c >= 0.0), "layer {}", l.layer);
         assert!(at(1) >= at(2) && at(2) >= at(3) && at(3) >= at(4), "layer {}", l.layer);
         assert!(

@@ -357,13 +357,13 @@ pub fn run(a: DistillArgs) -> Result<()> {
         }
         Ok(())
     };
+    let what = if a.finetune_lr.is_some() {
+        "distilled+finetuned"
+    } else {
+        "distilled"
+    };
     for &k in &a.eval_k {
         set_blocks(&mut model, k, true)?;
-        let what = if a.finetune_lr.is_some() {
-            "distilled+finetuned"
-        } else {
-            "distilled"
-        };
         eval(&model, format!("moe top-{k}/{} {what}", a.experts), &mut rows)?;
     }
     for &k in a

@@ -1,18 +1,11 @@
 //! Capture and layer-wise distillation on a tiny model: the loss falls, and a resumed run ends
 //! with the same result as an uninterrupted one.
 
+mod common;
+
 use ladimo_distill::capture::capture;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, run_layers};
-use ladimo_io::Checkpoint;
-use ladimo_model::Transformer;
 use ladimo_moe::{Combine, CombineWeights, Policy};
-
-fn setup() -> (Checkpoint, Transformer, Vec<u32>) {
-    let ckpt = Checkpoint::open(ladimo_tests::fixture("tiny-llama3")).unwrap();
-    let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
-    let tokens: Vec<u32> = (0..1024u32).map(|i| (i * 7919 + 13) % 500 + 1).collect();
-    (ckpt, model, tokens)
-}
 
 fn cfg() -> TrainConfig {
     TrainConfig {
@@ -38,7 +31,7 @@ fn cfg() -> TrainConfig {
 
 #[test]
 fn distillation_loss_falls_and_resume_equals_uninterrupted() {
-    let (ckpt, model, tokens) = setup();
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let device = ladimo_backend::device();
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("capture");
@@ -83,7 +76,7 @@ fn distillation_loss_falls_and_resume_equals_uninterrupted() {
 
 #[test]
 fn bad_ranges_and_budgets_are_clear_errors() {
-    let (_ckpt, model, tokens) = setup();
+    let (_ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let dir = tempfile::tempdir().unwrap();
     let e = capture(&model, &tokens, 64, 0..3, dir.path(), |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("outside the model's 2 layers"), "{e}");
@@ -100,7 +93,7 @@ fn training_under_several_policies_prepares_the_block_for_each() {
     use ladimo_model::util::to_vec;
     use ladimo_moe::HostFfn;
 
-    let (ckpt, model, tokens) = setup();
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let device = ladimo_backend::device();
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("capture");

@@ -1,31 +1,20 @@
 //! The end-to-end polish (`finetune`): it lowers the held-back KL to the teacher, a finished
 //! folder is not trained again, and bad settings are clear errors that write nothing.
 
+mod common;
+
 use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune};
 use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
-use ladimo_moe::{Combine, CombineWeights, Policy};
+use ladimo_moe::Policy;
 
 fn stage1(dir: &std::path::Path) -> (Checkpoint, Transformer, Vec<u32>) {
-    let ckpt = Checkpoint::open(ladimo_tests::fixture("tiny-llama3")).unwrap();
-    let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
-    let tokens: Vec<u32> = (0..2560u32).map(|i| (i * 7919 + 13) % 500 + 1).collect();
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 2560);
     let cfg = TrainConfig {
-        experts: 4,
-        shared_neurons: 0,
-        train_policy: Policy::TopK { k: 2 },
-        also_train_with: Vec::new(),
-        combine: Combine {
-            weights: CombineWeights::Unit,
-            scale: 1.0,
-        },
         epochs: 1,
-        batch_tokens: 64,
-        lr: 2e-3,
-        inputs: Inputs::Student,
-        ..Default::default()
+        ..common::unit_top2(Inputs::Student, 0.0)
     };
     let n = ckpt.config.num_layers;
     run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, dir, 0..n, &cfg, |_, _, _, _| {}).unwrap();
@@ -101,6 +90,6 @@ fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
         ..cfg.clone()
     };
     let e = err(&run, &out, &tokens, &top5);
-    assert!(e.contains("5"), "{e}");
+    assert!(e.contains("layer 0") && e.contains("policies: top-5"), "{e}");
     assert!(!out.exists());
 }

@@ -3,39 +3,15 @@
 //! converted model's last hidden state closer to the teacher's than independent layers do, and
 //! bad settings are clear errors.
 
+mod common;
+
 use ladimo_distill::capture::capture;
 use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, load_layer_block, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::util::{ids_tensor, to_vec};
-use ladimo_moe::{Combine, CombineWeights, Policy};
-
-fn setup(fixture: &str) -> (Checkpoint, Transformer, Vec<u32>) {
-    let ckpt = Checkpoint::open(ladimo_tests::fixture(fixture)).unwrap();
-    let model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device()).unwrap();
-    let tokens: Vec<u32> = (0..1024u32).map(|i| (i * 7919 + 13) % 500 + 1).collect();
-    (ckpt, model, tokens)
-}
-
-fn cfg(inputs: Inputs, residual_correction: f64) -> TrainConfig {
-    TrainConfig {
-        experts: 4,
-        shared_neurons: 0,
-        train_policy: Policy::TopK { k: 2 },
-        also_train_with: Vec::new(),
-        combine: Combine {
-            weights: CombineWeights::Unit,
-            scale: 1.0,
-        },
-        epochs: 8,
-        batch_tokens: 64,
-        lr: 2e-3,
-        inputs,
-        residual_correction,
-        ..Default::default()
-    }
-}
+use ladimo_moe::Policy;
 
 /// `||h_moe - h_dense|| / ||h_dense||` of the final hidden states on `tokens` (windows of 64),
 /// with every layer's block from `dir` at top-2.
@@ -62,10 +38,10 @@ fn final_hidden_error(ckpt: &Checkpoint, dense: &Transformer, dir: &std::path::P
 
 #[test]
 fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher() {
-    let (ckpt, model, tokens) = setup("tiny-llama3");
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let device = ladimo_backend::device();
     let dir = tempfile::tempdir().unwrap();
-    let student = cfg(Inputs::Student, 1.0);
+    let student = common::unit_top2(Inputs::Student, 1.0);
 
     let full = dir.path().join("full");
     let reports = run_layers_sequential(&ckpt, &model, &tokens, 64, &full, 0..2, &student, |_, _, _, _| {}).unwrap();
@@ -105,7 +81,7 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
         &cap,
         &independent,
         0..2,
-        &cfg(Inputs::Teacher, 0.0),
+        &common::unit_top2(Inputs::Teacher, 0.0),
         &device,
         |_, _, _, _| {},
     )
@@ -123,25 +99,25 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
 
 #[test]
 fn bad_student_settings_are_clear_errors() {
-    let (ckpt, model, tokens) = setup("tiny-llama3");
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let dir = tempfile::tempdir().unwrap();
     let run = |cfg: &TrainConfig, layers: std::ops::Range<usize>, tokens: &[u32]| {
         run_layers_sequential(&ckpt, &model, tokens, 64, dir.path(), layers, cfg, |_, _, _, _| {})
             .unwrap_err()
             .to_string()
     };
-    let e = run(&cfg(Inputs::Student, 1.5), 0..2, &tokens);
+    let e = run(&common::unit_top2(Inputs::Student, 1.5), 0..2, &tokens);
     assert!(e.contains("residual_correction 1.5"), "{e}");
-    let e = run(&cfg(Inputs::Student, 0.0), 1..2, &tokens);
+    let e = run(&common::unit_top2(Inputs::Student, 0.0), 1..2, &tokens);
     assert!(
         e.contains("needs layers 0..1 finished") && e.contains("layer 0 is not"),
         "{e}"
     );
-    let e = run(&cfg(Inputs::Student, 0.0), 0..3, &tokens);
+    let e = run(&common::unit_top2(Inputs::Student, 0.0), 0..3, &tokens);
     assert!(e.contains("outside the model's 2 layers"), "{e}");
-    let e = run(&cfg(Inputs::Student, 0.0), 0..1, &tokens[..10]);
+    let e = run(&common::unit_top2(Inputs::Student, 0.0), 0..1, &tokens[..10]);
     assert!(e.contains("fewer than one sequence"), "{e}");
-    let e = run(&cfg(Inputs::Teacher, 0.0), 0..1, &tokens);
+    let e = run(&common::unit_top2(Inputs::Teacher, 0.0), 0..1, &tokens);
     assert!(e.contains("inputs = \"student\""), "{e}");
     // The capture-based runner refuses student inputs rather than silently ignoring them.
     let e = run_layers(
@@ -149,7 +125,7 @@ fn bad_student_settings_are_clear_errors() {
         dir.path(),
         dir.path(),
         0..1,
-        &cfg(Inputs::Student, 0.0),
+        &common::unit_top2(Inputs::Student, 0.0),
         &model.device,
         |_, _, _, _| {},
     )
@@ -162,7 +138,7 @@ fn bad_student_settings_are_clear_errors() {
     );
 
     // Peri-LN: the FFN output passes a norm before the residual add, so no correction target.
-    let (ckpt, model, tokens) = setup("tiny-hcx");
+    let (ckpt, model, tokens) = common::tiny("tiny-hcx", 1024);
     let e = run_layers_sequential(
         &ckpt,
         &model,
@@ -170,7 +146,7 @@ fn bad_student_settings_are_clear_errors() {
         64,
         dir.path(),
         0..1,
-        &cfg(Inputs::Student, 0.5),
+        &common::unit_top2(Inputs::Student, 0.5),
         |_, _, _, _| {},
     )
     .unwrap_err()
@@ -185,7 +161,7 @@ fn bad_student_settings_are_clear_errors() {
         64,
         &ok,
         0..3,
-        &cfg(Inputs::Student, 0.0),
+        &common::unit_top2(Inputs::Student, 0.0),
         |_, _, _, _| {},
     )
     .unwrap();
