@@ -18,13 +18,15 @@
 //! measure the KL before and after. The result is written like a stage-1 run (one
 //! `layerNNN.moe.safetensors` + `layerNNN.json` per layer, temporary names, then renamed) plus
 //! `finetune.json`, written last: a folder with `finetune.json` for the same settings is finished
-//! and is not trained again. A killed run starts over (it keeps no optimiser state on disk).
+//! and is not trained again. About 20 times per run a checkpoint (blocks, AdamW states, step) is
+//! written to `resume/`; a killed run goes on from the last one and ends with the same weights as
+//! an uninterrupted run.
 
 use std::any::Any;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
@@ -76,6 +78,12 @@ impl FinetuneConfig {
     /// problem, led by the field it concerns. Called by [`finetune`] and, before any long work,
     /// by a converter's config check.
     pub fn check(&self, experts: usize, windows: usize, seq_len: usize) -> Result<(), String> {
+        self.check_run(windows, seq_len)?;
+        self.check_policies(experts)
+    }
+
+    /// The settings that concern the whole run: positive epochs, batch and lr, and enough windows.
+    pub fn check_run(&self, windows: usize, seq_len: usize) -> Result<(), String> {
         if self.epochs == 0 || self.batch_windows == 0 || !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(format!(
                 "epochs ({}), batch_windows ({}) and lr ({}) must be positive",
@@ -89,6 +97,11 @@ impl FinetuneConfig {
                 self.batch_windows
             ));
         }
+        Ok(())
+    }
+
+    /// Whether blocks of `experts` routed experts can run every policy.
+    pub fn check_policies(&self, experts: usize) -> Result<(), String> {
         for p in &self.policies {
             p.validate(experts).map_err(|e| format!("policies: {p}: {e}"))?;
         }
@@ -176,8 +189,10 @@ pub fn finetune(
         )));
     }
     let windows: Vec<&[u32]> = tokens.chunks_exact(seq_len.max(1)).collect();
+    cfg.check_run(windows.len(), seq_len)
+        .map_err(|e| DistillError::Invalid(format!("finetune: {e}")))?;
     for r in &reports {
-        cfg.check(r.partition.experts.len(), windows.len(), seq_len)
+        cfg.check_policies(r.partition.experts.len())
             .map_err(|e| DistillError::Invalid(format!("finetune, layer {}: {e}", r.layer)))?;
     }
     let val: Vec<&[u32]> = windows.iter().skip(19).step_by(20).copied().collect();
@@ -202,10 +217,13 @@ pub fn finetune(
     } else {
         cfg.policies.iter().map(|p| vec![p.clone(); n_layers]).collect()
     };
-    // The student: the teacher's attention, norms and embeddings (frozen) with the stage-1 blocks.
+    // A checkpoint of an interrupted polish with these settings, if any: training goes on from it.
+    let resume = load_resume(out_dir, cfg, seq_len, train.len());
+    let src = resume.as_ref().map_or(run_dir.to_path_buf(), |(dir, _)| dir.clone());
+    // The student: the teacher's attention, norms and embeddings (frozen) with the blocks.
     let ad = teacher.device.clone().autodiff();
     let mut student = Transformer::from_checkpoint_with(ckpt, &ad, |l| {
-        let block = load_layer_block(run_dir, l, turns[0][l].clone(), &ad)
+        let block = load_layer_block(&src, l, turns[0][l].clone(), &ad)
             .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
         Ok(Box::new(block))
     })?;
@@ -231,21 +249,69 @@ pub fn finetune(
         }
         Ok(sum / val.len() as f64)
     };
-    let val_kl_init = val_kl(&mut student)?;
-    tracing::info!(val_kl_init, "finetune: KL before");
-
     let steps_per_epoch = train.len() / cfg.batch_windows;
     let total = steps_per_epoch * cfg.epochs;
     let mut optims: Vec<ModuleOptimizer> = (0..n_layers)
         .map(|_| AdamWConfig::new().with_weight_decay(cfg.weight_decay).init())
         .collect();
+    let (mut state, done) = match resume {
+        Some((dir, state)) => {
+            // The optimiser state is keyed by parameter id: give the reloaded blocks the ids
+            // they had when it was saved.
+            for (l, optim) in optims.iter_mut().enumerate() {
+                let block = moe_mut(&mut student, l);
+                let mut ids = state.param_ids[l].iter();
+                block.params = block.params.clone().map(&mut SetIds(&mut ids));
+                // burn reads the state onto `Device::default()` (the first backend compiled in)
+                // and moves it to the parameters' device at the next step.
+                let path = optim_path(&dir, l);
+                *optim = optim
+                    .clone()
+                    .load(&path)
+                    .map_err(|e| DistillError::Invalid(format!("{}: {e}", path.display())))?;
+            }
+            tracing::info!(step = state.step, total, "finetune: resuming from {}", dir.display());
+            let done = state.step;
+            (state, done)
+        }
+        None => {
+            let val_kl_init = val_kl(&mut student)?;
+            tracing::info!(val_kl_init, "finetune: KL before");
+            let param_ids = (0..n_layers)
+                .map(|l| {
+                    let mut ids = CollectIds(Vec::new());
+                    moe_mut(&mut student, l).params.visit(&mut ids);
+                    ids.0
+                })
+                .collect();
+            let state = ResumeState {
+                config: cfg.clone(),
+                seq_len,
+                train_windows: train.len(),
+                step: 0,
+                val_kl_init,
+                loss_curve: Vec::new(),
+                seconds: 0.0,
+                param_ids,
+            };
+            (state, 0)
+        }
+    };
+    // Time spent before the crash counts too.
+    let start = start - Duration::from_secs_f64(state.seconds);
+    // A checkpoint about 20 times per run (every step on tiny runs).
+    let save_every = (total / 20).max(1);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
-    let mut curve = Vec::new();
     let mut step = 0;
     for _ in 0..cfg.epochs {
+        // Shuffled in every epoch, also those a resumed run skips, so the order is the same.
         rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
         for batch in order.chunks_exact(cfg.batch_windows) {
+            if step < done {
+                step += 1;
+                continue;
+            }
             set_policies(&mut student, &turns[step % turns.len()])?;
             let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].iter().copied()).collect();
             let loss = kl(teacher, &student, &ids, batch.len())?;
@@ -265,14 +331,23 @@ pub fn finetune(
             }
             step += 1;
             if step % 5 == 0 || step == total {
-                curve.push((step, value));
+                state.loss_curve.push((step, value));
                 tracing::debug!(step, kl = value, lr, "finetune step");
+            }
+            if step % save_every == 0 && step < total {
+                state.step = step;
+                state.seconds = start.elapsed().as_secs_f64();
+                save_resume(out_dir, &mut student, &optims, &reports, &state)?;
             }
             progress(step, total, value);
         }
     }
     let val_kl_after = val_kl(&mut student)?;
-    tracing::info!(val_kl_init, val_kl = val_kl_after, "finetune: KL after");
+    tracing::info!(
+        val_kl_init = state.val_kl_init,
+        val_kl = val_kl_after,
+        "finetune: KL after"
+    );
 
     for (l, report) in reports.iter().enumerate() {
         let block = moe_mut(&mut student, l);
@@ -285,8 +360,8 @@ pub fn finetune(
         train_windows: train.len(),
         val_windows: val.len(),
         steps: step,
-        loss_curve: curve,
-        val_kl_init,
+        loss_curve: state.loss_curve,
+        val_kl_init: state.val_kl_init,
         val_kl: val_kl_after,
         seconds: start.elapsed().as_secs_f64(),
     };
@@ -294,5 +369,105 @@ pub fn finetune(
     let tmp = p.with_extension("json.part");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
     std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
+    for dir in [resume_dir(out_dir), resume_dir(out_dir).with_extension("part")] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| DistillError::io(&dir, e))?;
+        }
+    }
     Ok(report)
+}
+
+/// Where an unfinished polish keeps its last checkpoint.
+fn resume_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("resume")
+}
+
+fn optim_path(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer{layer:03}.adamw.bpk"))
+}
+
+/// What a checkpoint needs besides the blocks and the optimiser states: the settings it belongs
+/// to, how far it got, and the parameter ids the optimiser states are keyed by.
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeState {
+    config: FinetuneConfig,
+    seq_len: usize,
+    train_windows: usize,
+    /// Optimiser steps done.
+    step: usize,
+    val_kl_init: f64,
+    loss_curve: Vec<(usize, f64)>,
+    seconds: f64,
+    /// Per layer, the ids of the block's parameters in visiting order.
+    param_ids: Vec<Vec<u64>>,
+}
+
+/// Save a checkpoint: everything into `resume.part/` (the state file last), then swapped in for
+/// the previous `resume/`. A crash at any point leaves one complete checkpoint (or none yet).
+fn save_resume(
+    out_dir: &Path,
+    student: &mut Transformer,
+    optims: &[ModuleOptimizer],
+    reports: &[LayerReport],
+    state: &ResumeState,
+) -> Result<(), DistillError> {
+    let dir = resume_dir(out_dir);
+    let part = dir.with_extension("part");
+    if part.exists() {
+        std::fs::remove_dir_all(&part).map_err(|e| DistillError::io(&part, e))?;
+    }
+    for (l, report) in reports.iter().enumerate() {
+        save_layer(&part, moe_mut(student, l), report)?;
+        let path = optim_path(&part, l);
+        optims[l]
+            .save(&path)
+            .map_err(|e| DistillError::Invalid(format!("{}: {e}", path.display())))?;
+    }
+    let p = part.join("state.json");
+    std::fs::write(&p, serde_json::to_vec(state).unwrap()).map_err(|e| DistillError::io(&p, e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| DistillError::io(&dir, e))?;
+    }
+    std::fs::rename(&part, &dir).map_err(|e| DistillError::io(&dir, e))
+}
+
+/// The last complete checkpoint in `out_dir` for these settings: `resume/`, or `resume.part/`
+/// when a crash fell between removing the old one and renaming the new (its state file, written
+/// last, says it is complete). A checkpoint of other settings is ignored (and later replaced).
+fn load_resume(
+    out_dir: &Path,
+    cfg: &FinetuneConfig,
+    seq_len: usize,
+    train_windows: usize,
+) -> Option<(PathBuf, ResumeState)> {
+    let dir = resume_dir(out_dir);
+    [dir.clone(), dir.with_extension("part")].into_iter().find_map(|d| {
+        let state: ResumeState = serde_json::from_str(&std::fs::read_to_string(d.join("state.json")).ok()?).ok()?;
+        if state.config != *cfg || state.seq_len != seq_len || state.train_windows != train_windows {
+            tracing::warn!("{}: a checkpoint of other settings; starting over", d.display());
+            return None;
+        }
+        Some((d, state))
+    })
+}
+
+/// Collects the ids of a module's float parameters, in visiting order.
+struct CollectIds(Vec<u64>);
+
+impl ModuleVisitor for CollectIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.id.val());
+    }
+}
+
+/// Gives a module's float parameters the ids `CollectIds` found, in the same order.
+struct SetIds<'a, I: Iterator<Item = &'a u64>>(&'a mut I);
+
+impl<'a, I: Iterator<Item = &'a u64>> ModuleMapper for SetIds<'a, I> {
+    fn map_float<const D: usize>(&mut self, mut param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if let Some(&id) = self.0.next() {
+            param.id = ParamId::from(id);
+        }
+        param
+    }
 }

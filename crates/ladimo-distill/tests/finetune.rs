@@ -1,5 +1,6 @@
 //! The end-to-end polish (`finetune`): it lowers the held-back KL to the teacher, a finished
-//! folder is not trained again, and bad settings are clear errors that write nothing.
+//! folder is not trained again, a crashed polish resumes to the same weights, and bad settings
+//! are clear errors that write nothing.
 
 mod common;
 
@@ -61,6 +62,50 @@ fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
 }
 
 #[test]
+fn a_crashed_finetune_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("stage1");
+    let (ckpt, model, tokens) = stage1(&run);
+    let cfg = FinetuneConfig {
+        epochs: 2,
+        policies: vec![Policy::TopK { k: 2 }, Policy::TopK { k: 1 }],
+        batch_windows: 2,
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let whole = dir.path().join("whole");
+    let full = finetune(&ckpt, &model, &run, &whole, &tokens, 64, &cfg, |_, _, _| {}).unwrap();
+    // 38 steps, a checkpoint every 38 / 20 = 1 step; the "crash" comes after step 23, in the
+    // second epoch, so the resumed run also replays the first epoch's shuffle.
+    let out = dir.path().join("crashed");
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        finetune(&ckpt, &model, &run, &out, &tokens, 64, &cfg, |step, _, _| {
+            assert!(step < 23, "simulated crash at step {step}");
+        })
+    }));
+    assert!(crashed.is_err());
+    assert!(out.join("resume/state.json").exists() && finished_finetune(&out).is_none());
+    let mut steps = Vec::new();
+    let resumed = finetune(&ckpt, &model, &run, &out, &tokens, 64, &cfg, |step, _, _| {
+        steps.push(step)
+    })
+    .unwrap();
+    // Step 23's checkpoint was written before its progress call crashed: the run goes on at 24.
+    assert_eq!(steps.first(), Some(&24));
+    assert_eq!((resumed.steps, resumed.val_kl_init), (full.steps, full.val_kl_init));
+    // The curve holds f32 losses; serde_json may read an f64 back one ulp off, f32 not.
+    let f32s = |c: &[(usize, f64)]| c.iter().map(|&(s, v)| (s, v as f32)).collect::<Vec<_>>();
+    assert_eq!(f32s(&resumed.loss_curve), f32s(&full.loss_curve));
+    for l in 0..ckpt.config.num_layers {
+        ladimo_tests::assert_same_bytes(&block_path(&whole, l), &block_path(&out, l), "resumed polish");
+    }
+    assert!(
+        !out.join("resume").exists(),
+        "the checkpoint is removed once the polish is done"
+    );
+}
+
+#[test]
 fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("stage1");
@@ -76,7 +121,10 @@ fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
             .to_string()
     };
     let e = err(&run, &out, &tokens[..640], &cfg);
-    assert!(e.contains("10 windows of 64") && e.contains("at least 20"), "{e}");
+    assert!(
+        e.contains("10 windows of 64") && e.contains("at least 20") && !e.contains("layer"),
+        "{e}"
+    );
     let e = err(&run, &out, &tokens, &FinetuneConfig { lr: 0.0, ..cfg.clone() });
     assert!(e.contains("lr (0)"), "{e}");
     let e = err(&dir.path().join("nothing"), &out, &tokens, &cfg);
