@@ -93,6 +93,9 @@ pub struct DistillArgs {
     /// Windows of --seq-len per polish step.
     #[arg(long, default_value_t = 2)]
     finetune_batch: usize,
+    /// Let the polish train Unit-weighted routers too (straight-through estimator).
+    #[arg(long)]
+    finetune_router: bool,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
@@ -260,14 +263,16 @@ pub fn run(a: DistillArgs) -> Result<()> {
             policies: ks.iter().map(|&k| Policy::TopK { k }).collect(),
             batch_windows: a.finetune_batch,
             lr,
+            train_router: a.finetune_router,
             ..Default::default()
         };
         let ks_name: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
         blocks_dir = out.join(format!(
-            "finetune-lr{lr:e}-e{}-k{}-b{}",
+            "finetune-lr{lr:e}-e{}-k{}-b{}{}",
             a.finetune_epochs,
             ks_name.join("_"),
-            a.finetune_batch
+            a.finetune_batch,
+            if a.finetune_router { "-router" } else { "" }
         ));
         let pb = bar(1, "finetune");
         let r = ladimo_distill::finetune::finetune(

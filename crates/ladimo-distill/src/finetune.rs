@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Attention, norms and embeddings stay frozen; with `Unit` combine weights the router gets no
-//! gradient from this loss and keeps its layer-wise training. Every 20th window is held back to
+//! gradient from this loss and keeps its layer-wise training, unless `train_router` turns on a
+//! straight-through estimator for it. Every 20th window is held back to
 //! measure the KL before and after. The result is written like a stage-1 run (one
 //! `layerNNN.moe.safetensors` + `layerNNN.json` per layer, temporary names, then renamed) plus
 //! `finetune.json`, written last: a folder with `finetune.json` for the same settings is finished
@@ -33,7 +34,7 @@ use burn::tensor::activation::log_softmax;
 use ladimo_io::Checkpoint;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{ModelError, Transformer};
-use ladimo_moe::{MoeBlock, Policy, RoutingPolicy};
+use ladimo_moe::{CombineWeights, MoeBlock, Policy, RoutingPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -55,6 +56,9 @@ pub struct FinetuneConfig {
     pub min_lr_frac: f64,
     pub weight_decay: f32,
     pub seed: u64,
+    /// Also train the routers of blocks with `Unit` combine weights, through a straight-through
+    /// estimator (`CombineWeights::UnitStraightThrough`); the forward pass is unchanged.
+    pub train_router: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -68,6 +72,7 @@ impl Default for FinetuneConfig {
             min_lr_frac: 0.1,
             weight_decay: 0.0,
             seed: 0,
+            train_router: false,
         }
     }
 }
@@ -240,6 +245,14 @@ pub fn finetune(
         }
     }
     student.norm = student.norm.clone().no_grad();
+    if cfg.train_router {
+        for l in 0..n_layers {
+            let block = moe_mut(&mut student, l);
+            if block.combine.weights == CombineWeights::Unit {
+                block.combine.weights = CombineWeights::UnitStraightThrough;
+            }
+        }
+    }
 
     let val_kl = |student: &mut Transformer| -> Result<f64, DistillError> {
         set_policies(student, &turns[0])?;
@@ -352,6 +365,7 @@ pub fn finetune(
     for (l, report) in reports.iter().enumerate() {
         let block = moe_mut(&mut student, l);
         block.set_policy(report.config.train_policy.clone())?;
+        block.combine = report.config.combine;
         save_layer(out_dir, block, report)?;
     }
     let report = FinetuneReport {

@@ -28,6 +28,11 @@ pub enum CombineWeights {
     /// 1 for every chosen expert: the router only selects. With every expert chosen, experts cut
     /// from a dense FFN sum back to it exactly.
     Unit,
+    /// `Unit` in the forward pass (every weight is exactly 1, so the output is the same), but in
+    /// the backward pass each chosen expert's weight is `1 + p - stop_grad(p)`: the router gets
+    /// the gradient `Raw` weights would give it. This lets a loss on the block's output (the
+    /// end-to-end polish) train a router that `Unit` would leave untouched.
+    UnitStraightThrough,
 }
 
 /// The combine rule: `y = scale * sum_{e chosen} w_e * expert_e(x)` (+ shared experts' output).
@@ -100,6 +105,8 @@ impl MoeParams {
         // Combine weights as device tensors, so the router gets gradients through them.
         let weights = match combine.weights {
             CombineWeights::Unit => None,
+            // p - p is exactly 0, so every weight is exactly 1.
+            CombineWeights::UnitStraightThrough => Some((probs.clone() - probs.detach()).add_scalar(1.0)),
             CombineWeights::Raw => Some(probs),
             CombineWeights::Renormalized => {
                 let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, e]), &device);
@@ -353,7 +360,7 @@ impl MoeBlock {
                         let w = match self.combine.weights {
                             CombineWeights::Raw => p[i],
                             CombineWeights::Renormalized => p[i] / norm,
-                            CombineWeights::Unit => 1.0,
+                            CombineWeights::Unit | CombineWeights::UnitStraightThrough => 1.0,
                         };
                         (i, w * self.combine.scale)
                     })

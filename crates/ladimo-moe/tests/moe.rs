@@ -127,7 +127,12 @@ fn sparse_dispatch_equals_the_dense_reference_for_every_policy() {
         },
     ];
     for policy in policies {
-        for weights in [CombineWeights::Raw, CombineWeights::Renormalized, CombineWeights::Unit] {
+        for weights in [
+            CombineWeights::Raw,
+            CombineWeights::Renormalized,
+            CombineWeights::Unit,
+            CombineWeights::UnitStraightThrough,
+        ] {
             let combine = Combine { weights, scale: 1.3 };
             let moe = MoeBlock::new(&router, Some(&bias), &experts, None, combine, policy.clone(), device).unwrap();
             let sparse = to_vec(moe.forward_tokens(x.clone()).unwrap());
@@ -144,6 +149,32 @@ fn sparse_dispatch_equals_the_dense_reference_for_every_policy() {
             }
         }
     }
+}
+
+/// `UnitStraightThrough` gives the same output as `Unit`, bit for bit, but the router gets a
+/// gradient from a loss on that output (with `Unit` it gets none).
+#[test]
+fn straight_through_unit_weights_train_the_router_without_changing_the_output() {
+    let s = smol();
+    let device = s.model.device.clone().autodiff();
+    let dense = HostFfn::from_checkpoint(&s.ckpt, 2).unwrap();
+    let x = Tensor::<2>::from_data(ffn_input(2).into_data(), &device);
+    let experts: Vec<HostFfn> = contiguous(1536, 6).iter().map(|p| dense.select_neurons(p)).collect();
+    let router = random_router(6, 576, 3);
+    let run = |weights| {
+        let combine = Combine { weights, scale: 1.0 };
+        let moe = MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k: 3 }, &device).unwrap();
+        let (y, _) = moe.params.forward_sparse(&moe.combine, &moe.policy, x.clone()).unwrap();
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let g = moe.params.router.weight.val().grad(&grads).map(to_vec);
+        (to_vec(y), g)
+    };
+    let (unit, unit_grad) = run(CombineWeights::Unit);
+    let (st, st_grad) = run(CombineWeights::UnitStraightThrough);
+    assert_eq!(unit, st, "the straight-through forward pass must equal Unit's exactly");
+    assert!(unit_grad.is_none_or(|g| g.iter().all(|&v| v == 0.0)));
+    let g = st_grad.expect("the router has a gradient");
+    assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|&v| v != 0.0));
 }
 
 #[test]
