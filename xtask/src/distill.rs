@@ -283,11 +283,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
             &calib,
             a.seq_len,
             &fcfg,
-            |s, total, kl| {
-                pb.set_length(total as u64);
-                pb.set_position(s as u64);
-                pb.set_message(format!("kl {kl:.3}"));
-            },
+            ladimo_distill::finetune::progress_bar(&pb, "finetune"),
         )?;
         pb.finish();
         println!(

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_data::{Part, Task, take_tokens};
-use ladimo_distill::finetune::{finetune, finished_finetune};
+use ladimo_distill::finetune::{finetune, finished_finetune, progress_bar};
 use ladimo_distill::train::{Inputs, finished, load_layer_block, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -316,11 +316,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                     &calib,
                     cfg.stage1.seq_len,
                     ft,
-                    |s, total, kl| {
-                        pb.set_length(total as u64);
-                        pb.set_position(s as u64);
-                        pb.set_message(format!("1/4 stage 1: polish, KL {kl:.3}"));
-                    },
+                    progress_bar(&pb, "1/4 stage 1: polish"),
                 )?;
                 pb.finish();
                 tracing::info!(

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune};
 use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished, load_layer_block};
@@ -12,30 +14,56 @@ use ladimo_model::Transformer;
 use ladimo_model::util::to_vec;
 use ladimo_moe::{CombineWeights, Policy};
 
-fn stage1(dir: &std::path::Path) -> (Checkpoint, Transformer, Vec<u32>) {
+/// A tiny model's finished stage-1 run in `tmp/stage1` (tmp is a fresh temporary folder).
+struct Setup {
+    tmp: tempfile::TempDir,
+    run: PathBuf,
+    ckpt: Checkpoint,
+    model: Transformer,
+    tokens: Vec<u32>,
+}
+
+fn stage1() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("stage1");
     let (ckpt, model, tokens) = common::tiny("tiny-llama3", 2560);
     let cfg = TrainConfig {
         epochs: 1,
         ..common::unit_top2(Inputs::Student, 0.0)
     };
     let n = ckpt.config.num_layers;
-    run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, dir, 0..n, &cfg, |_, _, _, _| {}).unwrap();
-    (ckpt, model, tokens)
+    run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, &run, 0..n, &cfg, |_, _, _, _| {}).unwrap();
+    Setup {
+        tmp,
+        run,
+        ckpt,
+        model,
+        tokens,
+    }
 }
 
-#[test]
-fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("stage1");
-    let (ckpt, model, tokens) = stage1(&run);
-    let n = ckpt.config.num_layers;
-    let cfg = FinetuneConfig {
-        epochs: 3,
+/// Polish settings for the tiny model: `epochs` passes, top-2 and top-1 in turns, lr 1e-3.
+fn top2_top1(epochs: usize) -> FinetuneConfig {
+    FinetuneConfig {
+        epochs,
         policies: vec![Policy::TopK { k: 2 }, Policy::TopK { k: 1 }],
         batch_windows: 2,
         lr: 1e-3,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
+    let Setup {
+        tmp: dir,
+        run,
+        ckpt,
+        model,
+        tokens,
+    } = stage1();
+    let n = ckpt.config.num_layers;
+    let cfg = top2_top1(3);
     let out = dir.path().join("polished");
     let r = finetune(&ckpt, &model, &run, &out, &tokens, 64, &cfg, |_, _, _| {}).unwrap();
     assert_eq!((r.train_windows, r.val_windows), (38, 2));
@@ -64,9 +92,13 @@ fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
 
 #[test]
 fn train_router_moves_the_unit_routers_and_the_kl_still_falls() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("stage1");
-    let (ckpt, model, tokens) = stage1(&run);
+    let Setup {
+        tmp: dir,
+        run,
+        ckpt,
+        model,
+        tokens,
+    } = stage1();
     let cfg = FinetuneConfig {
         epochs: 2,
         policies: vec![Policy::TopK { k: 2 }],
@@ -91,16 +123,14 @@ fn train_router_moves_the_unit_routers_and_the_kl_still_falls() {
 
 #[test]
 fn a_crashed_finetune_resumes_to_the_same_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("stage1");
-    let (ckpt, model, tokens) = stage1(&run);
-    let cfg = FinetuneConfig {
-        epochs: 2,
-        policies: vec![Policy::TopK { k: 2 }, Policy::TopK { k: 1 }],
-        batch_windows: 2,
-        lr: 1e-3,
-        ..Default::default()
-    };
+    let Setup {
+        tmp: dir,
+        run,
+        ckpt,
+        model,
+        tokens,
+    } = stage1();
+    let cfg = top2_top1(2);
     let whole = dir.path().join("whole");
     let full = finetune(&ckpt, &model, &run, &whole, &tokens, 64, &cfg, |_, _, _| {}).unwrap();
     // 38 steps, a checkpoint every 38 / 20 = 1 step; the "crash" comes after step 23, in the
@@ -135,9 +165,13 @@ fn a_crashed_finetune_resumes_to_the_same_weights() {
 
 #[test]
 fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("stage1");
-    let (ckpt, model, tokens) = stage1(&run);
+    let Setup {
+        tmp: dir,
+        run,
+        ckpt,
+        model,
+        tokens,
+    } = stage1();
     let cfg = FinetuneConfig {
         epochs: 1,
         ..Default::default()
