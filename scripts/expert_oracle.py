@@ -8,7 +8,7 @@ output has the largest norm (combine weight 1, no training). It prints the relat
 `||y_hat - y|| / ||y||` against the dense FFN output, for several N and active fractions k/N.
 N = intermediate size is one neuron per expert (contextual sparsity at neuron level).
 
-A second table keeps the expert size at 1/8 of the FFN and the active fraction at `--fraction`,
+A second table keeps the expert size at 1/8 of the FFN (`--size-div`) and the active fraction at `--fraction`,
 and moves neurons from routed experts into a shared, always-on set: the S neurons most often
 among a token's top 25% contributions (`|a_j| * ||down_j||`), counted on other calibration
 tokens than those scored. S = all active neurons is static pruning (no routing at all).
@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--experts", default="8,16,32,64,128,1536")
     ap.add_argument("--fractions", default="0.625,0.75,0.875")
     ap.add_argument("--fraction", type=float, default=0.75, help="active fraction of the shared-neuron table")
+    ap.add_argument("--size-div", type=int, default=8, help="routed experts of 1/D of the FFN in the shared-neuron table")
     ap.add_argument("--run", type=Path, help="stage-1 folder whose trained blocks to score too")
     ap.add_argument("--k", type=int, default=6, help="top-k for the trained blocks of --run")
     a = ap.parse_args()
@@ -122,7 +123,7 @@ def main():
                     cells.append(f"{oracle_error(contrib, y, round(n * frac)):.3f}")
                 print(f"| {l} | {frac:.3f} | " + " | ".join(cells) + " |")
 
-    print(f"\nShared neurons + routed experts of 1/8 of the FFN, {a.fraction:.3f} active, oracle router\n")
+    print(f"\nShared neurons + routed experts of 1/{a.size_div} of the FFN, {a.fraction:.3f} active, oracle router\n")
     print("| layer | shared S | routed | relative error |")
     print("|---|---|---|---|")
     for l in layers:
@@ -137,7 +138,7 @@ def main():
             x = xs[l]
             act = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
             y = act @ down.T
-            size, active = f // 8, round(f * a.fraction)
+            size, active = f // a.size_div, round(f * a.fraction)
             for shared in range(0, active + 1, size):
                 fixed = order[:shared]
                 y_hat = act[:, fixed] @ down[:, fixed].T
