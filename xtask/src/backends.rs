@@ -115,7 +115,7 @@ pub fn run(a: BackendsArgs) -> Result<()> {
             }
             None => (f64::NAN, f64::NAN),
         };
-        let m = moe_on(&dense, a.moe_tokens, 8, 2, a.repeats, &device)?;
+        let m = moe_on(&dense, a.moe_tokens, 8, 0, 2, a.repeats, &device)?;
         let train = train_on(a.train_tokens, a.repeats, &device)?;
         rows.push(Row {
             backend: name.clone(),

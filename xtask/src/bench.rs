@@ -36,9 +36,12 @@ pub enum Bench {
     Moe {
         #[arg(long, value_delimiter = ',', default_value = "512,2048")]
         tokens: Vec<usize>,
-        /// Expert counts; each runs top-k at 1/4, 1/2 and 3/4 of them.
+        /// Routed expert counts; each runs top-k at 1/4, 1/2 and 3/4 of them.
         #[arg(long, value_delimiter = ',', default_value = "8,16")]
         experts: Vec<usize>,
+        /// Always-on shared neurons, cut out before the rest is split into experts (0: none).
+        #[arg(long, default_value_t = 0)]
+        shared: usize,
         #[arg(long, default_value_t = 11)]
         repeats: usize,
     },
@@ -62,8 +65,9 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Moe {
             tokens,
             experts,
+            shared,
             repeats,
-        } => moe(&tokens, &experts, repeats),
+        } => moe(&tokens, &experts, shared, repeats),
         Bench::Backends(a) => crate::backends::run(a),
     }
 }
@@ -255,11 +259,13 @@ pub struct MoeTimes {
     pub active: f64,
 }
 
-/// Time the dense FFN and a top-`k` MoE block of `n_exp` experts on `n_tok` tokens on `device`.
+/// Time the dense FFN and a top-`k` MoE block on `n_tok` tokens on `device`: `dense`'s first
+/// `shared` neurons always on, the rest cut into `n_exp` routed experts.
 pub fn moe_on(
     dense: &ladimo_moe::HostFfn,
     n_tok: usize,
     n_exp: usize,
+    shared: usize,
     k: usize,
     repeats: usize,
     device: &Device,
@@ -268,12 +274,22 @@ pub fn moe_on(
     let (h, f) = (dense.hidden_size(), dense.intermediate_size());
     let dense_dev = dense.to_dense(device);
     let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), device);
-    let (router, experts) = bench_experts(dense, n_exp);
+    let shared_ffn = (shared > 0).then(|| dense.select_neurons(&(0..shared).collect::<Vec<_>>()));
+    let routed = dense.select_neurons(&(shared..f).collect::<Vec<_>>());
+    let (router, experts) = bench_experts(&routed, n_exp);
     let combine = Combine {
         weights: CombineWeights::Renormalized,
         scale: 1.0,
     };
-    let moe = MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k }, device)?;
+    let moe = MoeBlock::new(
+        &router,
+        None,
+        &experts,
+        shared_ffn.as_ref(),
+        combine,
+        Policy::TopK { k },
+        device,
+    )?;
     let t_router = time_median(repeats, || {
         let p = moe.router_probs(x.clone()).expect("router");
         let _ = moe.route(&p);
@@ -298,21 +314,25 @@ pub fn moe_on(
         dense: median(td),
         router: t_router,
         moe: median(tm),
-        active: st.routed_params / st.tokens as f64 / (3 * h * f) as f64,
+        active: (st.routed_params / st.tokens as f64 + (3 * h * shared) as f64) / (3 * h * f) as f64,
     })
 }
 
-/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536 cut into `experts` experts) against the dense
-/// FFN, at top-k for k = 1/4, 1/2 and 3/4 of the experts.
-pub fn moe(tokens: &[usize], experts: &[usize], repeats: usize) -> Result<()> {
-    if let Some(&n) = experts.iter().find(|&&n| n < 4 || !MOE_FFN.is_multiple_of(n)) {
-        anyhow::bail!("--experts {n}: need at least 4 experts that divide the FFN's {MOE_FFN} neurons");
+/// SmolLM2-sized MoE blocks (hidden 576, FFN 1536: `shared` always-on neurons, the rest cut into
+/// `experts` experts) against the dense FFN, at top-k for k = 1/4, 1/2 and 3/4 of the experts.
+pub fn moe(tokens: &[usize], experts: &[usize], shared: usize, repeats: usize) -> Result<()> {
+    if shared >= MOE_FFN {
+        anyhow::bail!("--shared {shared}: must leave some of the FFN's {MOE_FFN} neurons to route");
+    }
+    let routed = MOE_FFN - shared;
+    if let Some(&n) = experts.iter().find(|&&n| n < 4 || !routed.is_multiple_of(n)) {
+        anyhow::bail!("--experts {n}: need at least 4 experts that divide the {routed} routed neurons");
     }
     let device = ladimo_backend::device();
     let (h, f) = (MOE_HIDDEN, MOE_FFN);
     let dense = bench_ffn();
     println!(
-        "MoE dispatch, backend {}, hidden {h}, FFN {f}, f32, median of {repeats}",
+        "MoE dispatch, backend {}, hidden {h}, FFN {f} ({shared} shared), f32, median of {repeats}",
         ladimo_backend::name()
     );
     println!("target: MoE <= 1.15 x (activated fraction x dense) + router");
@@ -323,7 +343,7 @@ pub fn moe(tokens: &[usize], experts: &[usize], repeats: usize) -> Result<()> {
     for &n_tok in tokens {
         for &n_exp in experts {
             for k in [n_exp / 4, n_exp / 2, 3 * n_exp / 4] {
-                let t = moe_on(&dense, n_tok, n_exp, k, repeats, &device)?;
+                let t = moe_on(&dense, n_tok, n_exp, shared, k, repeats, &device)?;
                 let target = 1.15 * t.active * t.dense + t.router;
                 let ratio = t.moe / target;
                 println!(
