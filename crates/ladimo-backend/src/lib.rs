@@ -11,7 +11,11 @@
 //!
 //! With the default feature `fast-alloc`, linking this crate also makes mimalloc the global
 //! allocator (eager CPU backends allocate a fresh buffer per op; the system allocator hands large
-//! ones back to the OS and page-faults them in again, which made ops 2-4x slower here).
+//! ones back to the OS and page-faults them in again, which made ops 2-4x slower here). mimalloc
+//! does the same a second after a buffer is freed (its `purge_delay`), which still cost a third
+//! of a polish step in page zeroing: the first [`device_named`] call therefore tells it to keep
+//! freed memory (the process stays at its peak, as torch's caching allocator does). The
+//! environment variable `MIMALLOC_PURGE_DELAY` (milliseconds; -1 never) overrides that.
 //!
 //! [`device`] returns the preferred compiled backend: cuda, then wgpu, then cpu, then ndarray.
 //! The environment variable `LADIMO_BACKEND` (`cpu`, `ndarray`, `wgpu`, `cuda`) picks another one
@@ -43,6 +47,8 @@ pub fn compiled() -> Vec<&'static str> {
 
 /// The device of a backend by name, if that backend is compiled in.
 pub fn device_named(name: &str) -> Option<Device> {
+    #[cfg(feature = "fast-alloc")]
+    keep_freed_memory();
     match name {
         #[cfg(feature = "cuda")]
         "cuda" => Some(Device::cuda(0)),
@@ -55,6 +61,45 @@ pub fn device_named(name: &str) -> Option<Device> {
         "ndarray" => Some(Device::ndarray()),
         _ => None,
     }
+}
+
+/// mimalloc's option index of `purge_delay` (`mi_option_e` in the v3 `mimalloc.h` that
+/// libmimalloc-sys 0.1.49 builds; the crate's Rust bindings do not name it). The workspace pins
+/// that version, and a test checks that the option does what we set it for.
+#[cfg(feature = "fast-alloc")]
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+#[cfg(feature = "fast-alloc")]
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+}
+
+/// Never hand freed memory back to the OS (unless `MIMALLOC_PURGE_DELAY` says otherwise): a
+/// polish step of SmolLM2 spent 26-37% of its time zeroing pages that mimalloc had purged a
+/// second earlier, and ran 1.55x faster without (31.3 -> 20 s per step).
+#[cfg(feature = "fast-alloc")]
+pub fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            set_purge_delay_ms(-1);
+        }
+    });
+}
+
+/// Set mimalloc's purge delay in milliseconds (0: hand freed memory back at once; -1: never).
+#[cfg(feature = "fast-alloc")]
+pub fn set_purge_delay_ms(ms: i64) {
+    // SAFETY: a plain setter of a mimalloc global option.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, ms as std::ffi::c_long) };
+}
+
+/// mimalloc's current purge delay in milliseconds (-1: freed memory is kept).
+#[cfg(feature = "fast-alloc")]
+pub fn purge_delay_ms() -> i64 {
+    // SAFETY: a plain getter of a mimalloc global option.
+    unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) as i64 }
 }
 
 /// The name of the backend [`device`] returns.
