@@ -13,9 +13,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 use ladimo_distill::train::{TrainConfig, train_step};
 use ladimo_io::{Checkpoint, fetch};
-use ladimo_moe::MoeBlock;
 
-use crate::bench::{MOE_HIDDEN, bench_experts, bench_ffn, forward_on, median, moe_on, prompt_ids, uniform};
+use crate::bench::{MOE_HIDDEN, bench_ffn, bench_parts, forward_on, median, moe_on, prompt_ids, uniform};
 
 #[derive(Args)]
 pub struct BackendsArgs {
@@ -55,20 +54,9 @@ struct Row {
 fn train_on(n_tok: usize, repeats: usize, device: &Device) -> Result<f64> {
     let cfg = TrainConfig::default();
     let dense = bench_ffn();
-    let f = dense.intermediate_size();
-    let shared = (cfg.shared_neurons > 0).then(|| dense.select_neurons(&(0..cfg.shared_neurons).collect::<Vec<_>>()));
-    let routed = dense.select_neurons(&(cfg.shared_neurons..f).collect::<Vec<_>>());
-    let (router, experts) = bench_experts(&routed, cfg.experts);
+    let parts = bench_parts(&dense, cfg.shared_neurons, cfg.experts);
     let ad = device.clone().autodiff();
-    let block = MoeBlock::new(
-        &router,
-        None,
-        &experts,
-        shared.as_ref(),
-        cfg.combine,
-        cfg.train_policy.clone(),
-        &ad,
-    )?;
+    let block = parts.block(cfg.combine, cfg.train_policy.clone(), &ad)?;
     let mut params = block.params;
     let mut optim = AdamWConfig::new().init();
     let h = MOE_HIDDEN;

@@ -241,14 +241,48 @@ pub fn bench_ffn() -> ladimo_moe::HostFfn {
     }
 }
 
-/// `dense` cut into `n_exp` contiguous experts, and a deterministic random router.
-pub fn bench_experts(dense: &ladimo_moe::HostFfn, n_exp: usize) -> (ladimo_io::HostTensor, Vec<ladimo_moe::HostFfn>) {
+/// The parts of an MoE block cut from `dense`: its first `shared` neurons as an always-on shared
+/// expert (none when 0), the rest cut into `n_exp` contiguous experts, and a deterministic random
+/// router.
+pub struct BenchParts {
+    pub shared: Option<ladimo_moe::HostFfn>,
+    pub router: ladimo_io::HostTensor,
+    pub experts: Vec<ladimo_moe::HostFfn>,
+}
+
+impl BenchParts {
+    pub fn block(
+        &self,
+        combine: ladimo_moe::Combine,
+        policy: ladimo_moe::Policy,
+        device: &Device,
+    ) -> Result<ladimo_moe::MoeBlock> {
+        let b = ladimo_moe::MoeBlock::new(
+            &self.router,
+            None,
+            &self.experts,
+            self.shared.as_ref(),
+            combine,
+            policy,
+            device,
+        )?;
+        Ok(b)
+    }
+}
+
+pub fn bench_parts(dense: &ladimo_moe::HostFfn, shared: usize, n_exp: usize) -> BenchParts {
     let (h, f) = (dense.hidden_size(), dense.intermediate_size());
+    let routed = f - shared;
     let experts = (0..n_exp)
-        .map(|e| dense.select_neurons(&(e * f / n_exp..(e + 1) * f / n_exp).collect::<Vec<_>>()))
+        .map(|e| {
+            dense.select_neurons(&(shared + e * routed / n_exp..shared + (e + 1) * routed / n_exp).collect::<Vec<_>>())
+        })
         .collect();
-    let router = ladimo_io::HostTensor::new(vec![n_exp, h], uniform(n_exp * h, 0.2, 5 + n_exp as u64));
-    (router, experts)
+    BenchParts {
+        shared: (shared > 0).then(|| dense.select_neurons(&(0..shared).collect::<Vec<_>>())),
+        router: ladimo_io::HostTensor::new(vec![n_exp, h], uniform(n_exp * h, 0.2, 5 + n_exp as u64)),
+        experts,
+    }
 }
 
 /// One MoE timing: medians in seconds, and the fraction of the dense FFN's parameters activated.
@@ -270,26 +304,16 @@ pub fn moe_on(
     repeats: usize,
     device: &Device,
 ) -> Result<MoeTimes> {
-    use ladimo_moe::{Combine, CombineWeights, MoeBlock, Policy};
+    use ladimo_moe::{Combine, CombineWeights, Policy};
     let (h, f) = (dense.hidden_size(), dense.intermediate_size());
     let dense_dev = dense.to_dense(device);
     let x = Tensor::<2>::from_data(TensorData::new(uniform(n_tok * h, 1.0, 4), [n_tok, h]), device);
-    let shared_ffn = (shared > 0).then(|| dense.select_neurons(&(0..shared).collect::<Vec<_>>()));
-    let routed = dense.select_neurons(&(shared..f).collect::<Vec<_>>());
-    let (router, experts) = bench_experts(&routed, n_exp);
+    let parts = bench_parts(dense, shared, n_exp);
     let combine = Combine {
         weights: CombineWeights::Renormalized,
         scale: 1.0,
     };
-    let moe = MoeBlock::new(
-        &router,
-        None,
-        &experts,
-        shared_ffn.as_ref(),
-        combine,
-        Policy::TopK { k },
-        device,
-    )?;
+    let moe = parts.block(combine, Policy::TopK { k }, device)?;
     let t_router = time_median(repeats, || {
         let p = moe.router_probs(x.clone()).expect("router");
         let _ = moe.route(&p);
