@@ -77,7 +77,8 @@ unsafe extern "C" {
 
 /// Never hand freed memory back to the OS (unless `MIMALLOC_PURGE_DELAY` says otherwise): a
 /// polish step of SmolLM2 spent 26-37% of its time zeroing pages that mimalloc had purged a
-/// second earlier, and ran 1.55x faster without (31.3 -> 20 s per step).
+/// second earlier, and runs 1.86x faster without (31.9 -> 17.1 s per step, side by side;
+/// docs/reports/expert-granularity.md, section 6). Inference speed did not change measurably.
 #[cfg(feature = "fast-alloc")]
 pub fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
