@@ -26,7 +26,8 @@ pub use report::Report;
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
     /// A TOML config (see configs/). Without one: the built-in default (= configs/default.toml):
-    /// SmolLM2-135M, 100K calibration tokens of Austen + Korean, 384 shared neurons + 6 routed experts per layer, 75% FFN budget.
+    /// SmolLM2-135M, 100K calibration tokens of Austen + Korean, 384 shared neurons + 6 routed
+    /// experts per layer, 75% FFN budget.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The dense model (path or known name); overrides the config's `model`.
