@@ -8,10 +8,10 @@ output has the largest norm (combine weight 1, no training). It prints the relat
 `||y_hat - y|| / ||y||` against the dense FFN output, for several N and active fractions k/N.
 N = intermediate size is one neuron per expert (contextual sparsity at neuron level).
 
-A second table keeps the expert size at 1/8 of the FFN (`--size-div`) and the active fraction at `--fraction`,
-and moves neurons from routed experts into a shared, always-on set: the S neurons most often
-among a token's top 25% contributions (`|a_j| * ||down_j||`), counted on other calibration
-tokens than those scored. S = all active neurons is static pruning (no routing at all).
+A second table keeps the routed expert size at 1/D of the FFN (`--size-div D`, default 8) and the
+active fraction at `--fraction`, and moves neurons from routed experts into a shared, always-on
+set: the S neurons most often among a token's top 25% contributions (`|a_j| * ||down_j||`),
+counted on other calibration tokens than those scored. S = all active neurons is static pruning (no routing at all).
 
 With `--run DIR` (a stage-1 folder: `layerNNN.moe.safetensors`, e.g. from `cargo xtask distill`)
 it also scores the *trained* blocks of those layers at top-`--k`: with their own router, with the

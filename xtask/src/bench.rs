@@ -257,7 +257,7 @@ impl BenchParts {
         policy: ladimo_moe::Policy,
         device: &Device,
     ) -> Result<ladimo_moe::MoeBlock> {
-        let b = ladimo_moe::MoeBlock::new(
+        Ok(ladimo_moe::MoeBlock::new(
             &self.router,
             None,
             &self.experts,
@@ -265,8 +265,7 @@ impl BenchParts {
             combine,
             policy,
             device,
-        )?;
-        Ok(b)
+        )?)
     }
 }
 

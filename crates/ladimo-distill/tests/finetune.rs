@@ -14,16 +14,9 @@ use ladimo_model::Transformer;
 use ladimo_model::util::to_vec;
 use ladimo_moe::{CombineWeights, Policy};
 
-/// A tiny model's finished stage-1 run in `tmp/stage1` (tmp is a fresh temporary folder).
-struct Setup {
-    tmp: tempfile::TempDir,
-    run: PathBuf,
-    ckpt: Checkpoint,
-    model: Transformer,
-    tokens: Vec<u32>,
-}
-
-fn stage1() -> Setup {
+/// A tiny model's finished stage-1 run in `tmp/stage1` (tmp is a fresh temporary folder):
+/// `(tmp, run, ckpt, model, tokens)`.
+fn stage1() -> (tempfile::TempDir, PathBuf, Checkpoint, Transformer, Vec<u32>) {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("stage1");
     let (ckpt, model, tokens) = common::tiny("tiny-llama3", 2560);
@@ -33,13 +26,7 @@ fn stage1() -> Setup {
     };
     let n = ckpt.config.num_layers;
     run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, &run, 0..n, &cfg, |_, _, _, _| {}).unwrap();
-    Setup {
-        tmp,
-        run,
-        ckpt,
-        model,
-        tokens,
-    }
+    (tmp, run, ckpt, model, tokens)
 }
 
 /// Polish settings for the tiny model: `epochs` passes, top-2 and top-1 in turns, lr 1e-3.
@@ -55,13 +42,7 @@ fn top2_top1(epochs: usize) -> FinetuneConfig {
 
 #[test]
 fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
-    let Setup {
-        tmp: dir,
-        run,
-        ckpt,
-        model,
-        tokens,
-    } = stage1();
+    let (dir, run, ckpt, model, tokens) = stage1();
     let n = ckpt.config.num_layers;
     let cfg = top2_top1(3);
     let out = dir.path().join("polished");
@@ -92,13 +73,7 @@ fn finetune_lowers_the_kl_and_a_finished_folder_is_kept() {
 
 #[test]
 fn train_router_moves_the_unit_routers_and_the_kl_still_falls() {
-    let Setup {
-        tmp: dir,
-        run,
-        ckpt,
-        model,
-        tokens,
-    } = stage1();
+    let (dir, run, ckpt, model, tokens) = stage1();
     let cfg = FinetuneConfig {
         epochs: 2,
         policies: vec![Policy::TopK { k: 2 }],
@@ -123,13 +98,7 @@ fn train_router_moves_the_unit_routers_and_the_kl_still_falls() {
 
 #[test]
 fn a_crashed_finetune_resumes_to_the_same_weights() {
-    let Setup {
-        tmp: dir,
-        run,
-        ckpt,
-        model,
-        tokens,
-    } = stage1();
+    let (dir, run, ckpt, model, tokens) = stage1();
     let cfg = top2_top1(2);
     let whole = dir.path().join("whole");
     let full = finetune(&ckpt, &model, &run, &whole, &tokens, 64, &cfg, |_, _, _| {}).unwrap();
@@ -165,13 +134,7 @@ fn a_crashed_finetune_resumes_to_the_same_weights() {
 
 #[test]
 fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
-    let Setup {
-        tmp: dir,
-        run,
-        ckpt,
-        model,
-        tokens,
-    } = stage1();
+    let (dir, run, ckpt, model, tokens) = stage1();
     let cfg = FinetuneConfig {
         epochs: 1,
         ..Default::default()
