@@ -19,9 +19,12 @@ use ladimo_moe::{HostFfn, MoeBlock, Policy};
 
 #[derive(Args)]
 pub struct DistillArgs {
-    /// Calibration tokens (80% English novels except Persuasion, 20% Korean help pages).
+    /// Calibration tokens (English novels except Persuasion, then Korean help pages).
     #[arg(long, default_value_t = 100_000)]
     tokens: usize,
+    /// The Korean help pages' share of --tokens (the rest is English).
+    #[arg(long, default_value_t = 0.2)]
+    ko_share: f64,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
@@ -130,7 +133,10 @@ pub fn run(a: DistillArgs) -> Result<()> {
             a.experts, a.strategy, a.shared, a.k_train
         ))
     });
-    let en_budget = a.tokens * 4 / 5;
+    if !(0.0..=1.0).contains(&a.ko_share) {
+        anyhow::bail!("--ko-share {} is not between 0 and 1", a.ko_share);
+    }
+    let en_budget = a.tokens - (a.tokens as f64 * a.ko_share).round() as usize;
     // The head of each file: `ladimo profile` measures on the tail.
     let mut calib = take_tokens(tok, &data.calibration_en, en_budget, Part::Head)
         .context("the English calibration text, for its share of --tokens")?;
@@ -376,7 +382,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         eval(&model, format!("moe top-{k}/{} not distilled", a.experts), &mut rows)?;
     }
     let results = serde_json::json!({
-        "config": cfg, "calibration_tokens": calib.len(), "eval_tokens": a.eval_tokens, "seq_len": a.seq_len,
+        "config": cfg, "calibration_tokens": calib.len(), "ko_share": a.ko_share, "eval_tokens": a.eval_tokens, "seq_len": a.seq_len,
         "capture_seconds": capture_s, "train_seconds_sum": train_s,
         "dense_params": {"total": dense_counts.total(), "ffn": dense_counts.ffn_total},
         "rows": rows, "wall_seconds": total_start.elapsed().as_secs_f64(),
