@@ -121,6 +121,9 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&a.ko_share) {
+        anyhow::bail!("--ko-share {} is not between 0 and 1", a.ko_share);
+    }
     let total_start = Instant::now();
     let device = ladimo_backend::device();
     let model_path = fetch::fetch_model(&fetch::SMOLLM2_135M)?;
@@ -133,9 +136,6 @@ pub fn run(a: DistillArgs) -> Result<()> {
             a.experts, a.strategy, a.shared, a.k_train
         ))
     });
-    if !(0.0..=1.0).contains(&a.ko_share) {
-        anyhow::bail!("--ko-share {} is not between 0 and 1", a.ko_share);
-    }
     let en_budget = a.tokens - (a.tokens as f64 * a.ko_share).round() as usize;
     // The head of each file: `ladimo profile` measures on the tail.
     let mut calib = take_tokens(tok, &data.calibration_en, en_budget, Part::Head)
