@@ -99,6 +99,11 @@ pub struct DistillArgs {
     /// Let the polish train Unit-weighted routers too (straight-through estimator).
     #[arg(long)]
     finetune_router: bool,
+    /// Run the teacher once before the polish and keep each token's K most likely next tokens
+    /// (the loss becomes the KL over those K plus one bucket for the rest); 0: the teacher runs
+    /// in every step and the loss is the exact KL.
+    #[arg(long, default_value_t = 0)]
+    finetune_teacher_top_k: usize,
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
@@ -270,15 +275,20 @@ pub fn run(a: DistillArgs) -> Result<()> {
             batch_windows: a.finetune_batch,
             lr,
             train_router: a.finetune_router,
+            teacher_top_k: a.finetune_teacher_top_k,
             ..Default::default()
         };
         let ks_name: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
         blocks_dir = out.join(format!(
-            "finetune-lr{lr:e}-e{}-k{}-b{}{}",
+            "finetune-lr{lr:e}-e{}-k{}-b{}{}{}",
             a.finetune_epochs,
             ks_name.join("_"),
             a.finetune_batch,
-            if a.finetune_router { "-router" } else { "" }
+            if a.finetune_router { "-router" } else { "" },
+            match a.finetune_teacher_top_k {
+                0 => String::new(),
+                k => format!("-tk{k}"),
+            }
         ));
         let pb = bar(1, "finetune");
         let r = ladimo_distill::finetune::finetune(
@@ -293,11 +303,12 @@ pub fn run(a: DistillArgs) -> Result<()> {
         )?;
         pb.finish();
         println!(
-            "finetune: {} steps, held-back KL {:.4} -> {:.4} nats/token, {:.0} s; blocks in {}",
+            "finetune: {} steps, held-back KL {:.4} -> {:.4} nats/token, {:.0} s (teacher pass {:.0} s); blocks in {}",
             r.steps,
             r.val_kl_init,
             r.val_kl,
             r.seconds,
+            r.teacher_seconds,
             blocks_dir.display()
         );
     }

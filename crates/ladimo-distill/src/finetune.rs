@@ -13,6 +13,10 @@
 //! student = the model with every MoE block under policies[step % policies.len()]
 //! ```
 //!
+//! With `teacher_top_k = K` the teacher runs once, before the first step, and keeps each
+//! token's K most likely next tokens; the loss is then the KL over those K tokens plus one
+//! bucket for the rest (see [`FinetuneConfig::teacher_top_k`]).
+//!
 //! Attention, norms and embeddings stay frozen; with `Unit` combine weights the router gets no
 //! gradient from this loss and keeps its layer-wise training, unless `train_router` turns on a
 //! straight-through estimator for it. Every 20th window is held back to
@@ -29,8 +33,8 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 use ladimo_io::Checkpoint;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{ModelError, Transformer};
@@ -59,6 +63,13 @@ pub struct FinetuneConfig {
     /// Also train the routers of blocks with `Unit` combine weights, through a straight-through
     /// estimator (`CombineWeights::UnitStraightThrough`); the forward pass is unchanged.
     pub train_router: bool,
+    /// 0: the teacher runs on every batch and the loss is the exact KL. K > 0: the teacher runs
+    /// once over the training windows before the first step and keeps, per token, its K most
+    /// likely next tokens' log-probabilities (8 bytes each); the loss is then the KL between
+    /// the two distributions coarsened to those K tokens plus one bucket for all the others (a
+    /// lower bound of the exact KL, equal to it at K = vocab). Saves the teacher's forward
+    /// pass in every step of every epoch. The held-back KL is always the exact one.
+    pub teacher_top_k: usize,
 }
 
 impl Default for FinetuneConfig {
@@ -73,6 +84,7 @@ impl Default for FinetuneConfig {
             weight_decay: 0.0,
             seed: 0,
             train_router: false,
+            teacher_top_k: 0,
         }
     }
 }
@@ -128,6 +140,10 @@ pub struct FinetuneReport {
     pub val_kl_init: f64,
     pub val_kl: f64,
     pub seconds: f64,
+    /// Of `seconds`, the teacher's pass over the training windows (`teacher_top_k` > 0; 0
+    /// otherwise, and in reports written before it existed).
+    #[serde(default)]
+    pub teacher_seconds: f64,
 }
 
 fn report_file(dir: &Path) -> std::path::PathBuf {
@@ -170,6 +186,108 @@ fn kl(teacher: &Transformer, student: &Transformer, ids: &[u32], batch: usize) -
     let [b, n, v] = s.dims();
     let per_token = (t.clone().exp() * (t - s)).reshape([b * n, v]).sum_dim(1);
     Ok(per_token.mean())
+}
+
+/// The teacher's K most likely next tokens at every token of the training windows
+/// (`teacher_top_k`), computed once: per token, K token ids, their log-probabilities, and the
+/// probability left for all other tokens.
+struct TeacherTopK {
+    k: usize,
+    seq_len: usize,
+    /// `[windows * seq_len * k]`, window-major like the training windows.
+    ids: Vec<u32>,
+    logp: Vec<f32>,
+    /// `[windows * seq_len]`: 1 - the K probabilities' sum, in [0, 1].
+    rest: Vec<f32>,
+}
+
+impl TeacherTopK {
+    /// Run the teacher over `windows`, `progress(done, total)` after each.
+    fn new(
+        teacher: &Transformer,
+        windows: &[&[u32]],
+        k: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let seq_len = windows.first().map_or(0, |w| w.len());
+        let vocab = teacher.config.vocab_size;
+        let k = k.min(vocab);
+        let tokens = windows.len() * seq_len;
+        let (mut ids, mut logp, mut rest) = (
+            Vec::with_capacity(tokens * k),
+            Vec::with_capacity(tokens * k),
+            Vec::with_capacity(tokens),
+        );
+        let mut order: Vec<u32> = Vec::with_capacity(vocab);
+        for (i, w) in windows.iter().enumerate() {
+            let t = to_vec(log_softmax(teacher.forward(ids_tensor(w, 1, &teacher.device))?, 2));
+            for row in t.chunks_exact(vocab) {
+                order.clear();
+                order.extend(0..vocab as u32);
+                // The K largest first (in no particular order among themselves).
+                if k < vocab {
+                    order.select_nth_unstable_by(k, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                }
+                let mut mass = 0f64;
+                for &v in &order[..k] {
+                    ids.push(v);
+                    logp.push(row[v as usize]);
+                    mass += (row[v as usize] as f64).exp();
+                }
+                rest.push((1.0 - mass).clamp(0.0, 1.0) as f32);
+            }
+            progress(i + 1, windows.len());
+        }
+        Ok(Self {
+            k,
+            seq_len,
+            ids,
+            logp,
+            rest,
+        })
+    }
+
+    /// Mean coarsened KL(teacher || student) per token over the training windows `batch`
+    /// (indices into the windows the cache was built on), as a differentiable scalar:
+    ///
+    /// ```text
+    /// sum_{v in top K} p_v (log p_v - log q_v) + p_rest (log p_rest - log q_rest)
+    /// q_rest = 1 - sum_{v in top K} q_v
+    /// ```
+    fn kl(&self, student: &Transformer, ids: &[u32], batch: &[usize]) -> Result<Tensor<1>, ModelError> {
+        let (k, n) = (self.k, self.seq_len);
+        let device = &student.device;
+        let s = log_softmax(student.forward(ids_tensor(ids, batch.len(), device))?, 2);
+        let [b, n_, v] = s.dims();
+        debug_assert_eq!((b, n_), (batch.len(), n));
+        let rows = b * n;
+        let (mut idx, mut logp, mut rest) = (
+            Vec::with_capacity(rows * k),
+            Vec::with_capacity(rows * k),
+            Vec::with_capacity(rows),
+        );
+        for &w in batch {
+            idx.extend(self.ids[w * n * k..(w + 1) * n * k].iter().map(|&v| v as i64));
+            logp.extend_from_slice(&self.logp[w * n * k..(w + 1) * n * k]);
+            rest.extend_from_slice(&self.rest[w * n..(w + 1) * n]);
+        }
+        // The rest bucket's term, p_rest * log p_rest (0 at p_rest = 0), is a constant: host side.
+        let rest_entropy: f64 = rest
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| p as f64 * (p as f64).ln())
+            .sum();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [rows, k]), device);
+        let lp = Tensor::<2>::from_data(TensorData::new(logp, [rows, k]), device);
+        let rest = Tensor::<2>::from_data(TensorData::new(rest, [rows, 1]), device);
+        let sk = s.reshape([rows, v]).gather(1, idx);
+        let head = (lp.clone().exp() * (lp - sk.clone())).sum();
+        // 1 - sum q_v loses precision when the K tokens hold nearly all of the student's mass;
+        // the floor keeps the log finite (its gradient is then 0, and p_rest is tiny there too).
+        let q_rest = sk.exp().sum_dim(1).neg().add_scalar(1.0).clamp_min(1e-6);
+        let tail = (rest * q_rest.log()).sum().neg().add_scalar(rest_entropy);
+        Ok((head + tail).div_scalar(rows as f64))
+    }
 }
 
 /// Polish the finished stage-1 run in `run_dir` (every layer of `ckpt` finished there) on
@@ -330,6 +448,25 @@ pub fn finetune(
             (state, 0)
         }
     };
+    // The teacher's top K on every training window, once (recomputed after a crash: it is
+    // deterministic, and its time counts again).
+    let t_teacher = Instant::now();
+    let cache = if cfg.teacher_top_k > 0 {
+        let tenth = train.len().div_ceil(10).max(1);
+        let c = TeacherTopK::new(teacher, &train, cfg.teacher_top_k, |done, all| {
+            if done % tenth == 0 || done == all {
+                tracing::info!(done, windows = all, "finetune: teacher pass");
+            }
+        })?;
+        Some(c)
+    } else {
+        None
+    };
+    let teacher_seconds = if cache.is_some() {
+        t_teacher.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
     // Time spent before a crash counts too (added, not subtracted from `start`: an `Instant`
     // cannot go back past the machine's boot, and a resume may follow a reboot).
     let earlier = state.seconds;
@@ -348,7 +485,10 @@ pub fn finetune(
             }
             set_policies(&mut student, &turns[step % turns.len()])?;
             let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].iter().copied()).collect();
-            let loss = kl(teacher, &student, &ids, batch.len())?;
+            let loss = match &cache {
+                Some(c) => c.kl(&student, &ids, batch)?,
+                None => kl(teacher, &student, &ids, batch.len())?,
+            };
             let value = to_vec(loss.clone())[0] as f64;
             if !value.is_finite() {
                 return Err(DistillError::Invalid(format!(
@@ -399,6 +539,7 @@ pub fn finetune(
         val_kl_init: state.val_kl_init,
         val_kl: val_kl_after,
         seconds: earlier + start.elapsed().as_secs_f64(),
+        teacher_seconds,
     };
     let p = report_file(out_dir);
     let tmp = p.with_extension("json.part");
