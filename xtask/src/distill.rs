@@ -118,6 +118,37 @@ fn parse_range(s: &str) -> Result<std::ops::Range<usize>, String> {
     Ok(a..b)
 }
 
+/// `--out` keeps finished layers and polishes, and a rerun reuses them: they must come from the
+/// same calibration tokens. The first run writes their fingerprint (hash of the token ids, the
+/// model's shape and --seq-len) to `calibration.txt`; a rerun with other tokens (another
+/// --tokens, --ko-share or --seq-len) is an error that names the folder, before any work.
+fn check_calibration(out: &std::path::Path, fingerprint: &str, layers: usize) -> Result<()> {
+    let file = out.join("calibration.txt");
+    match std::fs::read_to_string(&file) {
+        Ok(old) if old.trim() == fingerprint => Ok(()),
+        Ok(old) => anyhow::bail!(
+            "{}: this folder's layers were trained on other calibration tokens (fingerprint {}, \
+             now {fingerprint}: --tokens, --ko-share or --seq-len changed); give another --out or remove it",
+            out.display(),
+            old.trim()
+        ),
+        Err(_) => {
+            if (0..layers).any(|l| finished(out, l).is_some()) {
+                tracing::warn!(
+                    "{}: finished layers without a calibration fingerprint (an older run); \
+                     assuming they match this run's tokens",
+                    out.display()
+                );
+            }
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            let tmp = file.with_extension("txt.part");
+            std::fs::write(&tmp, fingerprint).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+            Ok(())
+        }
+    }
+}
+
 fn bar(len: u64, msg: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     b.set_style(ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap());
@@ -159,6 +190,9 @@ pub fn run(a: DistillArgs) -> Result<()> {
     if layers.end > all_layers.end {
         anyhow::bail!("--layers {layers:?} is outside the model's {} layers", all_layers.end);
     }
+    let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
+    let fingerprint = ladimo_distill::capture::fingerprint(&model, &calib, a.seq_len);
+    check_calibration(&out, &fingerprint, all_layers.end)?;
 
     let cfg = TrainConfig {
         experts: a.experts,
@@ -191,7 +225,6 @@ pub fn run(a: DistillArgs) -> Result<()> {
         residual_correction: a.correction,
         ..Default::default()
     };
-    let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
     let cap_dir = fetch::cache_dir().join(format!("capture/smollm2-{}-{}", a.tokens, a.seq_len));
     // Student inputs need no capture (the untrained rows then read none either: skipped).
     let mut meta = None;
