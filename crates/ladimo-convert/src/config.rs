@@ -40,11 +40,24 @@ impl Default for ConvertConfig {
 /// Text by language tag. Empty lists mean the fetched default sets (`cargo xtask fetch data`):
 /// calibration en = five Austen novels, ko = LibreOffice help pages; held out en = Persuasion,
 /// ko = the Korean constitution and bills.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     pub calibration: Vec<TextSet>,
     pub heldout: Vec<TextSet>,
+    /// With `calibration` empty: the Korean set's share of `stage1.tokens` (the English set has
+    /// the rest). Calibrate in the proportions the model will serve.
+    pub default_ko_share: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            calibration: Vec::new(),
+            heldout: Vec::new(),
+            default_ko_share: 0.2,
+        }
+    }
 }
 
 /// Files of one language (`.txt`: one document; `.jsonl`: `{"text": ...}` per line).
@@ -305,6 +318,16 @@ impl ConvertConfig {
                 .map_err(anyhow::Error::msg)
                 .context("eval.tasks")?;
         }
+        let ko = self.data.default_ko_share;
+        if !(ko > 0.0 && ko < 1.0) {
+            bail!("data.default_ko_share = {ko}: expected a number between 0 and 1 (both ends excluded)");
+        }
+        if !self.data.calibration.is_empty() && ko != DataConfig::default().default_ko_share {
+            bail!(
+                "data.default_ko_share = {ko} applies to the fetched default text sets only; \
+                 with [[data.calibration]] tables give each set's `share`"
+            );
+        }
         for set in self.data.calibration.iter().chain(&self.data.heldout) {
             if set.tag.is_empty() || set.tag == "all" {
                 bail!("data: a text set's tag must be a non-empty name other than `all`");
@@ -392,6 +415,24 @@ mod tests {
             ConvertConfig::load(None, &["eval.tasks=[\"mmlu\"]".into()]).unwrap_err()
         );
         assert!(e.contains("mmlu"), "{e}");
+        let e = format!(
+            "{:#}",
+            ConvertConfig::load(None, &["data.default_ko_share=1.0".into()]).unwrap_err()
+        );
+        assert!(e.contains("default_ko_share = 1"), "{e}");
+        // The default sets' share cannot silently do nothing beside the user's own sets.
+        std::fs::write(
+            &p,
+            "[data]\ndefault_ko_share = 0.35\n[[data.calibration]]\ntag = \"en\"\nfiles = [\"a.txt\"]\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
+        assert!(
+            e.contains("c.toml") && e.contains("fetched default text sets only"),
+            "{e}"
+        );
+        let c = ConvertConfig::load(None, &["data.default_ko_share=0.35".into()]).unwrap();
+        assert_eq!(c.data.default_ko_share, 0.35);
     }
 
     #[test]

@@ -139,12 +139,12 @@ fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)>
                 TextSet {
                     tag: "en".into(),
                     files: d.calibration_en.clone(),
-                    share: 0.8,
+                    share: 1.0 - cfg.data.default_ko_share,
                 },
                 TextSet {
                     tag: "ko".into(),
                     files: vec![d.calibration_ko.clone()],
-                    share: 0.2,
+                    share: cfg.data.default_ko_share,
                 },
             ];
         }
