@@ -450,22 +450,17 @@ pub fn finetune(
     };
     // The teacher's top K on every training window, once (recomputed after a crash: it is
     // deterministic, and its time counts again).
-    let t_teacher = Instant::now();
-    let cache = if cfg.teacher_top_k > 0 {
+    let (cache, teacher_seconds) = if cfg.teacher_top_k > 0 {
+        let t = Instant::now();
         let tenth = train.len().div_ceil(10).max(1);
         let c = TeacherTopK::new(teacher, &train, cfg.teacher_top_k, |done, all| {
             if done % tenth == 0 || done == all {
                 tracing::info!(done, windows = all, "finetune: teacher pass");
             }
         })?;
-        Some(c)
+        (Some(c), t.elapsed().as_secs_f64())
     } else {
-        None
-    };
-    let teacher_seconds = if cache.is_some() {
-        t_teacher.elapsed().as_secs_f64()
-    } else {
-        0.0
+        (None, 0.0)
     };
     // Time spent before a crash counts too (added, not subtracted from `start`: an `Instant`
     // cannot go back past the machine's boot, and a resume may follow a reboot).
