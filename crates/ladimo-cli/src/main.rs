@@ -95,7 +95,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", ladimo_convert::error_message(&e));
         std::process::exit(1);
     }
 }

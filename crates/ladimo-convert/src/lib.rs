@@ -22,6 +22,21 @@ pub use config::ConvertConfig;
 pub use pipeline::{Paths, convert};
 pub use report::Report;
 
+/// The message a command prints for `e`: its text and its causes' joined by ": ", leaving out a
+/// cause whose text the message already ends with (our error types put their source's text in
+/// their own message, so `{e:#}` would say "No such file or directory" twice).
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.ends_with(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 /// Command-line arguments shared by `ladimo convert` and `cargo xtask convert`.
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
@@ -89,4 +104,26 @@ pub fn run(args: ConvertArgs) -> Result<Report> {
         out.display()
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::from(ladimo_io::Error::io(std::path::Path::new("m/config.json"), io()));
+        assert_eq!(
+            format!("{e:#}"),
+            "m/config.json: No such file or directory: No such file or directory"
+        );
+        assert_eq!(error_message(&e), "m/config.json: No such file or directory");
+        // A context that does not repeat its cause keeps it.
+        let e = e.context("opening the model");
+        assert_eq!(
+            error_message(&e),
+            "opening the model: m/config.json: No such file or directory"
+        );
+    }
 }
