@@ -90,6 +90,10 @@ pub struct DistillArgs {
     finetune_lr: Option<f64>,
     #[arg(long, default_value_t = 1)]
     finetune_epochs: usize,
+    /// Stop the polish after this many steps (its schedule spread over them); 0: all of
+    /// --finetune-epochs. For a polish cut to a time budget.
+    #[arg(long, default_value_t = 0)]
+    finetune_steps: usize,
     /// Top-k the polish trains at, taking turns (default: --k-train).
     #[arg(long, value_delimiter = ',')]
     finetune_k: Vec<usize>,
@@ -304,6 +308,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         };
         let fcfg = ladimo_distill::finetune::FinetuneConfig {
             epochs: a.finetune_epochs,
+            max_steps: a.finetune_steps,
             policies: ks.iter().map(|&k| Policy::TopK { k }).collect(),
             batch_windows: a.finetune_batch,
             lr,
@@ -313,8 +318,12 @@ pub fn run(a: DistillArgs) -> Result<()> {
         };
         let ks_name: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
         blocks_dir = out.join(format!(
-            "finetune-lr{lr:e}-e{}-k{}-b{}{}{}",
+            "finetune-lr{lr:e}-e{}{}-k{}-b{}{}{}",
             a.finetune_epochs,
+            match a.finetune_steps {
+                0 => String::new(),
+                n => format!("-s{n}"),
+            },
             ks_name.join("_"),
             a.finetune_batch,
             if a.finetune_router { "-router" } else { "" },

@@ -50,6 +50,9 @@ use crate::train::{LayerReport, finished, load_layer_block, save_layer, warmup_c
 pub struct FinetuneConfig {
     /// Passes over the calibration windows; 0 = no polish.
     pub epochs: usize,
+    /// 0: every step of `epochs` passes. N > 0: stop after N steps (at most `epochs` passes),
+    /// with the learning-rate schedule spread over those N: a polish cut to a time budget.
+    pub max_steps: usize,
     /// Routing policies the steps take turns with, the same in every layer (the first also
     /// measures the KL). Empty: each block's stage-1 training policy.
     pub policies: Vec<Policy>,
@@ -76,6 +79,7 @@ impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
             epochs: 0,
+            max_steps: 0,
             policies: [4, 3, 5].map(|k| Policy::TopK { k }).to_vec(),
             batch_windows: 2,
             lr: 3e-4,
@@ -194,33 +198,41 @@ fn kl(teacher: &Transformer, student: &Transformer, ids: &[u32], batch: usize) -
 struct TeacherTopK {
     k: usize,
     seq_len: usize,
-    /// `[windows * seq_len * k]`, window-major like the training windows.
+    /// Per training window, its row in the arrays below (`usize::MAX`: no step uses it).
+    slot: Vec<usize>,
+    /// `[cached windows * seq_len * k]`, in the order of `slot`.
     ids: Vec<u32>,
     logp: Vec<f32>,
-    /// `[windows * seq_len]`: 1 - the K probabilities' sum, in [0, 1].
+    /// `[cached windows * seq_len]`: 1 - the K probabilities' sum, in [0, 1].
     rest: Vec<f32>,
 }
 
 impl TeacherTopK {
-    /// Run the teacher over `windows`, `progress(done, total)` after each.
+    /// Run the teacher over the windows `used` of `windows`, `progress(done, total)` after each.
     fn new(
         teacher: &Transformer,
         windows: &[&[u32]],
+        used: &[usize],
         k: usize,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
         let seq_len = windows.first().map_or(0, |w| w.len());
         let vocab = teacher.config.vocab_size;
         let k = k.min(vocab);
-        let tokens = windows.len() * seq_len;
+        let tokens = used.len() * seq_len;
         let (mut ids, mut logp, mut rest) = (
             Vec::with_capacity(tokens * k),
             Vec::with_capacity(tokens * k),
             Vec::with_capacity(tokens),
         );
+        let mut slot = vec![usize::MAX; windows.len()];
         let mut order: Vec<u32> = Vec::with_capacity(vocab);
-        for (i, w) in windows.iter().enumerate() {
-            let t = to_vec(log_softmax(teacher.forward(ids_tensor(w, 1, &teacher.device))?, 2));
+        for (i, &w) in used.iter().enumerate() {
+            slot[w] = i;
+            let t = to_vec(log_softmax(
+                teacher.forward(ids_tensor(windows[w], 1, &teacher.device))?,
+                2,
+            ));
             for row in t.chunks_exact(vocab) {
                 order.clear();
                 order.extend(0..vocab as u32);
@@ -236,11 +248,12 @@ impl TeacherTopK {
                 }
                 rest.push((1.0 - mass).clamp(0.0, 1.0) as f32);
             }
-            progress(i + 1, windows.len());
+            progress(i + 1, used.len());
         }
         Ok(Self {
             k,
             seq_len,
+            slot,
             ids,
             logp,
             rest,
@@ -267,6 +280,8 @@ impl TeacherTopK {
             Vec::with_capacity(rows),
         );
         for &w in batch {
+            let w = self.slot[w];
+            assert!(w != usize::MAX, "a step uses a window the teacher's pass skipped");
             idx.extend(self.ids[w * n * k..(w + 1) * n * k].iter().map(|&v| v as i64));
             logp.extend_from_slice(&self.logp[w * n * k..(w + 1) * n * k]);
             rest.extend_from_slice(&self.rest[w * n..(w + 1) * n]);
@@ -401,7 +416,10 @@ pub fn finetune(
         Ok(sum / val.len() as f64)
     };
     let steps_per_epoch = train.len() / cfg.batch_windows;
-    let total = steps_per_epoch * cfg.epochs;
+    let total = match cfg.max_steps {
+        0 => steps_per_epoch * cfg.epochs,
+        n => n.min(steps_per_epoch * cfg.epochs),
+    };
     let mut optims: Vec<ModuleOptimizer> = (0..n_layers)
         .map(|_| AdamWConfig::new().with_weight_decay(cfg.weight_decay).init())
         .collect();
@@ -448,12 +466,31 @@ pub fn finetune(
             (state, 0)
         }
     };
-    // The teacher's top K on every training window, once (recomputed after a crash: it is
-    // deterministic, and its time counts again).
+    // The batches of every step, in order: the windows are shuffled in every epoch (the same
+    // order on a resumed run), and `max_steps` may end the schedule early.
+    let schedule: Vec<Vec<usize>> = {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let mut schedule = Vec::with_capacity(total);
+        for _ in 0..cfg.epochs {
+            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+            schedule.extend(order.chunks_exact(cfg.batch_windows).map(<[usize]>::to_vec));
+        }
+        schedule.truncate(total);
+        schedule
+    };
+    // The training windows that some step uses (all of them unless `max_steps` cuts the run).
+    let used: Vec<usize> = {
+        let mut seen = vec![false; train.len()];
+        schedule.iter().flatten().for_each(|&w| seen[w] = true);
+        (0..train.len()).filter(|&w| seen[w]).collect()
+    };
+    // The teacher's top K on every training window that a step uses, once (recomputed after a
+    // crash: it is deterministic, and its time counts again).
     let (cache, teacher_seconds) = if cfg.teacher_top_k > 0 {
         let t = Instant::now();
-        let tenth = train.len().div_ceil(10).max(1);
-        let c = TeacherTopK::new(teacher, &train, cfg.teacher_top_k, |done, all| {
+        let tenth = used.len().div_ceil(10).max(1);
+        let c = TeacherTopK::new(teacher, &train, &used, cfg.teacher_top_k, |done, all| {
             if done % tenth == 0 || done == all {
                 tracing::info!(done, windows = all, "finetune: teacher pass");
             }
@@ -467,49 +504,43 @@ pub fn finetune(
     let earlier = state.seconds;
     // A checkpoint about 20 times per run (every step on tiny runs).
     let save_every = (total / 20).max(1);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        // Shuffled in every epoch, also those a resumed run skips, so the order is the same.
-        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
-        for batch in order.chunks_exact(cfg.batch_windows) {
-            if step < done {
-                step += 1;
-                continue;
-            }
-            set_policies(&mut student, &turns[step % turns.len()])?;
-            let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].iter().copied()).collect();
-            let loss = match &cache {
-                Some(c) => c.kl(&student, &ids, batch)?,
-                None => kl(teacher, &student, &ids, batch.len())?,
-            };
-            let value = to_vec(loss.clone())[0] as f64;
-            if !value.is_finite() {
-                return Err(DistillError::Invalid(format!(
-                    "finetune: the KL became {value} at step {step}; try a lower lr (now {})",
-                    cfg.lr
-                )));
-            }
-            let mut grads = loss.backward();
-            let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
-            for (l, optim) in optims.iter_mut().enumerate() {
-                let block = moe_mut(&mut student, l);
-                let g = GradientsParams::from_module(&mut grads, &block.params);
-                block.params = optim.step(lr, block.params.clone(), g);
-            }
+    for batch in &schedule {
+        if step < done {
             step += 1;
-            if step % 5 == 0 || step == total {
-                state.loss_curve.push((step, value));
-                tracing::debug!(step, kl = value, lr, "finetune step");
-            }
-            if step % save_every == 0 && step < total {
-                state.step = step;
-                state.seconds = earlier + start.elapsed().as_secs_f64();
-                save_resume(out_dir, &mut student, &optims, &reports, &state)?;
-            }
-            progress(step, total, value);
+            continue;
         }
+        set_policies(&mut student, &turns[step % turns.len()])?;
+        let ids: Vec<u32> = batch.iter().flat_map(|&i| train[i].iter().copied()).collect();
+        let loss = match &cache {
+            Some(c) => c.kl(&student, &ids, batch)?,
+            None => kl(teacher, &student, &ids, batch.len())?,
+        };
+        let value = to_vec(loss.clone())[0] as f64;
+        if !value.is_finite() {
+            return Err(DistillError::Invalid(format!(
+                "finetune: the KL became {value} at step {step}; try a lower lr (now {})",
+                cfg.lr
+            )));
+        }
+        let mut grads = loss.backward();
+        let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
+        for (l, optim) in optims.iter_mut().enumerate() {
+            let block = moe_mut(&mut student, l);
+            let g = GradientsParams::from_module(&mut grads, &block.params);
+            block.params = optim.step(lr, block.params.clone(), g);
+        }
+        step += 1;
+        if step % 5 == 0 || step == total {
+            state.loss_curve.push((step, value));
+            tracing::debug!(step, kl = value, lr, "finetune step");
+        }
+        if step % save_every == 0 && step < total {
+            state.step = step;
+            state.seconds = earlier + start.elapsed().as_secs_f64();
+            save_resume(out_dir, &mut student, &optims, &reports, &state)?;
+        }
+        progress(step, total, value);
     }
     let val_kl_after = val_kl(&mut student)?;
     tracing::info!(

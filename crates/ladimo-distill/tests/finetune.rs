@@ -139,6 +139,58 @@ fn teacher_top_k_at_the_whole_vocab_is_the_exact_kl_and_a_small_k_still_polishes
 }
 
 #[test]
+fn max_steps_cuts_the_run_and_its_teacher_pass_covers_the_windows_it_uses() {
+    let (dir, run, ckpt, model, tokens) = stage1();
+    // Every step's loss and the report.
+    let losses = |cfg: &FinetuneConfig, name: &str| {
+        let mut kls = Vec::new();
+        let r = finetune(
+            &ckpt,
+            &model,
+            &run,
+            &dir.path().join(name),
+            &tokens,
+            64,
+            cfg,
+            |_, _, kl| kls.push(kl),
+        )
+        .unwrap();
+        (r, kls)
+    };
+    // The whole vocabulary cached: the cut run's teacher pass covers only the windows of its
+    // 10 steps (20 of the 38 training windows), and a step on a window it skipped would panic.
+    let whole = FinetuneConfig {
+        teacher_top_k: ckpt.config.vocab_size,
+        ..top2_top1(1)
+    };
+    let (a, a_kls) = losses(&whole, "whole");
+    let cut = FinetuneConfig {
+        max_steps: 10,
+        ..whole.clone()
+    };
+    let (b, b_kls) = losses(&cut, "cut");
+    assert_eq!((a.steps, b.steps, b_kls.len()), (19, 10, 10));
+    // Step 1: the same weights and batch; afterwards the schedules (over 19 and 10 steps) differ.
+    assert_eq!(a_kls[0], b_kls[0]);
+    assert!(b.val_kl < b.val_kl_init, "KL {} -> {}", b.val_kl_init, b.val_kl);
+    assert!(
+        b.val_kl > a.val_kl,
+        "10 steps polish less than 19: {} vs {}",
+        b.val_kl,
+        a.val_kl
+    );
+    // A cap above the epochs' steps changes nothing; the report keeps the setting.
+    let (c, _) = losses(
+        &FinetuneConfig {
+            max_steps: 1000,
+            ..top2_top1(1)
+        },
+        "capped",
+    );
+    assert_eq!((c.steps, c.config.max_steps), (19, 1000));
+}
+
+#[test]
 fn train_router_moves_the_unit_routers_and_the_kl_still_falls() {
     let (dir, run, ckpt, model, tokens) = stage1();
     let cfg = FinetuneConfig {
