@@ -15,7 +15,8 @@
 //!
 //! With `teacher_top_k = K` the teacher runs once, before the first step, and keeps each
 //! token's K most likely next tokens; the loss is then the KL over those K tokens plus one
-//! bucket for the rest (see [`FinetuneConfig::teacher_top_k`]).
+//! bucket for the rest (see [`FinetuneConfig::teacher_top_k`]). `max_steps = N` ends the run
+//! after N steps, its learning-rate schedule spread over them (a polish cut to a time budget).
 //!
 //! Attention, norms and embeddings stay frozen; with `Unit` combine weights the router gets no
 //! gradient from this loss and keeps its layer-wise training, unless `train_router` turns on a
