@@ -261,7 +261,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     };
     let reports = match cfg.inputs {
         Inputs::Teacher => run_layers(&ckpt, &cap_dir, &out, layers.clone(), &cfg, &device, show)?,
-        Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
+        Inputs::Student => ladimo_distill::sequential::run_layers_sequential_top_k(
             &ckpt,
             &model,
             &calib,
@@ -269,6 +269,11 @@ pub fn run(a: DistillArgs) -> Result<()> {
             &out,
             layers.clone(),
             &cfg,
+            if a.finetune_lr.is_some() {
+                a.finetune_teacher_top_k
+            } else {
+                0
+            },
             show,
         )?,
     };

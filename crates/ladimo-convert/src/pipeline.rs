@@ -271,7 +271,9 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             let t_train = Instant::now();
             match train.inputs {
                 Inputs::Teacher => run_layers(&ckpt, &cap, &s1, 0..n_layers, train, &device, show)?,
-                Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
+                // With a polish that keeps the teacher's top K, stage 1 writes them from the
+                // teacher's stream it carries (the polish then skips its teacher pass).
+                Inputs::Student => ladimo_distill::sequential::run_layers_sequential_top_k(
                     &ckpt,
                     &dense,
                     &calib,
@@ -279,6 +281,11 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                     &s1,
                     0..n_layers,
                     train,
+                    if cfg.stage1.finetune.epochs > 0 {
+                        cfg.stage1.finetune.teacher_top_k
+                    } else {
+                        0
+                    },
                     show,
                 )?,
             };

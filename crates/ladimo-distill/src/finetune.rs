@@ -209,6 +209,41 @@ struct TeacherTopK {
 }
 
 impl TeacherTopK {
+    /// An empty cache for `windows` windows of `seq_len` tokens, `capacity` of them to be filled.
+    fn empty(k: usize, seq_len: usize, windows: usize, capacity: usize) -> Self {
+        let tokens = capacity * seq_len;
+        Self {
+            k,
+            seq_len,
+            slot: vec![usize::MAX; windows],
+            ids: Vec::with_capacity(tokens * k),
+            logp: Vec::with_capacity(tokens * k),
+            rest: Vec::with_capacity(tokens),
+        }
+    }
+
+    /// Keep the top K of window `w`'s next-token log-probabilities (`[seq_len * vocab]`).
+    fn push_window(&mut self, w: usize, t: &[f32], vocab: usize) {
+        let k = self.k;
+        self.slot[w] = self.rest.len() / self.seq_len;
+        let mut order: Vec<u32> = Vec::with_capacity(vocab);
+        for row in t.chunks_exact(vocab) {
+            order.clear();
+            order.extend(0..vocab as u32);
+            // The K largest first (in no particular order among themselves).
+            if k < vocab {
+                order.select_nth_unstable_by(k, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            }
+            let mut mass = 0f64;
+            for &v in &order[..k] {
+                self.ids.push(v);
+                self.logp.push(row[v as usize]);
+                mass += (row[v as usize] as f64).exp();
+            }
+            self.rest.push((1.0 - mass).clamp(0.0, 1.0) as f32);
+        }
+    }
+
     /// Run the teacher over the windows `used` of `windows`, `progress(done, total)` after each.
     fn new(
         teacher: &Transformer,
@@ -219,42 +254,93 @@ impl TeacherTopK {
     ) -> Result<Self, ModelError> {
         let seq_len = windows.first().map_or(0, |w| w.len());
         let vocab = teacher.config.vocab_size;
-        let k = k.min(vocab);
-        let tokens = used.len() * seq_len;
-        let (mut ids, mut logp, mut rest) = (
-            Vec::with_capacity(tokens * k),
-            Vec::with_capacity(tokens * k),
-            Vec::with_capacity(tokens),
-        );
-        let mut slot = vec![usize::MAX; windows.len()];
-        let mut order: Vec<u32> = Vec::with_capacity(vocab);
+        let mut c = Self::empty(k.min(vocab), seq_len, windows.len(), used.len());
         for (i, &w) in used.iter().enumerate() {
-            slot[w] = i;
             let t = to_vec(log_softmax(
                 teacher.forward(ids_tensor(windows[w], 1, &teacher.device))?,
                 2,
             ));
-            for row in t.chunks_exact(vocab) {
-                order.clear();
-                order.extend(0..vocab as u32);
-                // The K largest first (in no particular order among themselves).
-                if k < vocab {
-                    order.select_nth_unstable_by(k, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-                }
-                let mut mass = 0f64;
-                for &v in &order[..k] {
-                    ids.push(v);
-                    logp.push(row[v as usize]);
-                    mass += (row[v as usize] as f64).exp();
-                }
-                rest.push((1.0 - mass).clamp(0.0, 1.0) as f32);
-            }
+            c.push_window(w, &t, vocab);
             progress(i + 1, used.len());
         }
-        Ok(Self {
+        Ok(c)
+    }
+
+    /// Write every window's top K (all of them must be there) to `path` (through a `.part` file),
+    /// with what they were computed on.
+    fn save(&self, path: &Path, fingerprint: &str) -> Result<(), DistillError> {
+        assert!(
+            self.slot.iter().enumerate().all(|(w, &s)| s == w),
+            "save needs every window, in order"
+        );
+        let bytes_u32 = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let bytes_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ids, logp, rest) = (bytes_u32(&self.ids), bytes_f32(&self.logp), bytes_f32(&self.rest));
+        let (rows, k) = (self.rest.len(), self.k);
+        let bad = |e: safetensors::SafeTensorError| DistillError::Invalid(format!("{}: {e}", path.display()));
+        let view = |dtype, shape: Vec<usize>, b| safetensors::tensor::TensorView::new(dtype, shape, b).map_err(bad);
+        let views = vec![
+            ("ids", view(safetensors::Dtype::U32, vec![rows, k], &ids)?),
+            ("logp", view(safetensors::Dtype::F32, vec![rows, k], &logp)?),
+            ("rest", view(safetensors::Dtype::F32, vec![rows], &rest)?),
+        ];
+        let meta = [
+            ("k", k.to_string()),
+            ("seq_len", self.seq_len.to_string()),
+            ("windows", self.slot.len().to_string()),
+            ("fingerprint", fingerprint.to_string()),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b))
+        .collect();
+        let tmp = path.with_extension("safetensors.part");
+        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(bad)?;
+        std::fs::rename(&tmp, path).map_err(|e| DistillError::io(path, e))
+    }
+
+    /// The cache saved at `path`, if it holds the top K of these `windows` windows of `seq_len`
+    /// tokens with this `fingerprint` (else `None`, and the reason in the log).
+    fn load(path: &Path, k: usize, seq_len: usize, windows: usize, fingerprint: &str) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let want = [
+            ("k", k.to_string()),
+            ("seq_len", seq_len.to_string()),
+            ("windows", windows.to_string()),
+            ("fingerprint", fingerprint.to_string()),
+        ];
+        if let Some((key, v)) = want.iter().find(|(key, v)| meta.get(*key) != Some(v)) {
+            tracing::warn!(
+                "{}: {key} is {:?}, not {v}; the teacher runs again",
+                path.display(),
+                meta.get(*key)
+            );
+            return None;
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+        let words = |name: &str| -> Option<Vec<[u8; 4]>> {
+            Some(
+                st.tensor(name)
+                    .ok()?
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| c.try_into().unwrap())
+                    .collect(),
+            )
+        };
+        let ids: Vec<u32> = words("ids")?.into_iter().map(u32::from_le_bytes).collect();
+        let logp: Vec<f32> = words("logp")?.into_iter().map(f32::from_le_bytes).collect();
+        let rest: Vec<f32> = words("rest")?.into_iter().map(f32::from_le_bytes).collect();
+        let rows = windows * seq_len;
+        if ids.len() != rows * k || logp.len() != rows * k || rest.len() != rows {
+            tracing::warn!("{}: wrong sizes; the teacher runs again", path.display());
+            return None;
+        }
+        Some(Self {
             k,
             seq_len,
-            slot,
+            slot: (0..windows).collect(),
             ids,
             logp,
             rest,
@@ -304,6 +390,39 @@ impl TeacherTopK {
         let tail = (rest * q_rest.log()).sum().neg().add_scalar(rest_entropy);
         Ok((head + tail).div_scalar(rows as f64))
     }
+}
+
+/// Where a stage-1 run keeps the teacher's top `k` next tokens on its calibration windows, for a
+/// polish with `teacher_top_k = k` (see [`write_teacher_top_k`]).
+pub fn teacher_top_k_path(run_dir: &Path, k: usize) -> PathBuf {
+    run_dir.join(format!("teacher-top{k}.safetensors"))
+}
+
+/// Write the teacher's top `k` next tokens on every window of `tokens` (cut into windows of
+/// `seq_len`) to [`teacher_top_k_path`], from `hidden(w)`: the teacher's residual stream after
+/// its last layer on window `w` (`[1, seq_len, hidden]`, before the final norm). A student-input
+/// stage 1 carries that stream anyway, so a polish that reads this file skips its own teacher
+/// pass. Returns the seconds it took.
+pub fn write_teacher_top_k(
+    teacher: &Transformer,
+    tokens: &[u32],
+    seq_len: usize,
+    k: usize,
+    run_dir: &Path,
+    mut hidden: impl FnMut(usize) -> Tensor<3>,
+) -> Result<f64, DistillError> {
+    let t = Instant::now();
+    let vocab = teacher.config.vocab_size;
+    let k = k.min(vocab);
+    let windows = tokens.len() / seq_len.max(1);
+    let mut c = TeacherTopK::empty(k, seq_len, windows, windows);
+    for w in 0..windows {
+        let h = teacher.norm.forward(hidden(w));
+        c.push_window(w, &to_vec(log_softmax(teacher.logits(h), 2)), vocab);
+    }
+    let fp = crate::capture::fingerprint(teacher, &tokens[..windows * seq_len], seq_len);
+    c.save(&teacher_top_k_path(run_dir, k), &fp)?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Polish the finished stage-1 run in `run_dir` (every layer of `ckpt` finished there) on
@@ -488,14 +607,28 @@ pub fn finetune(
     };
     // The teacher's top K on every training window that a step uses, once (recomputed after a
     // crash: it is deterministic, and its time counts again).
+    // A student-input stage 1 may have written it from the teacher's stream already.
     let (cache, teacher_seconds) = if cfg.teacher_top_k > 0 {
         let t = Instant::now();
-        let tenth = used.len().div_ceil(10).max(1);
-        let c = TeacherTopK::new(teacher, &train, &used, cfg.teacher_top_k, |done, all| {
-            if done % tenth == 0 || done == all {
-                tracing::info!(done, windows = all, "finetune: teacher pass");
+        let k = cfg.teacher_top_k.min(teacher.config.vocab_size);
+        let path = teacher_top_k_path(run_dir, k);
+        let fp = crate::capture::fingerprint(teacher, &tokens[..windows.len() * seq_len], seq_len);
+        let c = match TeacherTopK::load(&path, k, seq_len, windows.len(), &fp) {
+            Some(mut all) => {
+                tracing::info!("finetune: the teacher's top {k} from {}", path.display());
+                // Indexed by training window, like a cache computed here.
+                all.slot = (0..windows.len()).filter(|i| i % 20 != 19).collect();
+                all
             }
-        })?;
+            None => {
+                let tenth = used.len().div_ceil(10).max(1);
+                TeacherTopK::new(teacher, &train, &used, k, |done, all| {
+                    if done % tenth == 0 || done == all {
+                        tracing::info!(done, windows = all, "finetune: teacher pass");
+                    }
+                })?
+            }
+        };
         (Some(c), t.elapsed().as_secs_f64())
     } else {
         (None, 0.0)

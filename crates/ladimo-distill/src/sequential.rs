@@ -20,6 +20,10 @@
 //! needs layers `0..a` finished in the output folder (it replays them), so a model can still be
 //! split across runs, one after the other. Finished layers are replayed from their saved blocks,
 //! so a killed run resumes and ends with the same result.
+//!
+//! With `c > 0` the teacher's stream reaches the last layer here anyway: for a polish that keeps
+//! the teacher's top K next tokens, [`run_layers_sequential_top_k`] turns it into those top K
+//! (final norm, head, one pass over the windows) instead of the polish running the whole teacher.
 
 use std::ops::Range;
 use std::path::Path;
@@ -63,6 +67,26 @@ pub fn run_layers_sequential(
     out_dir: &Path,
     layers: Range<usize>,
     cfg: &TrainConfig,
+    progress: impl FnMut(usize, usize, usize, f64),
+) -> Result<Vec<LayerReport>, DistillError> {
+    run_layers_sequential_top_k(ckpt, model, tokens, seq_len, out_dir, layers, cfg, 0, progress)
+}
+
+/// [`run_layers_sequential`], and with `teacher_top_k = K > 0`, a run that ends at the last
+/// layer with `residual_correction > 0` (so that it carries the teacher's stream) also writes
+/// the teacher's top K next tokens on every window
+/// ([`finetune::write_teacher_top_k`](crate::finetune::write_teacher_top_k)): a polish with
+/// `teacher_top_k = K` then reads them instead of running the teacher.
+#[allow(clippy::too_many_arguments)]
+pub fn run_layers_sequential_top_k(
+    ckpt: &ladimo_io::Checkpoint,
+    model: &Transformer,
+    tokens: &[u32],
+    seq_len: usize,
+    out_dir: &Path,
+    layers: Range<usize>,
+    cfg: &TrainConfig,
+    teacher_top_k: usize,
     mut progress: impl FnMut(usize, usize, usize, f64),
 ) -> Result<Vec<LayerReport>, DistillError> {
     let c = &model.config;
@@ -189,6 +213,21 @@ pub fn run_layers_sequential(
                 w,
                 layer.ffn_residual(window(&a_s, w, seq_len, hidden, device), f),
             );
+        }
+    }
+    if teacher_top_k > 0 && layers.end == c.num_layers {
+        match &h_t {
+            Some(h_t) => {
+                let used = &tokens[..windows * seq_len];
+                let secs = crate::finetune::write_teacher_top_k(model, used, seq_len, teacher_top_k, out_dir, |w| {
+                    window(h_t, w, seq_len, hidden, device)
+                })?;
+                tracing::info!(
+                    seconds = secs,
+                    "the teacher's top {teacher_top_k} written for the polish"
+                );
+            }
+            None => tracing::info!("residual_correction = 0 carries no teacher stream: the polish runs the teacher"),
         }
     }
     crate::train::write_summary(out_dir, &reports)?;

@@ -6,8 +6,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune};
-use ladimo_distill::sequential::run_layers_sequential;
+use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune, teacher_top_k_path};
+use ladimo_distill::sequential::{run_layers_sequential, run_layers_sequential_top_k};
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished, load_layer_block};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -188,6 +188,106 @@ fn max_steps_cuts_the_run_and_its_teacher_pass_covers_the_windows_it_uses() {
         "capped",
     );
     assert_eq!((c.steps, c.config.max_steps), (19, 1000));
+}
+
+#[test]
+fn a_student_input_stage_1_writes_the_teachers_top_k_and_the_polish_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("stage1");
+    let (ckpt, model, tokens) = common::tiny("tiny-llama3", 2560);
+    let cfg = TrainConfig {
+        epochs: 1,
+        ..common::unit_top2(Inputs::Student, 1.0)
+    };
+    let n = ckpt.config.num_layers;
+    let k = 64;
+    run_layers_sequential_top_k(&ckpt, &model, &tokens, 64, &run, 0..n, &cfg, k, |_, _, _, _| {}).unwrap();
+    let file = teacher_top_k_path(&run, k);
+    assert!(file.exists());
+    // Step 1's loss: the same weights and batch in every run below.
+    let first = |name: &str| {
+        let mut first = None;
+        let polish = FinetuneConfig {
+            teacher_top_k: k,
+            max_steps: 1,
+            ..top2_top1(1)
+        };
+        finetune(
+            &ckpt,
+            &model,
+            &run,
+            &tmp.path().join(name),
+            &tokens,
+            64,
+            &polish,
+            |step, _, kl| {
+                if step == 1 {
+                    first = Some(kl);
+                }
+            },
+        )
+        .unwrap();
+        first.unwrap()
+    };
+    let from_file = first("from-file");
+    // Without the file the polish runs the teacher itself, on whole windows instead of layer by
+    // layer: the same top K up to float rounding.
+    let moved = tmp.path().join("moved.safetensors");
+    std::fs::rename(&file, &moved).unwrap();
+    let own = first("own-pass");
+    assert!(
+        (from_file - own).abs() <= 1e-4 * own,
+        "step 1: {from_file} from the file, {own} own pass"
+    );
+    // The file is what the first run read: with its probabilities changed, step 1 changes too.
+    let bytes = std::fs::read(&moved).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let logp: Vec<u8> = st
+        .tensor("logp")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) - 1.0).to_le_bytes())
+        .collect();
+    let keep = |name: &str| st.tensor(name).unwrap();
+    let views = vec![
+        ("ids", keep("ids")),
+        ("rest", keep("rest")),
+        (
+            "logp",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, keep("logp").shape().to_vec(), &logp)
+                .unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, header.metadata().clone(), &file).unwrap();
+    let tampered = first("tampered");
+    assert!(
+        (tampered - own).abs() > 1e-3 * own,
+        "step 1: {tampered} with changed probabilities, {own} own pass"
+    );
+    // A file of other tokens is not used.
+    let other = tokens
+        .iter()
+        .map(|t| (t + 1) % ckpt.config.vocab_size as u32)
+        .collect::<Vec<_>>();
+    let mut stale = None;
+    finetune(
+        &ckpt,
+        &model,
+        &run,
+        &tmp.path().join("stale"),
+        &other,
+        64,
+        &FinetuneConfig {
+            teacher_top_k: k,
+            max_steps: 1,
+            ..top2_top1(1)
+        },
+        |_, _, kl| stale = Some(kl),
+    )
+    .unwrap();
+    assert!(stale.unwrap().is_finite());
 }
 
 #[test]
