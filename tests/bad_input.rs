@@ -144,7 +144,11 @@ fn missing_directory_and_config() {
     assert_mentions(&e, &["/nonexistent/model"]);
     let dir = tempfile::tempdir().unwrap();
     let e = load_err(dir.path());
-    assert_mentions(&e, &["config.json"]);
+    assert_mentions(&e, &["config.json", "no such file"]);
+    // A folder that holds a GGUF file: the error names it.
+    std::fs::write(dir.path().join("m.Q4_1.gguf"), b"GGUF").unwrap();
+    let e = load_err(dir.path());
+    assert_mentions(&e, &["config.json", "for GGUF give the file: m.Q4_1.gguf"]);
 }
 
 fn gguf_err(bytes: Vec<u8>) -> String {

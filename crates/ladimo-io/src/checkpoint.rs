@@ -56,6 +56,25 @@ impl Checkpoint {
 
     fn open_hf(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            // A folder that holds a GGUF file instead: say which file to give.
+            let ggufs: Vec<String> = std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.ends_with(".gguf"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let hint = match ggufs.as_slice() {
+                [] => String::new(),
+                names => format!(
+                    " (a Hugging Face folder needs one; for GGUF give the file: {})",
+                    names.join(", ")
+                ),
+            };
+            return Err(Error::format(&config_path, format!("no such file{hint}")));
+        }
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = ModelConfig::from_hf_json(&text, &config_path)?;
         let weights = HfWeights::open(dir)?;
