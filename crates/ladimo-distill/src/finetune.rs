@@ -294,7 +294,10 @@ impl TeacherTopK {
         .map(|(a, b)| (a.to_string(), b))
         .collect();
         let tmp = path.with_extension("safetensors.part");
-        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(bad)?;
+        // `serialize` + `fs::write`: `serialize_to_file` would create the file readable by its
+        // owner only, unlike every other output.
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        std::fs::write(&tmp, bytes).map_err(|e| DistillError::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| DistillError::io(path, e))
     }
 
