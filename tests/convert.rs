@@ -57,6 +57,9 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     let (before, after) = json.stage1_polish_kl.expect("the polish ran");
     assert!(after < before, "polish KL {before} -> {after}");
     assert!(r.times.iter().any(|t| t.stage == "stage 1: end-to-end polish"));
+    // ci.toml's polish keeps the teacher's top 128: the student-input stage 1 wrote them for it.
+    let work = dir.path().join("tiny-moe.work");
+    assert!(work.join("stage1/teacher-top128.safetensors").is_file());
 
     // Again with --force: stages 1 and 2 come from the work folder, the old output is moved aside
     // (not deleted), and the result is the same.
