@@ -261,7 +261,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     };
     let reports = match cfg.inputs {
         Inputs::Teacher => run_layers(&ckpt, &cap_dir, &out, layers.clone(), &cfg, &device, show)?,
-        Inputs::Student => ladimo_distill::sequential::run_layers_sequential_top_k(
+        Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
             &ckpt,
             &model,
             &calib,

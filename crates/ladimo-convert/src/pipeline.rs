@@ -273,7 +273,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                 Inputs::Teacher => run_layers(&ckpt, &cap, &s1, 0..n_layers, train, &device, show)?,
                 // With a polish that keeps the teacher's top K, stage 1 writes them from the
                 // teacher's stream it carries (the polish then skips its teacher pass).
-                Inputs::Student => ladimo_distill::sequential::run_layers_sequential_top_k(
+                Inputs::Student => ladimo_distill::sequential::run_layers_sequential(
                     &ckpt,
                     &dense,
                     &calib,

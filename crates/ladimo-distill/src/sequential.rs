@@ -22,7 +22,7 @@
 //! so a killed run resumes and ends with the same result.
 //!
 //! With `c > 0` the teacher's stream reaches the last layer here anyway: for a polish that keeps
-//! the teacher's top K next tokens, [`run_layers_sequential_top_k`] turns it into those top K
+//! the teacher's top K next tokens, [`run_layers_sequential`] turns it into those top K
 //! (final norm, head, one pass over the windows) instead of the polish running the whole teacher.
 
 use std::ops::Range;
@@ -58,27 +58,13 @@ fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
 /// Train layers `layers` in order on the student's hidden states (see the module doc), writing
 /// to `out_dir` like `train::run_layers`. `model` is the dense teacher; `tokens` are cut into
 /// windows of `seq_len` (whole windows only). `progress(layer, step, total, loss)`.
+///
+/// With `teacher_top_k = K > 0`, a run that ends at the last layer with `residual_correction >
+/// 0` (so that it carries the teacher's stream) also writes the teacher's top K next tokens on
+/// every window ([`finetune::write_teacher_top_k`](crate::finetune::write_teacher_top_k)): a
+/// polish with `teacher_top_k = K` then reads them instead of running the teacher. 0: none.
 #[allow(clippy::too_many_arguments)]
 pub fn run_layers_sequential(
-    ckpt: &ladimo_io::Checkpoint,
-    model: &Transformer,
-    tokens: &[u32],
-    seq_len: usize,
-    out_dir: &Path,
-    layers: Range<usize>,
-    cfg: &TrainConfig,
-    progress: impl FnMut(usize, usize, usize, f64),
-) -> Result<Vec<LayerReport>, DistillError> {
-    run_layers_sequential_top_k(ckpt, model, tokens, seq_len, out_dir, layers, cfg, 0, progress)
-}
-
-/// [`run_layers_sequential`], and with `teacher_top_k = K > 0`, a run that ends at the last
-/// layer with `residual_correction > 0` (so that it carries the teacher's stream) also writes
-/// the teacher's top K next tokens on every window
-/// ([`finetune::write_teacher_top_k`](crate::finetune::write_teacher_top_k)): a polish with
-/// `teacher_top_k = K` then reads them instead of running the teacher.
-#[allow(clippy::too_many_arguments)]
-pub fn run_layers_sequential_top_k(
     ckpt: &ladimo_io::Checkpoint,
     model: &Transformer,
     tokens: &[u32],

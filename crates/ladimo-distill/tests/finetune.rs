@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune, teacher_top_k_path};
-use ladimo_distill::sequential::{run_layers_sequential, run_layers_sequential_top_k};
+use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished, load_layer_block};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -25,7 +25,7 @@ fn stage1() -> (tempfile::TempDir, PathBuf, Checkpoint, Transformer, Vec<u32>) {
         ..common::unit_top2(Inputs::Student, 0.0)
     };
     let n = ckpt.config.num_layers;
-    run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, &run, 0..n, &cfg, |_, _, _, _| {}).unwrap();
+    run_layers_sequential(&ckpt, &model, &tokens[..1024], 64, &run, 0..n, &cfg, 0, |_, _, _, _| {}).unwrap();
     (tmp, run, ckpt, model, tokens)
 }
 
@@ -201,7 +201,7 @@ fn a_student_input_stage_1_writes_the_teachers_top_k_and_the_polish_reads_it() {
     };
     let n = ckpt.config.num_layers;
     let k = 64;
-    run_layers_sequential_top_k(&ckpt, &model, &tokens, 64, &run, 0..n, &cfg, k, |_, _, _, _| {}).unwrap();
+    run_layers_sequential(&ckpt, &model, &tokens, 64, &run, 0..n, &cfg, k, |_, _, _, _| {}).unwrap();
     let file = teacher_top_k_path(&run, k);
     assert!(file.exists());
     // Step 1's loss: the same weights and batch in every run below.

@@ -44,7 +44,7 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
     let student = common::unit_top2(Inputs::Student, 1.0);
 
     let full = dir.path().join("full");
-    let reports = run_layers_sequential(&ckpt, &model, &tokens, 64, &full, 0..2, &student, |_, _, _, _| {}).unwrap();
+    let reports = run_layers_sequential(&ckpt, &model, &tokens, 64, &full, 0..2, &student, 0, |_, _, _, _| {}).unwrap();
     assert_eq!(reports.iter().map(|r| r.layer).collect::<Vec<_>>(), [0, 1]);
     for r in &reports {
         assert!(r.val_rel_error < r.val_rel_error_init, "layer {}: {r:?}", r.layer);
@@ -52,9 +52,9 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
 
     // "Killed" after layer 0: the second run replays layer 0, trains only layer 1, ends the same.
     let resumed = dir.path().join("resumed");
-    run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 0..1, &student, |_, _, _, _| {}).unwrap();
+    run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 0..1, &student, 0, |_, _, _, _| {}).unwrap();
     let mut trained = Vec::new();
-    run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 0..2, &student, |l, s, _, _| {
+    run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 0..2, &student, 0, |l, s, _, _| {
         if s == 1 {
             trained.push(l)
         }
@@ -69,7 +69,8 @@ fn student_inputs_resume_equal_uninterrupted_and_correction_tracks_the_teacher()
         );
     }
     // A range that starts later replays the earlier layers from the folder.
-    let later = run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 1..2, &student, |_, _, _, _| {}).unwrap();
+    let later =
+        run_layers_sequential(&ckpt, &model, &tokens, 64, &resumed, 1..2, &student, 0, |_, _, _, _| {}).unwrap();
     assert_eq!(later.len(), 1);
 
     // The same blocks trained on the teacher's hidden states, layers independent.
@@ -102,7 +103,7 @@ fn bad_student_settings_are_clear_errors() {
     let (ckpt, model, tokens) = common::tiny("tiny-llama3", 1024);
     let dir = tempfile::tempdir().unwrap();
     let run = |cfg: &TrainConfig, layers: std::ops::Range<usize>, tokens: &[u32]| {
-        run_layers_sequential(&ckpt, &model, tokens, 64, dir.path(), layers, cfg, |_, _, _, _| {})
+        run_layers_sequential(&ckpt, &model, tokens, 64, dir.path(), layers, cfg, 0, |_, _, _, _| {})
             .unwrap_err()
             .to_string()
     };
@@ -147,6 +148,7 @@ fn bad_student_settings_are_clear_errors() {
         dir.path(),
         0..1,
         &common::unit_top2(Inputs::Student, 0.5),
+        0,
         |_, _, _, _| {},
     )
     .unwrap_err()
@@ -162,6 +164,7 @@ fn bad_student_settings_are_clear_errors() {
         &ok,
         0..3,
         &common::unit_top2(Inputs::Student, 0.0),
+        0,
         |_, _, _, _| {},
     )
     .unwrap();
