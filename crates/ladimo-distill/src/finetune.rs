@@ -266,6 +266,16 @@ impl TeacherTopK {
         Ok(c)
     }
 
+    /// The metadata a saved cache carries: what its top K were computed on.
+    fn tags(k: usize, seq_len: usize, windows: usize, fingerprint: &str) -> [(&'static str, String); 4] {
+        [
+            ("k", k.to_string()),
+            ("seq_len", seq_len.to_string()),
+            ("windows", windows.to_string()),
+            ("fingerprint", fingerprint.to_string()),
+        ]
+    }
+
     /// Write every window's top K (all of them must be there) to `path` (through a `.part` file),
     /// with what they were computed on.
     fn save(&self, path: &Path, fingerprint: &str) -> Result<(), DistillError> {
@@ -284,15 +294,10 @@ impl TeacherTopK {
             ("logp", view(safetensors::Dtype::F32, vec![rows, k], &logp)?),
             ("rest", view(safetensors::Dtype::F32, vec![rows], &rest)?),
         ];
-        let meta = [
-            ("k", k.to_string()),
-            ("seq_len", self.seq_len.to_string()),
-            ("windows", self.slot.len().to_string()),
-            ("fingerprint", fingerprint.to_string()),
-        ]
-        .into_iter()
-        .map(|(a, b)| (a.to_string(), b))
-        .collect();
+        let meta = Self::tags(k, self.seq_len, self.slot.len(), fingerprint)
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b))
+            .collect();
         let tmp = path.with_extension("safetensors.part");
         // `serialize` + `fs::write`: `serialize_to_file` would create the file readable by its
         // owner only, unlike every other output.
@@ -307,12 +312,7 @@ impl TeacherTopK {
         let bytes = std::fs::read(path).ok()?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let want = [
-            ("k", k.to_string()),
-            ("seq_len", seq_len.to_string()),
-            ("windows", windows.to_string()),
-            ("fingerprint", fingerprint.to_string()),
-        ];
+        let want = Self::tags(k, seq_len, windows, fingerprint);
         if let Some((key, v)) = want.iter().find(|(key, v)| meta.get(*key) != Some(v)) {
             tracing::warn!(
                 "{}: {key} is {:?}, not {v}; the teacher runs again",
@@ -467,12 +467,9 @@ pub fn finetune(
             .map_err(|e| DistillError::Invalid(format!("finetune, layer {}: {e}", r.layer)))?;
     }
     let val: Vec<&[u32]> = windows.iter().skip(19).step_by(20).copied().collect();
-    let train: Vec<&[u32]> = windows
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % 20 != 19)
-        .map(|(_, w)| *w)
-        .collect();
+    // The training windows' indices among all windows (every 20th is held back).
+    let train_idx: Vec<usize> = (0..windows.len()).filter(|i| i % 20 != 19).collect();
+    let train: Vec<&[u32]> = train_idx.iter().map(|&i| windows[i]).collect();
     if let Some(r) = finished_finetune(out_dir)
         && r.config == *cfg
         && r.seq_len == seq_len
@@ -620,7 +617,7 @@ pub fn finetune(
             Some(mut all) => {
                 tracing::info!("finetune: the teacher's top {k} from {}", path.display());
                 // Indexed by training window, like a cache computed here.
-                all.slot = (0..windows.len()).filter(|i| i % 20 != 19).collect();
+                all.slot = train_idx.clone();
                 all
             }
             None => {
