@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use ladimo_distill::finetune::{FinetuneConfig, finetune, finished_finetune, teacher_top_k_path};
+use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune, finished_finetune, teacher_top_k_path};
 use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished, load_layer_block};
 use ladimo_io::Checkpoint;
@@ -38,6 +38,20 @@ fn top2_top1(epochs: usize) -> FinetuneConfig {
         lr: 1e-3,
         ..Default::default()
     }
+}
+
+/// Polish the stage-1 run `run` of `model` into `out` on `tokens` (windows of 64): the report and
+/// every step's loss, in order.
+fn polish(
+    (ckpt, model): (&Checkpoint, &Transformer),
+    run: &Path,
+    out: &Path,
+    tokens: &[u32],
+    cfg: &FinetuneConfig,
+) -> (FinetuneReport, Vec<f64>) {
+    let mut kls = Vec::new();
+    let r = finetune(ckpt, model, run, out, tokens, 64, cfg, |_, _, kl| kls.push(kl)).unwrap();
+    (r, kls)
 }
 
 #[test]
@@ -79,23 +93,8 @@ fn teacher_top_k_at_the_whole_vocab_is_the_exact_kl_and_a_small_k_still_polishes
     // The report and the first step's loss (same weights and, with the same seed, the same
     // batch in every run).
     let curve = |cfg: &FinetuneConfig, name: &str| {
-        let mut first = None;
-        let r = finetune(
-            &ckpt,
-            &model,
-            &run,
-            &dir.path().join(name),
-            &tokens,
-            64,
-            cfg,
-            |step, _, kl| {
-                if step == 1 {
-                    first = Some(kl);
-                }
-            },
-        )
-        .unwrap();
-        (r, first.unwrap())
+        let (r, kls) = polish((&ckpt, &model), &run, &dir.path().join(name), &tokens, cfg);
+        (r, kls[0])
     };
     let (a, a1) = curve(&exact, "exact");
     // K = vocab: the rest bucket is empty and the coarsened KL is the KL; only float rounding
@@ -142,21 +141,7 @@ fn teacher_top_k_at_the_whole_vocab_is_the_exact_kl_and_a_small_k_still_polishes
 fn max_steps_cuts_the_run_and_its_teacher_pass_covers_the_windows_it_uses() {
     let (dir, run, ckpt, model, tokens) = stage1();
     // Every step's loss and the report.
-    let losses = |cfg: &FinetuneConfig, name: &str| {
-        let mut kls = Vec::new();
-        let r = finetune(
-            &ckpt,
-            &model,
-            &run,
-            &dir.path().join(name),
-            &tokens,
-            64,
-            cfg,
-            |_, _, kl| kls.push(kl),
-        )
-        .unwrap();
-        (r, kls)
-    };
+    let losses = |cfg: &FinetuneConfig, name: &str| polish((&ckpt, &model), &run, &dir.path().join(name), &tokens, cfg);
     // The whole vocabulary cached: the cut run's teacher pass covers only the windows of its
     // 10 steps (20 of the 38 training windows), and a step on a window it skipped would panic.
     let whole = FinetuneConfig {
@@ -205,30 +190,14 @@ fn a_student_input_stage_1_writes_the_teachers_top_k_and_the_polish_reads_it() {
     let file = teacher_top_k_path(&run, k);
     assert!(file.exists());
     // Step 1's loss: the same weights and batch in every run below.
-    let first = |name: &str| {
-        let mut first = None;
-        let polish = FinetuneConfig {
-            teacher_top_k: k,
-            max_steps: 1,
-            ..top2_top1(1)
-        };
-        finetune(
-            &ckpt,
-            &model,
-            &run,
-            &tmp.path().join(name),
-            &tokens,
-            64,
-            &polish,
-            |step, _, kl| {
-                if step == 1 {
-                    first = Some(kl);
-                }
-            },
-        )
-        .unwrap();
-        first.unwrap()
+    let cfg1 = FinetuneConfig {
+        teacher_top_k: k,
+        max_steps: 1,
+        ..top2_top1(1)
     };
+    let first_on =
+        |tokens: &[u32], name: &str| polish((&ckpt, &model), &run, &tmp.path().join(name), tokens, &cfg1).1[0];
+    let first = |name: &str| first_on(&tokens, name);
     let from_file = first("from-file");
     // Without the file the polish runs the teacher itself, on whole windows instead of layer by
     // layer: the same top K up to float rounding.
@@ -266,28 +235,15 @@ fn a_student_input_stage_1_writes_the_teachers_top_k_and_the_polish_reads_it() {
         (tampered - own).abs() > 1e-3 * own,
         "step 1: {tampered} with changed probabilities, {own} own pass"
     );
-    // A file of other tokens is not used.
+    // A file of other tokens is not used: with the changed file in place, a polish on other
+    // tokens starts where one without any file does.
     let other = tokens
         .iter()
         .map(|t| (t + 1) % ckpt.config.vocab_size as u32)
         .collect::<Vec<_>>();
-    let mut stale = None;
-    finetune(
-        &ckpt,
-        &model,
-        &run,
-        &tmp.path().join("stale"),
-        &other,
-        64,
-        &FinetuneConfig {
-            teacher_top_k: k,
-            max_steps: 1,
-            ..top2_top1(1)
-        },
-        |_, _, kl| stale = Some(kl),
-    )
-    .unwrap();
-    assert!(stale.unwrap().is_finite());
+    let stale = first_on(&other, "stale");
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(stale, first_on(&other, "other-own-pass"));
 }
 
 #[test]
