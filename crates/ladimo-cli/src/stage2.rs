@@ -288,7 +288,7 @@ pub fn solve(a: SolveArgs) -> Result<()> {
         cost, s.cost, s.predicted_ppl_ratio, s.predicted_params, s.predicted_ffn_params
     );
     for lp in &s.policies.layers {
-        print!("L{}: {}  ", lp.layer, lp.policy);
+        print!("L{}: {lp}  ", lp.layer);
     }
     println!("\nwrote {} and {}", a.out.display(), sidecar.display());
     if let (Some(m), Some(text), Some(dense)) = (&a.check_model, &a.check_text, &a.check_dense) {

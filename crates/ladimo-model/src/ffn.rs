@@ -24,6 +24,9 @@ pub trait FeedForward: std::any::Any + Send + Sync + std::fmt::Debug {
     fn active_params_per_token(&self) -> f64;
     /// A short description for logs and `inspect` (e.g. `dense 576x1536`).
     fn describe(&self) -> String;
+    /// Forget the tokens seen so far (what [`FeedForward::active_params_per_token`] averages
+    /// over). Blocks whose activated parameters do not depend on the input keep no count.
+    fn reset_stats(&self) {}
 }
 
 /// LLaMA's FFN: `down(silu(gate(x)) * up(x))`.

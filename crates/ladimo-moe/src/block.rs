@@ -470,6 +470,10 @@ impl FeedForward for MoeBlock {
         (self.router_params() + self.shared_params()) as f64 + routed
     }
 
+    fn reset_stats(&self) {
+        MoeBlock::reset_stats(self)
+    }
+
     fn describe(&self) -> String {
         let shared = self
             .params

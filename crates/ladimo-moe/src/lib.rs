@@ -11,6 +11,8 @@
 //! - [`checkpoint`]: MoE checkpoints on disk (Mixtral naming; Mixtral config when exact) and
 //!   [`load_model`], which loads dense and MoE checkpoints alike.
 //! - [`PolicyFile`]: one routing policy per layer (TOML), applied to a loaded model.
+//! - [`sparsity`]: activation sparsity on dense FFNs (static pruning, CATS, TEAL): the
+//!   training-free baselines, calibrated on text and saved in policy files too.
 //!
 //! The block is backend-agnostic (a burn `Device` decides where it runs).
 
@@ -20,6 +22,7 @@ mod error;
 mod host;
 mod policy;
 pub mod policy_file;
+pub mod sparsity;
 
 pub use block::{Combine, CombineWeights, FEW_TOKENS, MoeBlock, MoeParams, RoutingStats};
 pub use checkpoint::{CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint};
@@ -27,3 +30,4 @@ pub use error::MoeError;
 pub use host::HostFfn;
 pub use policy::{Policy, RoutingPolicy};
 pub use policy_file::{PolicyFile, model_fingerprint};
+pub use sparsity::{Method as SparsityMethod, SparseFfn, Sparsity};

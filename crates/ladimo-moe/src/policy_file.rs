@@ -1,12 +1,16 @@
-//! The routing-policy file: one policy per MoE layer (TOML), as the solver writes it and as
-//! `generate` / `perplexity` / a converted checkpoint apply it.
+//! The policy file: per layer, the routing policy of an MoE layer or the activation sparsity of a
+//! dense one (TOML), as `ladimo solve` / `ladimo sparsify` write it and as `generate` /
+//! `perplexity` / `eval` / a converted checkpoint apply it.
 //!
 //! ```toml
-//! model = "3f2a…"          # fingerprint of the MoE model the policies were chosen for
+//! model = "3f2a…"          # fingerprint of the model the policies were chosen for
 //! note = "solver: 75% of dense FFN parameters"
 //! [[layers]]
 //! layer = 0
 //! policy = { type = "TopK", k = 6 }
+//! [[layers]]
+//! layer = 1                # a dense layer: TEAL thresholds (see `sparsity`)
+//! sparsity = { type = "Teal", x = 0.031, h = 0.0042 }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{moe_block, moe_block_mut};
+use crate::sparsity::{SparseFfn, Sparsity, dense_ffn, set_sparsity};
 use crate::{MoeError, Policy, RoutingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +38,23 @@ pub struct PolicyFile {
 #[serde(deny_unknown_fields)]
 pub struct LayerPolicy {
     pub layer: usize,
-    pub policy: Policy,
+    /// The routing policy: every MoE layer has one, a dense layer none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Activation sparsity of a dense layer (none: the layer runs as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<Sparsity>,
+}
+
+impl std::fmt::Display for LayerPolicy {
+    /// The layer's routing policy, or its sparsity, or `dense`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.policy, &self.sparsity) {
+            (Some(p), _) => write!(f, "{p}"),
+            (None, Some(s)) => write!(f, "{s}"),
+            (None, None) => write!(f, "dense"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,9 +126,11 @@ impl PolicyFile {
         })
     }
 
-    /// Set every MoE layer's policy. Refuses (changing nothing) a file made for another model, one
-    /// that names a layer the model lacks or a dense layer, one that misses an MoE layer, and a
-    /// policy that does not fit its layer's experts. `path` is for the messages.
+    /// Set every MoE layer's routing policy and every named dense layer's sparsity. Refuses
+    /// (changing nothing) a file made for another model, one that names a layer the model lacks
+    /// or twice, a routing policy for a dense layer or sparsity for an MoE layer, one that misses
+    /// an MoE layer's policy, and a policy or sparsity that does not fit its layer. `path` is for
+    /// the messages.
     pub fn apply(&self, model: &mut Transformer, path: &Path) -> Result<(), PolicyFileError> {
         let bad = |msg: String| PolicyFileError::Invalid {
             path: path.to_path_buf(),
@@ -119,32 +142,48 @@ impl PolicyFile {
         }
         let n = model.layers.len();
         let moe: Vec<usize> = (0..n).filter(|&l| moe_block(model, l).is_some()).collect();
+        let mut seen = vec![false; n];
         for lp in &self.layers {
             if lp.layer >= n {
                 return Err(bad(format!("names layer {}, but the model has {n} layers", lp.layer)));
             }
-            let Some(b) = moe_block(model, lp.layer) else {
-                return Err(bad(format!("names layer {}, which is dense", lp.layer)));
-            };
-            lp.policy
-                .validate(b.num_experts())
-                .map_err(|source| PolicyFileError::Policy {
+            if std::mem::replace(&mut seen[lp.layer], true) {
+                return Err(bad(format!("names layer {} twice", lp.layer)));
+            }
+            match (moe_block(model, lp.layer), &lp.policy, &lp.sparsity) {
+                (Some(b), Some(p), None) => p.validate(b.num_experts()).map_err(|source| PolicyFileError::Policy {
                     path: path.to_path_buf(),
                     layer: lp.layer,
                     source,
-                })?;
+                })?,
+                (Some(_), None, _) => return Err(bad(format!("layer {} is an MoE layer but has no routing policy", lp.layer))),
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(bad(format!(
+                        "layer {}: sparsity inside MoE experts is not supported yet (only dense layers take it)",
+                        lp.layer
+                    )));
+                }
+                (None, Some(_), _) => return Err(bad(format!("names a routing policy for layer {}, which is dense", lp.layer))),
+                (None, None, None) => {}
+                (None, None, Some(s)) => {
+                    let Some(d) = dense_ffn(model, lp.layer) else {
+                        return Err(bad(format!("layer {} is neither an MoE nor a dense SwiGLU FFN", lp.layer)));
+                    };
+                    SparseFfn::new(d, s.clone()).map_err(|msg| bad(format!("layer {}: {msg}", lp.layer)))?;
+                }
+            }
         }
-        let missing: Vec<usize> = moe
-            .iter()
-            .copied()
-            .filter(|l| !self.layers.iter().any(|p| p.layer == *l))
-            .collect();
+        let missing: Vec<usize> = moe.iter().copied().filter(|&l| !seen[l]).collect();
         if !missing.is_empty() {
             return Err(bad(format!("has no policy for MoE layers {missing:?}")));
         }
         for lp in &self.layers {
-            let b = moe_block_mut(model, lp.layer).expect("checked above");
-            b.set_policy(lp.policy.clone()).expect("validated above");
+            if let Some(p) = &lp.policy {
+                let b = moe_block_mut(model, lp.layer).expect("checked above");
+                b.set_policy(p.clone()).expect("validated above");
+            } else if dense_ffn(model, lp.layer).is_some() {
+                set_sparsity(model, lp.layer, lp.sparsity.clone()).expect("validated above");
+            }
         }
         Ok(())
     }

@@ -323,7 +323,8 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             .zip(&chosen)
             .map(|(l, c)| LayerPolicy {
                 layer: l.layer,
-                policy: c.policy.clone(),
+                policy: Some(c.policy.clone()),
+                sparsity: None,
             })
             .collect(),
     };
