@@ -5,6 +5,7 @@
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
 mod eval;
+mod sparsify;
 mod stage2;
 
 use std::io::Write;
@@ -36,7 +37,7 @@ enum Cmd {
     /// Generate text after a prompt (streaming, KV cache).
     Generate {
         model: String,
-        /// A routing-policy file (TOML, from `ladimo solve`) for the MoE layers.
+        /// A policy file (TOML, from `ladimo solve` or `ladimo sparsify`).
         #[arg(long)]
         policy: Option<PathBuf>,
         #[arg(long)]
@@ -57,7 +58,7 @@ enum Cmd {
     /// Perplexity of a text file: non-overlapping windows, each scored on its own, no BOS.
     Perplexity {
         model: String,
-        /// A routing-policy file (TOML, from `ladimo solve`) for the MoE layers.
+        /// A policy file (TOML, from `ladimo solve` or `ladimo sparsify`).
         #[arg(long)]
         policy: Option<PathBuf>,
         #[arg(long)]
@@ -85,6 +86,9 @@ enum Cmd {
     Profile(stage2::ProfileArgs),
     /// Stage 2: choose one routing policy per layer under a budget (exact), write a policy file.
     Solve(stage2::SolveArgs),
+    /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: calibrate
+    /// per-layer thresholds for an FFN budget, write a policy file.
+    Sparsify(sparsify::SparsifyArgs),
     /// The whole pipeline: stage 1, stage 2, export, evaluation and report (resumable).
     Convert(ladimo_convert::ConvertArgs),
 }
@@ -161,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Solve(a) => stage2::solve(a),
+        Cmd::Sparsify(a) => sparsify::sparsify(a),
         Cmd::Generate {
             model,
             prompt,
