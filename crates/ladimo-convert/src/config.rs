@@ -202,6 +202,8 @@ pub struct EvalConfig {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
     pub speed_repeats: usize,
+    /// Training-free baselines scored beside the MoE at its FFN share (static, cats, teal).
+    pub baselines: Vec<ladimo_moe::SparsityMethod>,
 }
 
 impl Default for EvalConfig {
@@ -214,6 +216,7 @@ impl Default for EvalConfig {
             prefill_tokens: 256,
             decode_tokens: 32,
             speed_repeats: 3,
+            baselines: ladimo_moe::SparsityMethod::ALL.to_vec(),
         }
     }
 }

@@ -186,3 +186,66 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
+
+/// One training-free baseline of the report: a method calibrated on the stage-2 calibration text
+/// at the converted model's measured FFN share, scored on each held-out set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRow {
+    pub method: ladimo_moe::SparsityMethod,
+    /// The FFN budget it was calibrated for (the converted model's measured share).
+    pub budget: f64,
+    /// Per held-out tag: perplexity and the share of the FFN's parameters read there.
+    pub langs: Vec<BaselineLang>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineLang {
+    pub tag: String,
+    pub ppl: f64,
+    pub ffn_share: f64,
+}
+
+/// Calibrate `method` on `calibration` (token windows) at `budget` on a dense model, then score
+/// each held-out set (`(tag, ids)`) in windows of `seq_len`. The model's FFNs are dense again on
+/// return. `progress(done, total)` counts calibration windows, then scored windows.
+pub fn baseline(
+    model: &mut Transformer,
+    method: ladimo_moe::SparsityMethod,
+    budget: f64,
+    calibration: &[&[u32]],
+    heldout: &[(String, Vec<u32>)],
+    seq_len: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BaselineRow> {
+    use ladimo_moe::sparsity::{calibrate, set_sparsity};
+    let scored: usize = heldout.iter().map(|(_, ids)| ids.len().div_ceil(seq_len)).sum();
+    let total = calibration.len() + scored;
+    let layers = calibrate(model, calibration, method, budget, |d, _| progress(d, total))?;
+    for (l, s) in layers.into_iter().enumerate() {
+        set_sparsity(model, l, Some(s))?;
+    }
+    let mut langs = Vec::new();
+    let mut done = calibration.len();
+    let mut run = |model: &Transformer, langs: &mut Vec<BaselineLang>| -> Result<()> {
+        for (tag, ids) in heldout {
+            for l in &model.layers {
+                l.ffn.reset_stats();
+            }
+            let r = ladimo_model::perplexity::perplexity(model, ids, seq_len, |i, _| progress(done + i, total))?;
+            done += ids.len().div_ceil(seq_len);
+            let c = model.param_counts();
+            langs.push(BaselineLang {
+                tag: tag.clone(),
+                ppl: r.perplexity,
+                ffn_share: c.ffn_active / c.ffn_total as f64,
+            });
+        }
+        Ok(())
+    };
+    let ran = run(model, &mut langs);
+    for l in 0..model.layers.len() {
+        set_sparsity(model, l, None)?;
+    }
+    ran?;
+    Ok(BaselineRow { method, budget, langs })
+}

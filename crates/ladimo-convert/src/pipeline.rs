@@ -490,6 +490,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         prepare_step(&ev, &key_e)?;
     }
     let mut ppl = Vec::new();
+    let mut held_ids = Vec::new();
     let mut first_ids = None;
     for set in &held_sets {
         let ids = heldout_ids(tok, set, cfg.eval.ppl_tokens, "eval.ppl_tokens")?;
@@ -518,6 +519,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             }
         };
         ppl.push(row);
+        held_ids.push((set.tag.clone(), ids.clone()));
         first_ids.get_or_insert(ids);
     }
     // Activated parameters per token: measured while scoring the first held-out set.
@@ -526,6 +528,45 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         .first()
         .map(|r| (r.moe_active_params, r.moe_active_ffn_params))
         .unwrap_or((moe.param_counts().active(), moe.param_counts().ffn_active));
+
+    // Training-free baselines on the dense model at the MoE's measured FFN share, calibrated on
+    // the stage-2 calibration text (never the held-out text).
+    let budget = moe_ffn_active / dc.ffn_active;
+    let cal_windows: Vec<&[u32]> = texts
+        .iter()
+        .flat_map(|(_, ids)| ids.chunks(cfg.eval.seq_len))
+        .filter(|w| w.len() > 1)
+        .collect();
+    let mut baselines = Vec::new();
+    let mut base_model = None;
+    for &method in &cfg.eval.baselines {
+        if let Err(e) = method.sparsity_for(budget) {
+            tracing::warn!("baseline {}: skipped ({e})", method.name());
+            continue;
+        }
+        let file = ev.join(format!("baseline-{}.json", method.name()));
+        let cached: Option<evaluate::BaselineRow> =
+            std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let row = match cached.filter(|r| r.budget == budget) {
+            Some(r) => r,
+            None => {
+                let m = match &mut base_model {
+                    Some(m) => m,
+                    None => base_model.insert(Transformer::from_checkpoint(&ckpt, &device)?),
+                };
+                let pb = bar(1, &format!("4/4 eval: baseline {}", method.name()));
+                let r = evaluate::baseline(m, method, budget, &cal_windows, &held_ids, cfg.eval.seq_len, |d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                })?;
+                pb.finish();
+                write_json(&file, &r)?;
+                r
+            }
+        };
+        baselines.push(row);
+    }
+    drop(base_model);
 
     if !cfg.eval.tasks.is_empty() {
         ladimo_data::fetch_tasks().context("fetching the zero-shot task files")?;
@@ -609,6 +650,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             decode_tok_s: md,
         },
         ppl,
+        baselines,
         tasks,
         times,
         wall_seconds: start.elapsed().as_secs_f64(),
@@ -664,7 +706,7 @@ fn fixed(
     solved.predicted_ffn_params = ffn;
     solved.policies.note = format!("fixed policy {policy} on every layer (stage2.fixed_policy)");
     for l in &mut solved.policies.layers {
-        l.policy = policy.clone();
+        l.policy = Some(policy.clone());
     }
     Ok(solved)
 }
@@ -678,10 +720,8 @@ fn profile_part(s: &crate::config::Stage2Config) -> serde_json::Value {
 }
 
 fn reset_stats(model: &Transformer) {
-    for l in 0..model.layers.len() {
-        if let Some(b) = moe_block(model, l) {
-            b.reset_stats();
-        }
+    for l in &model.layers {
+        l.ffn.reset_stats();
     }
 }
 
@@ -701,7 +741,7 @@ fn solved_summary(s: &Solved) -> report::SolvedSummary {
             .policies
             .layers
             .iter()
-            .map(|l| (l.layer, l.policy.to_string()))
+            .map(|l| (l.layer, l.to_string()))
             .collect(),
     }
 }

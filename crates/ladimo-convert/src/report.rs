@@ -40,6 +40,10 @@ pub struct Report {
     pub dense: ModelSide,
     pub moe: ModelSide,
     pub ppl: Vec<LangPpl>,
+    /// Training-free activation sparsity on the dense model at the MoE's measured FFN share
+    /// (`eval.baselines`), scored on the same held-out sets.
+    #[serde(default)]
+    pub baselines: Vec<crate::evaluate::BaselineRow>,
     pub tasks: Vec<TaskRow>,
     pub times: Vec<StageTime>,
     pub wall_seconds: f64,
@@ -269,6 +273,9 @@ pub fn markdown(r: &Report) -> String {
         r.moe.decode_tok_s,
         &|x| format!("{x:.1}"),
     );
+    if !r.baselines.is_empty() {
+        baselines_table(&mut s, r);
+    }
     if !r.tasks.is_empty() {
         let _ = writeln!(
             s,
@@ -378,4 +385,43 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "| total (this run) | {:.1} |", r.wall_seconds);
     let _ = writeln!(s, "\n## Config\n\n```toml\n{}```", r.config.to_toml());
     s
+}
+
+/// Held-out perplexity of dense, each training-free baseline and the converted model, at the
+/// converted model's FFN share: what a user could get without converting.
+fn baselines_table(s: &mut String, r: &Report) {
+    let _ = writeln!(
+        s,
+        "\nThe same held-out perplexity against training-free activation sparsity on the dense \
+         model (calibrated on the stage-2 calibration text at the MoE's measured FFN share; \
+         `ladimo sparsify` makes these policies). Each cell: PPL (change vs dense), share of the \
+         FFN read on that text:\n"
+    );
+    let _ = write!(s, "| method |");
+    for p in &r.ppl {
+        let _ = write!(s, " `{}` |", p.tag);
+    }
+    let _ = writeln!(s, "\n|---|{}", "---|".repeat(r.ppl.len()));
+    let cell = |ppl: f64, dense: f64, share: f64| format!(" {ppl:.3} ({:+.1}%), {:.1}% |", 100.0 * (ppl / dense - 1.0), 100.0 * share);
+    let _ = write!(s, "| dense |");
+    for p in &r.ppl {
+        let _ = write!(s, " {:.3} |", p.dense);
+    }
+    let _ = writeln!(s);
+    for b in &r.baselines {
+        let _ = write!(s, "| {} (calibrated for {:.1}%) |", b.method.name(), 100.0 * b.budget);
+        for p in &r.ppl {
+            match b.langs.iter().find(|l| l.tag == p.tag) {
+                Some(l) => s.push_str(&cell(l.ppl, p.dense, l.ffn_share)),
+                None => s.push_str(" - |"),
+            }
+        }
+        let _ = writeln!(s);
+    }
+    let _ = write!(s, "| converted MoE |");
+    let dense_ffn = r.dense.active_ffn_params.max(1.0);
+    for p in &r.ppl {
+        s.push_str(&cell(p.moe, p.dense, p.moe_active_ffn_params / dense_ffn));
+    }
+    let _ = writeln!(s);
 }
