@@ -53,6 +53,7 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
     let files = if a.texts.is_empty() {
         let data = ladimo_data::fetch_data()?;
         let mut f = data.calibration_en.clone();
+        f.push(data.calibration_en_docs.clone());
         f.push(data.calibration_ko.clone());
         f
     } else {
@@ -65,7 +66,11 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
             .with_context(|| format!("calibration text {}", f.display()))?;
         ids.push(part);
     }
-    let windows: Vec<&[u32]> = ids.iter().flat_map(|t| t.chunks(a.seq_len)).filter(|w| w.len() > 1).collect();
+    let windows: Vec<&[u32]> = ids
+        .iter()
+        .flat_map(|t| t.chunks(a.seq_len))
+        .filter(|w| w.len() > 1)
+        .collect();
     let tokens: usize = windows.iter().map(|w| w.len()).sum();
     let mut model = load(&ckpt, None)?;
     let layers = calibrate(&mut model, &windows, a.method, a.budget, |d, t| {

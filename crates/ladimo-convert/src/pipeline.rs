@@ -156,6 +156,11 @@ fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)>
                     share: 1.0,
                 },
                 TextSet {
+                    tag: "en-ood".into(),
+                    files: vec![d.heldout_en_ood.clone()],
+                    share: 1.0,
+                },
+                TextSet {
                     tag: "ko".into(),
                     files: d.heldout_ko.clone(),
                     share: 1.0,
@@ -737,12 +742,7 @@ fn solved_summary(s: &Solved) -> report::SolvedSummary {
         used: s.used,
         dense_value: s.dense_value,
         predicted_ppl_ratio: s.predicted_ppl_ratio,
-        policies: s
-            .policies
-            .layers
-            .iter()
-            .map(|l| (l.layer, l.to_string()))
-            .collect(),
+        policies: s.policies.layers.iter().map(|l| (l.layer, l.to_string())).collect(),
     }
 }
 

@@ -52,6 +52,11 @@ pub struct DataSet {
     pub calibration_en: Vec<PathBuf>,
     /// English held out: Persuasion.
     pub heldout_en: PathBuf,
+    /// English calibration beyond the novels: the LibreOffice help pages as one text.
+    pub calibration_en_docs: PathBuf,
+    /// English held out from another domain than every calibration text: the Debian Reference
+    /// manual (system administration).
+    pub heldout_en_ood: PathBuf,
     /// Korean calibration: the LibreOffice help pages as one text.
     pub calibration_ko: PathBuf,
     /// Korean held out: the constitution, then the bills.
@@ -74,6 +79,14 @@ impl DataSet {
         [
             line("calibration (en)", &self.calibration_en),
             line("held out (en)", std::slice::from_ref(&self.heldout_en)),
+            line(
+                "calibration (en, docs)",
+                std::slice::from_ref(&self.calibration_en_docs),
+            ),
+            line(
+                "held out (en, another domain)",
+                std::slice::from_ref(&self.heldout_en_ood),
+            ),
             line("calibration (ko)", std::slice::from_ref(&self.calibration_ko)),
             line("held out (ko)", &self.heldout_ko),
             format!("manifest: {}", self.manifest.display()),
