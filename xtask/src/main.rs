@@ -92,7 +92,12 @@ fn run(cli: Cli) -> Result<()> {
             if a.config.is_none() {
                 a.config = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"));
             }
-            ladimo_convert::run(a).map(|_| ())
+            let device = ladimo_backend::device();
+            let on = ladimo_convert::Compute {
+                device: &device,
+                backend: ladimo_backend::name(),
+            };
+            ladimo_convert::run(a, &on).map(|_| ())
         }
         Cmd::Distill(a) => distill::run(*a),
         Cmd::GpuCheck { args } => {

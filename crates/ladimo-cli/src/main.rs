@@ -133,7 +133,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
         Cmd::Profile(a) => stage2::profile(a),
-        Cmd::Convert(a) => ladimo_convert::run(a).map(|_| ()),
+        Cmd::Convert(a) => {
+            let device = ladimo_backend::device();
+            let on = ladimo_convert::Compute {
+                device: &device,
+                backend: ladimo_backend::name(),
+            };
+            ladimo_convert::run(a, &on).map(|_| ())
+        }
         Cmd::Eval(a) => eval::eval(a),
         Cmd::Export(a) => export::run(a),
         Cmd::Logits {
