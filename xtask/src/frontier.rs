@@ -51,13 +51,20 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
                 .with_context(|| format!("calibration text {}", f.display()))?,
         );
     }
-    let windows: Vec<&[u32]> = cal.iter().flat_map(|t| t.chunks(a.seq_len)).filter(|w| w.len() > 1).collect();
+    let windows: Vec<&[u32]> = cal
+        .iter()
+        .flat_map(|t| t.chunks(a.seq_len))
+        .filter(|w| w.len() > 1)
+        .collect();
     let held = vec![
         (
             "en".to_string(),
             ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.heldout_tokens)?,
         ),
-        ("ko".to_string(), ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.heldout_tokens)?),
+        (
+            "ko".to_string(),
+            ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.heldout_tokens)?,
+        ),
     ];
     let mut model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device())?;
     let mut dense = Vec::new();
@@ -96,7 +103,14 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
             .langs
             .iter()
             .zip(&dense)
-            .map(|(l, d)| format!("{:.3} ({:+.1}%) | {:.1}%", l.ppl, 100.0 * (l.ppl / d - 1.0), 100.0 * l.ffn_share))
+            .map(|(l, d)| {
+                format!(
+                    "{:.3} ({:+.1}%) | {:.1}%",
+                    l.ppl,
+                    100.0 * (l.ppl / d - 1.0),
+                    100.0 * l.ffn_share
+                )
+            })
             .collect();
         println!("| {:.1}% | {} | {} |", 100.0 * r.budget, r.method.name(), c.join(" | "));
     }

@@ -104,7 +104,8 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
     }
     let tmp = path.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
 }
 
@@ -135,7 +136,11 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                 .with_context(|| format!("calibration text {}", f.display()))?,
         );
     }
-    let windows: Vec<&[u32]> = tails.iter().flat_map(|t| t.chunks(a.seq_len)).filter(|w| w.len() > 1).collect();
+    let windows: Vec<&[u32]> = tails
+        .iter()
+        .flat_map(|t| t.chunks(a.seq_len))
+        .filter(|w| w.len() > 1)
+        .collect();
     // Probe windows: whole windows, one file after another in turn.
     let per_file: Vec<Vec<&[u32]>> = tails.iter().map(|t| t.chunks_exact(a.seq_len).collect()).collect();
     let mut probe: Vec<&[u32]> = Vec::new();
@@ -157,14 +162,22 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let ko_n = (a.train_tokens as f64 * a.ko_share).round() as usize;
     let mut train_ids = take_tokens(tok, &data.calibration_en, a.train_tokens - ko_n, Part::Head)?;
     if ko_n > 0 {
-        train_ids.extend(take_tokens(tok, std::slice::from_ref(&data.calibration_ko), ko_n, Part::Head)?);
+        train_ids.extend(take_tokens(
+            tok,
+            std::slice::from_ref(&data.calibration_ko),
+            ko_n,
+            Part::Head,
+        )?);
     }
     let held = vec![
         (
             "en".to_string(),
             ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.heldout_tokens)?,
         ),
-        ("ko".to_string(), ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.heldout_tokens)?),
+        (
+            "ko".to_string(),
+            ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.heldout_tokens)?,
+        ),
     ];
     let mut model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device())?;
     let n_layers = model.layers.len();
@@ -172,7 +185,11 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let dense = score(&model, &held, a.seq_len)?;
     eprintln!(
         "dense: {} ({:.0} s)",
-        dense.iter().map(|(t, p, _)| format!("{t} {p:.3}")).collect::<Vec<_>>().join(", "),
+        dense
+            .iter()
+            .map(|(t, p, _)| format!("{t} {p:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         t.elapsed().as_secs_f64()
     );
 
@@ -183,7 +200,11 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
             a.tokens_per_file,
             cal_files.len(),
             a.probe_tokens,
-            a.probe_budgets.iter().map(|b| format!("{b}")).collect::<Vec<_>>().join("_")
+            a.probe_budgets
+                .iter()
+                .map(|b| format!("{b}"))
+                .collect::<Vec<_>>()
+                .join("_")
         ));
         match std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
             Some(prof) => {
@@ -211,7 +232,11 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                 let picks = allocate(p, budget)?;
                 eprintln!(
                     "allocation at {budget}: per-layer budgets {}",
-                    picks.iter().map(|p| format!("{}", p.budget)).collect::<Vec<_>>().join(" ")
+                    picks
+                        .iter()
+                        .map(|p| format!("{}", p.budget))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 );
                 Some(picks.into_iter().map(|p| p.sparsity).collect())
             }
@@ -251,9 +276,10 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                         a.train_tokens, a.lr, a.epochs, a.residual_correction
                     ));
                     set_all(&mut model, &vec![None; n_layers])?;
-                    let reports = run_thresholded(&model, &train_ids, a.seq_len, &start_s, &cfg, &dir, |l, s, n, loss| {
-                        eprint!("\r{method} at {budget}: layer {l} step {s}/{n} loss {loss:.4}   ");
-                    })?;
+                    let reports =
+                        run_thresholded(&model, &train_ids, a.seq_len, &start_s, &cfg, &dir, |l, s, n, loss| {
+                            eprint!("\r{method} at {budget}: layer {l} step {s}/{n} loss {loss:.4}   ");
+                        })?;
                     eprintln!();
                     for r in &reports {
                         eprintln!(
@@ -279,7 +305,11 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                 row.langs
                     .iter()
                     .zip(&dense)
-                    .map(|((t, p, s), d)| format!("{t} {p:.3} ({:+.1}%, FFN read {:.1}%)", 100.0 * (p / d.1 - 1.0), 100.0 * s))
+                    .map(|((t, p, s), d)| format!(
+                        "{t} {p:.3} ({:+.1}%, FFN read {:.1}%)",
+                        100.0 * (p / d.1 - 1.0),
+                        100.0 * s
+                    ))
                     .collect::<Vec<_>>()
                     .join(", "),
                 row.seconds

@@ -65,7 +65,11 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
             .with_context(|| format!("calibration text {}", f.display()))?;
         ids.push(part);
     }
-    let windows: Vec<&[u32]> = ids.iter().flat_map(|t| t.chunks(a.seq_len)).filter(|w| w.len() > 1).collect();
+    let windows: Vec<&[u32]> = ids
+        .iter()
+        .flat_map(|t| t.chunks(a.seq_len))
+        .filter(|w| w.len() > 1)
+        .collect();
     let tokens: usize = windows.iter().map(|w| w.len()).sum();
     let mut model = load(&ckpt, None)?;
     let layers = calibrate(&mut model, &windows, a.method, a.budget, |d, t| {

@@ -737,12 +737,7 @@ fn solved_summary(s: &Solved) -> report::SolvedSummary {
         used: s.used,
         dense_value: s.dense_value,
         predicted_ppl_ratio: s.predicted_ppl_ratio,
-        policies: s
-            .policies
-            .layers
-            .iter()
-            .map(|l| (l.layer, l.to_string()))
-            .collect(),
+        policies: s.policies.layers.iter().map(|l| (l.layer, l.to_string())).collect(),
     }
 }
 

@@ -402,7 +402,13 @@ fn baselines_table(s: &mut String, r: &Report) {
         let _ = write!(s, " `{}` |", p.tag);
     }
     let _ = writeln!(s, "\n|---|{}", "---|".repeat(r.ppl.len()));
-    let cell = |ppl: f64, dense: f64, share: f64| format!(" {ppl:.3} ({:+.1}%), {:.1}% |", 100.0 * (ppl / dense - 1.0), 100.0 * share);
+    let cell = |ppl: f64, dense: f64, share: f64| {
+        format!(
+            " {ppl:.3} ({:+.1}%), {:.1}% |",
+            100.0 * (ppl / dense - 1.0),
+            100.0 * share
+        )
+    };
     let _ = write!(s, "| dense |");
     for p in &r.ppl {
         let _ = write!(s, " {:.3} |", p.dense);

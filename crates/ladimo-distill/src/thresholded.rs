@@ -366,6 +366,9 @@ pub fn run_thresholded(
             c.num_layers
         )));
     }
+    for (l, s) in sparsity.iter().enumerate() {
+        teal_of(s, l)?;
+    }
     let corr = cfg.residual_correction;
     if !(0.0..=1.0).contains(&corr) {
         return Err(DistillError::Invalid(format!(
@@ -391,15 +394,19 @@ pub fn run_thresholded(
     let n = windows * seq_len * hidden;
     let mut h_s = vec![0f32; n];
     for w in 0..windows {
-        put(&mut h_s, w, model.embed(ids_tensor(&tokens[w * seq_len..(w + 1) * seq_len], 1, device)));
+        put(
+            &mut h_s,
+            w,
+            model.embed(ids_tensor(&tokens[w * seq_len..(w + 1) * seq_len], 1, device)),
+        );
     }
     let mut h_t = (corr > 0.0).then(|| h_s.clone());
     let (mut a_s, mut x, mut y) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     let mut reports = Vec::new();
     for (l, layer) in model.layers.iter().enumerate() {
-        let dense = dense_ffn(model, l)
-            .ok_or_else(|| DistillError::Invalid(format!("layer {l}: thresholds in the loop need a dense SwiGLU FFN")))?;
-        teal_of(&sparsity[l], l)?;
+        let dense = dense_ffn(model, l).ok_or_else(|| {
+            DistillError::Invalid(format!("layer {l}: thresholds in the loop need a dense SwiGLU FFN"))
+        })?;
         let done = finished(out_dir, l).filter(|r| r.config == *cfg && r.initial == sparsity[l]);
         let t = Instant::now();
         for w in 0..windows {
@@ -408,7 +415,8 @@ pub fn run_thresholded(
                 let yd = dense.forward_any(xs.clone());
                 let target = match h_t.as_ref() {
                     Some(h_t) => {
-                        let (at, xt) = layer.attention_part(window(h_t, w, seq_len, hidden, device), &model.rope, &mut None);
+                        let (at, xt) =
+                            layer.attention_part(window(h_t, w, seq_len, hidden, device), &model.rope, &mut None);
                         let next = layer.ffn_residual(at, dense.forward_any(xt));
                         let want = (next - a.clone()).div_scalar(c.residual_multiplier);
                         yd.clone() + (want - yd).mul_scalar(corr)
@@ -451,7 +459,11 @@ pub fn run_thresholded(
         let block = SparseFfn::new(&ffn, s).map_err(|msg| DistillError::Invalid(format!("layer {l}: {msg}")))?;
         for w in 0..windows {
             let f = FeedForward::forward(&block, window(&x, w, seq_len, hidden, device)).map_err(ffn_err(l))?;
-            put(&mut h_s, w, layer.ffn_residual(window(&a_s, w, seq_len, hidden, device), f));
+            put(
+                &mut h_s,
+                w,
+                layer.ffn_residual(window(&a_s, w, seq_len, hidden, device), f),
+            );
             if let Some(h_t) = h_t.as_mut() {
                 let next = layer
                     .forward(window(h_t, w, seq_len, hidden, device), &model.rope, &mut None)

@@ -156,18 +156,31 @@ impl PolicyFile {
                     layer: lp.layer,
                     source,
                 })?,
-                (Some(_), None, _) => return Err(bad(format!("layer {} is an MoE layer but has no routing policy", lp.layer))),
+                (Some(_), None, _) => {
+                    return Err(bad(format!(
+                        "layer {} is an MoE layer but has no routing policy",
+                        lp.layer
+                    )));
+                }
                 (Some(_), Some(_), Some(_)) => {
                     return Err(bad(format!(
                         "layer {}: sparsity inside MoE experts is not supported yet (only dense layers take it)",
                         lp.layer
                     )));
                 }
-                (None, Some(_), _) => return Err(bad(format!("names a routing policy for layer {}, which is dense", lp.layer))),
+                (None, Some(_), _) => {
+                    return Err(bad(format!(
+                        "names a routing policy for layer {}, which is dense",
+                        lp.layer
+                    )));
+                }
                 (None, None, None) => {}
                 (None, None, Some(s)) => {
                     let Some(d) = dense_ffn(model, lp.layer) else {
-                        return Err(bad(format!("layer {} is neither an MoE nor a dense SwiGLU FFN", lp.layer)));
+                        return Err(bad(format!(
+                            "layer {} is neither an MoE nor a dense SwiGLU FFN",
+                            lp.layer
+                        )));
                     };
                     SparseFfn::new(d, s.clone()).map_err(|msg| bad(format!("layer {}: {msg}", lp.layer)))?;
                 }

@@ -192,7 +192,10 @@ impl SparseFfn {
                 let h = self.ffn.activation(x);
                 let keep_h = h.clone().abs().greater_equal_elem(th);
                 let kept_h = count(keep_h.clone().float());
-                (h.mask_fill(keep_h.bool_not(), 0.0), 2.0 * inter as f64 * kept_x + hidden as f64 * kept_h)
+                (
+                    h.mask_fill(keep_h.bool_not(), 0.0),
+                    2.0 * inter as f64 * kept_x + hidden as f64 * kept_h,
+                )
             }
         };
         (self.ffn.down_proj.forward(h), read)
@@ -496,7 +499,10 @@ pub fn teal_forward(ffn: &DenseFfn, x: Tensor<2>, tx: f32, th: f32) -> Tensor<2>
 
 /// L2 norm of each row of a `[rows, cols]` tensor.
 fn row_norms(w: Tensor<2>) -> Vec<f64> {
-    to_vec(w.powf_scalar(2.0).sum_dim(1)).into_iter().map(|v| (v as f64).sqrt()).collect()
+    to_vec(w.powf_scalar(2.0).sum_dim(1))
+        .into_iter()
+        .map(|v| (v as f64).sqrt())
+        .collect()
 }
 
 /// Replace layer `layer`'s dense FFN by one with `sparsity` (or back to the plain dense FFN with

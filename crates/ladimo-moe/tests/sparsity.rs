@@ -4,8 +4,8 @@
 
 use burn::tensor::Tensor;
 use ladimo_io::Checkpoint;
-use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::Transformer;
+use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, SparseFfn, Sparsity, calibrate, dense_ffn, set_sparsity};
 use ladimo_moe::{HostFfn, MoeBlock, Policy};
@@ -106,7 +106,10 @@ fn each_method_equals_a_host_loop_and_counts_what_it_reads() {
         let err = ladimo_tests::max_abs_diff(&got, &want) / scale;
         let tokens = xv.len() / 576;
         let share = read / (tokens * f.dense_params()) as f64;
-        eprintln!("{sp}: relative max error {err:.2e}, reads {:.1}% of the FFN", 100.0 * share);
+        eprintln!(
+            "{sp}: relative max error {err:.2e}, reads {:.1}% of the FFN",
+            100.0 * share
+        );
         assert!(err < 1e-4, "{sp}: {err}");
         // A value right at a threshold may fall either way between the two sums: allow a few.
         assert!(
@@ -162,10 +165,17 @@ fn calibrated_thresholds_read_the_budget_on_the_calibration_text() {
             .map(|l| l.ffn.active_params_per_token() / dense_params)
             .collect();
         let mean = shares.iter().sum::<f64>() / shares.len() as f64;
-        eprintln!("{method:?} at {budget}: reads {:.2}% on average, layers {:.3?}", 100.0 * mean, &shares[..5]);
+        eprintln!(
+            "{method:?} at {budget}: reads {:.2}% on average, layers {:.3?}",
+            100.0 * mean,
+            &shares[..5]
+        );
         assert!((mean - budget).abs() <= tol, "{method:?} {budget}: mean share {mean}");
         for (l, sh) in shares.iter().enumerate() {
-            assert!((sh - budget).abs() <= 3.0 * tol + 0.01, "{method:?} {budget}: layer {l} reads {sh}");
+            assert!(
+                (sh - budget).abs() <= 3.0 * tol + 0.01,
+                "{method:?} {budget}: layer {l} reads {sh}"
+            );
         }
         for l in 0..30 {
             set_sparsity(&mut model, l, None).unwrap();

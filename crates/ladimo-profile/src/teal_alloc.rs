@@ -73,7 +73,9 @@ pub fn profile_teal(
 ) -> Result<TealProfile, ProfileError> {
     let start = Instant::now();
     if probe.is_empty() || probe.iter().any(|w| w.len() < 2) {
-        return Err(ProfileError::Invalid("the probe needs windows of at least 2 tokens".into()));
+        return Err(ProfileError::Invalid(
+            "the probe needs windows of at least 2 tokens".into(),
+        ));
     }
     let mut budgets: Vec<f64> = budgets.iter().copied().filter(|&b| b < 1.0).collect();
     budgets.sort_by(f64::total_cmp);
