@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod evaluate;
+pub mod pause;
 pub mod pipeline;
 pub mod report;
 

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ConvertConfig, TextSet};
 use crate::evaluate::{self, TaskResult, write_json};
+use crate::pause::pause_point;
 use crate::report::{self, LangPpl, ModelSide, Report, StageTime, TaskRow};
 
 /// Where a conversion writes.
@@ -114,8 +115,7 @@ fn prepare_step(dir: &Path, key: &str) -> Result<()> {
         tracing::warn!("{}: made from other inputs; starting this step again", dir.display());
         std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    std::fs::write(&key_file, key).with_context(|| format!("{}: cannot write", key_file.display()))?;
+    ladimo_io::atomic::write_atomic(&key_file, key.as_bytes())?;
     Ok(())
 }
 
@@ -129,11 +129,16 @@ fn finish_step(dir: &Path, key: &str, seconds: f64) -> Result<()> {
     )
 }
 
-/// Resolved text sets: (tag, files, share).
-fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)> {
+/// Resolved text sets: (tag, files, share), and the packages the default ones came from.
+fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>, Vec<ladimo_data::DataSource>)> {
     let (mut cal, mut held) = (cfg.data.calibration.clone(), cfg.data.heldout.clone());
+    let mut sources = Vec::new();
     if cal.is_empty() || held.is_empty() {
         let d = ladimo_data::fetch_data().context("fetching the default calibration and held-out text")?;
+        for s in &d.sources {
+            tracing::info!("data source: {s}");
+        }
+        sources = d.sources.clone();
         if cal.is_empty() {
             cal = vec![
                 TextSet {
@@ -170,7 +175,7 @@ fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)>
             }
         }
     }
-    Ok((cal, held))
+    Ok((cal, held, sources))
 }
 
 /// The first `n` held-out tokens of `set`; the error names the set and the config field.
@@ -189,10 +194,15 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             paths.out.display()
         );
     }
+    let out_parent = paths
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    ladimo_io::atomic::check_writable(out_parent).context("the output folder's parent cannot be written")?;
     let work = &paths.work;
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create the work folder", work.display()))?;
-    std::fs::write(work.join("convert.toml"), cfg.to_toml())
-        .with_context(|| format!("{}: cannot write", work.display()))?;
+    ladimo_io::atomic::write_atomic(&work.join("convert.toml"), cfg.to_toml().as_bytes())?;
     let device = ladimo_backend::device();
     let mut times: Vec<StageTime> = Vec::new();
 
@@ -202,7 +212,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         Checkpoint::open(&model_path).with_context(|| format!("{}: cannot open the model", model_path.display()))?;
     let tok = ckpt.tokenizer()?;
     let digest = weights_digest(&model_path)?;
-    let (cal_sets, held_sets) = calibration_sets(cfg)?;
+    let (cal_sets, held_sets, data_sources) = calibration_sets(cfg)?;
     let share_sum: f64 = cal_sets.iter().map(|s| s.share).sum();
     let mut calib = Vec::new();
     let mut calib_counts = BTreeMap::new();
@@ -261,6 +271,9 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
                 .count();
             overall.set_position(already as u64);
             let show = |l: usize, s: usize, total: usize, loss: f64| {
+                if s == 1 {
+                    pause_point(&format!("stage1-layer{l}"));
+                }
                 layer_bar.set_length(total as u64);
                 layer_bar.set_position(s as u64);
                 layer_bar.set_message(format!("layer {l} loss {loss:.2e}"));
@@ -388,6 +401,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
             };
             let mut pb: Option<(String, ProgressBar)> = None;
             let mut p = profile_model(&mut moe, &dense, &texts, &pcfg, &cfg.model, |stage, d, total| {
+                pause_point("stage2-profile");
                 if pb.as_ref().is_none_or(|(s, _)| s != stage) {
                     if let Some((_, b)) = pb.take() {
                         b.finish();
@@ -472,9 +486,9 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     let t = Instant::now();
     let blocks: Vec<_> = (0..n_layers).map(|l| moe_block(&moe, l)).collect();
     let section = ladimo_moe::save_moe_checkpoint(&ckpt, &blocks, &fin)?;
+    pause_point("export");
     solved.policies.write(&fin.join("policy.toml"))?;
-    std::fs::write(fin.join("convert.toml"), cfg.to_toml())
-        .with_context(|| format!("{}: cannot write", fin.display()))?;
+    ladimo_io::atomic::write_atomic(&fin.join("convert.toml"), cfg.to_toml().as_bytes())?;
     times.push(StageTime::now("export", t.elapsed().as_secs_f64()));
     drop(moe);
 
@@ -624,6 +638,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
         calibration_tokens: calib_counts,
         calibration_files: cal_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
         heldout_files: held_sets.iter().map(|s| (s.tag.clone(), s.files.clone())).collect(),
+        data_sources,
         stage1_val_rel_error: layer_reports.iter().map(|r| r.val_rel_error).collect(),
         stage1_polish_kl: polish.map(|r| (r.val_kl_init, r.val_kl)),
         solved: {
@@ -661,7 +676,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     };
     write_json(&fin.join("report.json"), &rep)?;
     let md = report::markdown(&rep);
-    std::fs::write(fin.join("report.md"), md).with_context(|| format!("{}: cannot write the report", fin.display()))?;
+    ladimo_io::atomic::write_atomic(&fin.join("report.md"), md.as_bytes())?;
     publish(&fin, paths)?;
     Ok(rep)
 }
@@ -777,31 +792,15 @@ fn publish(fin: &Path, paths: &Paths) -> Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
     }
-    if std::fs::rename(fin, out).is_err() {
-        let tmp = out.with_file_name(format!(
-            "{}.partial",
-            out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
-        copy_dir(fin, &tmp).with_context(|| format!("copying {} to {}", fin.display(), tmp.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
-        std::fs::remove_dir_all(fin).ok();
-    }
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    if to.exists() {
-        std::fs::remove_dir_all(to)?;
-    }
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let dst = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &dst)?;
-        } else {
-            std::fs::copy(e.path(), dst)?;
+    match std::fs::rename(fin, out) {
+        Ok(()) => {}
+        // Another file system: copied through a partial folder, which an error removes.
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            ladimo_io::atomic::copy_dir_atomic(fin, out)
+                .with_context(|| format!("{}: cannot write the output", out.display()))?;
+            std::fs::remove_dir_all(fin).ok();
         }
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot move the output into place", out.display())),
     }
     Ok(())
 }
