@@ -906,6 +906,7 @@ mod tests {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
         const GONE: Pin = Pin {
             version: "4:7.4.7-1+deb12u99",
+            sha256: Some("the checksum of a version that no longer exists"),
             ..LIBREOFFICE_HELP_KO
         };
         let src = Source {
