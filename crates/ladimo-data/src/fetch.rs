@@ -303,15 +303,17 @@ pub(crate) fn from_io_error(path: &Path, e: ladimo_io::Error) -> Error {
     }
 }
 
-/// Removes temporary files and folders (names starting with `.` and holding `tmp-`) that an
-/// interrupted fetch left, once they are an hour old (a younger one may be another fetch's).
+/// Removes temporary files and folders (names starting with `.` and holding `tmp-` or ending in
+/// `.tmp`) that an interrupted fetch left, once they are an hour old (a younger one may be
+/// another fetch's).
 pub(crate) fn remove_stale_temporaries(dir: &Path) {
     let hour = std::time::Duration::from_secs(3600);
     for sub in [dir.to_path_buf(), dir.join("en"), dir.join("ko"), dir.join("packages")] {
         let Ok(entries) = std::fs::read_dir(&sub) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with('.') && name.contains("tmp-")) {
+            // `.tmp-NAME-*` download folders, `.FILE.*.tmp` files of `ladimo_io::atomic`.
+            if !(name.starts_with('.') && (name.contains("tmp-") || name.ends_with(".tmp"))) {
                 continue;
             }
             let old = e
@@ -827,24 +829,27 @@ mod tests {
         std::fs::create_dir_all(d.path().join("en")).unwrap();
         std::fs::create_dir_all(d.path().join("packages/.tmp-konlpy-1")).unwrap();
         let stale = d.path().join("en/.emma.txt.tmp-1");
+        let stale_atomic = d.path().join("en/.emma.txt.Ab12Cd.tmp");
         let fresh = d.path().join("en/.emma.txt.tmp-2");
         let kept = d.path().join("en/emma.txt");
-        for p in [&stale, &fresh, &kept] {
+        for p in [&stale, &stale_atomic, &fresh, &kept] {
             std::fs::write(p, b"x").unwrap();
         }
         let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        std::fs::File::options()
-            .write(true)
-            .open(&stale)
-            .unwrap()
-            .set_modified(two_hours_ago)
-            .unwrap();
+        for p in [&stale, &stale_atomic] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
         std::fs::File::open(d.path().join("packages/.tmp-konlpy-1"))
             .unwrap()
             .set_modified(two_hours_ago)
             .unwrap();
         remove_stale_temporaries(d.path());
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !stale_atomic.exists());
         assert!(!d.path().join("packages/.tmp-konlpy-1").exists());
         assert!(fresh.exists() && kept.exists());
     }
