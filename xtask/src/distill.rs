@@ -144,10 +144,7 @@ fn check_calibration(out: &std::path::Path, fingerprint: &str, layers: usize) ->
                     out.display()
                 );
             }
-            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-            let tmp = file.with_extension("txt.part");
-            std::fs::write(&tmp, fingerprint).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+            ladimo_io::atomic::write_atomic(&file, fingerprint.as_bytes())?;
             Ok(())
         }
     }
@@ -446,7 +443,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         "rows": rows, "wall_seconds": total_start.elapsed().as_secs_f64(),
     });
     let p = blocks_dir.join("results.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&results)?)?;
+    ladimo_io::atomic::write_atomic(&p, &serde_json::to_vec_pretty(&results)?)?;
     println!(
         "\n{:<32} {:>10} {:>10} {:>14} {:>12}",
         "model", "ppl en", "ppl ko", "active params", "active ffn"

@@ -133,12 +133,7 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
         "dense": tags.iter().zip(&dense).map(|(t, d)| (t.to_string(), *d)).collect::<std::collections::BTreeMap<_, _>>(),
         "rows": rows,
     });
-    if let Some(d) = a.out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = a.out.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&json)?)?;
-    std::fs::rename(&tmp, &a.out)?;
+    ladimo_io::atomic::write_atomic(&a.out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("\nwrote {} ({:.0} s)", a.out.display(), start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -113,15 +113,8 @@ pub fn read_cached(path: &Path) -> Option<TaskResult> {
 
 /// Write JSON under a temporary name, then rename.
 pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
-    }
-    // A name of this process and call alone: two runs may fill the same cache at once.
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("json.{}-{n}.part", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    // A temporary name of its own (`ladimo_io::atomic`): two runs may fill the same cache at once.
+    ladimo_io::atomic::write_atomic(path, &serde_json::to_vec_pretty(v)?)?;
     Ok(())
 }
 

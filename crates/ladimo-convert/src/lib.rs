@@ -15,6 +15,7 @@
 pub mod config;
 pub mod evaluate;
 mod measure;
+pub mod pause;
 pub mod pipeline;
 mod progress;
 pub mod report;

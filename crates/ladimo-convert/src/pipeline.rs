@@ -32,6 +32,7 @@ use ladimo_profile::{Solved, write_plots};
 use crate::config::{ConvertConfig, TextSet};
 use crate::evaluate::write_json;
 use crate::measure::Measured;
+use crate::pause::pause_point;
 use crate::report::{self, Report, StageTime};
 use crate::stage1::Stage1;
 use crate::stage2::Stage2;
@@ -66,10 +67,15 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths, on: &Compu
             paths.out.display()
         );
     }
+    let out_parent = paths
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    ladimo_io::atomic::check_writable(out_parent).context("the output folder's parent cannot be written")?;
     let work = &paths.work;
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create the work folder", work.display()))?;
-    std::fs::write(work.join("convert.toml"), cfg.to_toml())
-        .with_context(|| format!("{}: cannot write", work.display()))?;
+    ladimo_io::atomic::write_atomic(&work.join("convert.toml"), cfg.to_toml().as_bytes())?;
     let mut times: Vec<StageTime> = Vec::new();
 
     // The dense model, its digest, and the calibration text tokenized for stage 1.
@@ -119,6 +125,8 @@ pub(crate) struct Inputs {
     pub digest: String,
     pub cal_sets: Vec<TextSet>,
     pub held_sets: Vec<TextSet>,
+    /// The registry packages the default texts came from (empty for a config's own files).
+    pub data_sources: Vec<ladimo_data::DataSource>,
     /// Stage-1 calibration tokens (the head of each calibration set, by its share), and their
     /// count per tag.
     pub calib: Vec<u32>,
@@ -133,7 +141,7 @@ impl Inputs {
             .with_context(|| format!("{}: cannot open the model", model_path.display()))?;
         let tok = ckpt.tokenizer()?;
         let digest = weights_digest(&model_path)?;
-        let (cal_sets, held_sets) = calibration_sets(cfg)?;
+        let (cal_sets, held_sets, data_sources) = calibration_sets(cfg)?;
         let share_sum: f64 = cal_sets.iter().map(|s| s.share).sum();
         let mut calib = Vec::new();
         let mut calib_counts = BTreeMap::new();
@@ -190,9 +198,9 @@ fn export(
     let t = Instant::now();
     let blocks: Vec<_> = (0..moe.layers.len()).map(|l| moe_block(&moe, l)).collect();
     let section = ladimo_moe::save_moe_checkpoint(&inputs.ckpt, &blocks, fin)?;
+    pause_point("export");
     s2.solved.policies.write(&fin.join("policy.toml"))?;
-    std::fs::write(fin.join("convert.toml"), cfg.to_toml())
-        .with_context(|| format!("{}: cannot write", fin.display()))?;
+    ladimo_io::atomic::write_atomic(&fin.join("convert.toml"), cfg.to_toml().as_bytes())?;
     times.push(StageTime::now("export", t.elapsed().as_secs_f64()));
     Ok(section)
 }
@@ -249,6 +257,7 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
         moe: m.moe,
         ppl: m.ppl,
         baselines: m.baselines,
+        data_sources: inputs.data_sources.clone(),
         tasks: m.tasks,
         times: r.times,
         wall_seconds: r.wall_seconds,
@@ -258,8 +267,7 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
             .collect(),
     };
     write_json(&fin.join("report.json"), &rep)?;
-    std::fs::write(fin.join("report.md"), report::markdown(&rep))
-        .with_context(|| format!("{}: cannot write the report", fin.display()))?;
+    ladimo_io::atomic::write_atomic(&fin.join("report.md"), report::markdown(&rep).as_bytes())?;
     Ok(rep)
 }
 
@@ -306,10 +314,15 @@ pub fn weights_digest(path: &Path) -> Result<String> {
 }
 
 /// Resolved text sets: (tag, files, share).
-fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)> {
+fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>, Vec<ladimo_data::DataSource>)> {
     let (mut cal, mut held) = (cfg.data.calibration.clone(), cfg.data.heldout.clone());
+    let mut sources = Vec::new();
     if cal.is_empty() || held.is_empty() {
         let d = ladimo_data::fetch_data().context("fetching the default calibration and held-out text")?;
+        for s in &d.sources {
+            tracing::info!("data source: {s}");
+        }
+        sources = d.sources.clone();
         if cal.is_empty() {
             cal = vec![
                 TextSet {
@@ -351,7 +364,7 @@ fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>)>
             }
         }
     }
-    Ok((cal, held))
+    Ok((cal, held, sources))
 }
 
 /// Move the finished folder into place: an existing OUT (only with --force) is renamed aside
@@ -390,31 +403,15 @@ fn publish(fin: &Path, paths: &Paths) -> Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
     }
-    if std::fs::rename(fin, out).is_err() {
-        let tmp = out.with_file_name(format!(
-            "{}.partial",
-            out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
-        copy_dir(fin, &tmp).with_context(|| format!("copying {} to {}", fin.display(), tmp.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
-        std::fs::remove_dir_all(fin).ok();
-    }
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    if to.exists() {
-        std::fs::remove_dir_all(to)?;
-    }
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let dst = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &dst)?;
-        } else {
-            std::fs::copy(e.path(), dst)?;
+    match std::fs::rename(fin, out) {
+        Ok(()) => {}
+        // Another file system: copied through a partial folder, which an error removes.
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            ladimo_io::atomic::copy_dir_atomic(fin, out)
+                .with_context(|| format!("{}: cannot write the output", out.display()))?;
+            std::fs::remove_dir_all(fin).ok();
         }
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot move the output into place", out.display())),
     }
     Ok(())
 }

@@ -28,6 +28,10 @@ pub struct Report {
     pub calibration_tokens: BTreeMap<String, usize>,
     pub calibration_files: Vec<(String, Vec<PathBuf>)>,
     pub heldout_files: Vec<(String, Vec<PathBuf>)>,
+    /// The registry packages the default texts were made from (empty for a config's own files):
+    /// the version used, whether it is the pinned one, and how its texts were checked.
+    #[serde(default)]
+    pub data_sources: Vec<ladimo_data::DataSource>,
     /// Per layer: relative error of the distilled block on held-back calibration tokens.
     pub stage1_val_rel_error: Vec<f64>,
     /// The end-to-end polish (`stage1.finetune`), when it ran: mean KL(teacher || MoE) per token
@@ -371,6 +375,9 @@ pub fn markdown(r: &Report) -> String {
                 .join(", ")
                 + if files.len() > 3 { ", ..." } else { "" }
         );
+    }
+    for src in &r.data_sources {
+        let _ = writeln!(s, "- source: {src}");
     }
     let _ = writeln!(s, "\n## Time\n\n| stage | seconds |\n|---|---|");
     for t in &r.times {

@@ -11,6 +11,7 @@ use ladimo_distill::train::{Inputs as TrainInputs, LayerReport, TrainConfig, fin
 use ladimo_model::Transformer;
 
 use crate::config::ConvertConfig;
+use crate::pause::pause_point;
 use crate::pipeline::Inputs;
 use crate::progress::bar;
 use crate::report::StageTime;
@@ -70,6 +71,9 @@ pub(crate) fn distil(
                 .count();
             overall.set_position(already as u64);
             let show = |l: usize, s: usize, total: usize, loss: f64| {
+                if s == 1 {
+                    pause_point(&format!("stage1-layer{l}"));
+                }
                 layer_bar.set_length(total as u64);
                 layer_bar.set_position(s as u64);
                 layer_bar.set_message(format!("layer {l} loss {loss:.2e}"));

@@ -4,47 +4,25 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+pub(crate) use ladimo_io::registry::{Pin, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::{DataSet, html, rdata};
-
-/// Where a registry package comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Registry {
-    /// Debian, through `apt-get download`.
-    Debian,
-    /// PyPI, through `pip download --no-deps`.
-    Pypi,
-}
-
-/// A package pinned to one version and the sha256 of its file.
-pub(crate) struct Pin {
-    pub name: &'static str,
-    pub registry: Registry,
-    pub version: &'static str,
-    pub sha256: &'static str,
-    /// Debian security updates replace this package and the mirror drops old versions: when the
-    /// pinned version is no longer served, take the one apt serves, with a warning.
-    pub may_drift: bool,
-}
+use crate::{DataSet, DataSource, html, rdata};
 
 pub(crate) const JANEAUSTENR: Pin = Pin {
     name: "r-cran-janeaustenr",
     registry: Registry::Debian,
     version: "1.0.0-1",
-    sha256: "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
-    may_drift: false,
+    sha256: Some("df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"),
 };
 
 pub(crate) const LIBREOFFICE_HELP_KO: Pin = Pin {
     name: "libreoffice-help-ko",
     registry: Registry::Debian,
     version: "4:7.4.7-1+deb12u14",
-    sha256: "7ef2d854e9ed58e6bf861cfa9fa2579555233f9df874baf327fcb07ccd190669",
-    may_drift: true,
+    sha256: Some("7ef2d854e9ed58e6bf861cfa9fa2579555233f9df874baf327fcb07ccd190669"),
 };
 
 /// English help pages of the same office suite as the Korean calibration text: English prose
@@ -71,9 +49,180 @@ pub(crate) const KONLPY: Pin = Pin {
     name: "konlpy",
     registry: Registry::Pypi,
     version: "0.6.0",
-    sha256: "0b7928059e20eb1c72f6fe65a3d12c104fae9e68173904e16beef869cf0ea590",
-    may_drift: false,
+    sha256: Some("0b7928059e20eb1c72f6fe65a3d12c104fae9e68173904e16beef869cf0ea590"),
 };
+
+/// What the texts made from a package must be, whichever version of it was served: packages are
+/// pinned, but a registry drops old versions (see `ladimo_io::registry`), so the texts are what is
+/// checked.
+pub(crate) enum Expected {
+    /// Each text's sha256: texts that do not change between package versions (the novels, the
+    /// constitution and the bills).
+    Sha256(&'static [(&'static str, &'static str)]),
+    /// A text that changes a little with each package version (translations are updated): its
+    /// size in chars and lines must be within `tolerance` (a fraction) of these.
+    Size {
+        path: &'static str,
+        chars: u64,
+        lines: u64,
+        tolerance: f64,
+    },
+}
+
+/// The six novels as made from `r-cran-janeaustenr 1.0.0-1`.
+pub(crate) const AUSTEN_TEXTS: Expected = Expected::Sha256(&[
+    (
+        "en/emma.txt",
+        "7c67b5985c6d0de1efaeb5d342d52cb82c38083c40e2295129e30e87ee690ebe",
+    ),
+    (
+        "en/mansfieldpark.txt",
+        "98bc90519cdf4ef663ad7de2734bb529435ef24f7abbde6bb1a50898871dafe9",
+    ),
+    (
+        "en/northangerabbey.txt",
+        "51f91bbe0517db8e65cff009b097ce0a1836124c4e0532ac19e6c0cad982abed",
+    ),
+    (
+        "en/persuasion.txt",
+        "8061549557aebd2fd6e353d18d9197cb707029112bd52d4d8b174583a925848a",
+    ),
+    (
+        "en/prideprejudice.txt",
+        "dfc684d4f857fa938268f9ab9c5567b64bd0691251eca959644adeabe6287a4d",
+    ),
+    (
+        "en/sensesensibility.txt",
+        "105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09",
+    ),
+]);
+
+/// The Korean help text as made from `libreoffice-help-ko 4:7.4.7-1+deb12u14`, within 2%.
+pub(crate) const LIBREOFFICE_TEXT: Expected = Expected::Size {
+    path: "ko/libreoffice-help-ko.txt",
+    chars: 3_535_658,
+    lines: 83_291,
+    tolerance: 0.02,
+};
+
+/// The constitution and the ten bills as made from `konlpy 0.6.0`.
+pub(crate) const KONLPY_TEXTS: Expected = Expected::Sha256(&[
+    (
+        "ko/kolaw-constitution.txt",
+        "58da5174be7f0079c068eeb9d5ac3e41bd38de08d4ec908fe04ae8aec22cd5d9",
+    ),
+    (
+        "ko/kobill-1809890.txt",
+        "1329ddfc4ff032537434655fec37308c8568f930116c3c9d41c85a42d0647964",
+    ),
+    (
+        "ko/kobill-1809891.txt",
+        "581e29cf0c23a7a2996c8a82294c4679bcf280fabdb3fb13562c8a6275f78997",
+    ),
+    (
+        "ko/kobill-1809892.txt",
+        "bf6e04e21d0290567d4a004f702be7707487dce56ad1b0ea1719974afccc2c9a",
+    ),
+    (
+        "ko/kobill-1809893.txt",
+        "71cd8fe14d773cde18c1f7a174643ea68fa5abbf37a489d3061b2aebe6f10ab4",
+    ),
+    (
+        "ko/kobill-1809894.txt",
+        "68d8a5f46dd80d51e8c77af81ef3098dfabba937a50465a6850a2a204d72b786",
+    ),
+    (
+        "ko/kobill-1809895.txt",
+        "e8c8ac94dcc3cdd61f797ae44eb009837b5fee65d350f433cb312021b0fca3d4",
+    ),
+    (
+        "ko/kobill-1809896.txt",
+        "0bf889e12a2c27aa1eb08d1fb62a8c7ce7b1f55823fa5fb43a2f990ef39e4752",
+    ),
+    (
+        "ko/kobill-1809897.txt",
+        "afb9a083b8f1cdc15f1c6e963dd5f2f34552e8a51c2b98a0c148eb1a3b840e1f",
+    ),
+    (
+        "ko/kobill-1809898.txt",
+        "766ad881fe50a957dbe2e979bd41e0fdb1266a2f532e85e737be70d1e2ec90ee",
+    ),
+    (
+        "ko/kobill-1809899.txt",
+        "a0c17e4161cc7e46133009785bd906148be6e64412564fe3967cc2d377a661e9",
+    ),
+]);
+
+impl Expected {
+    /// Checks the texts made from `pkg` (its `files`, paths relative to the data folder `dir`);
+    /// returns a line saying what was checked, or an error naming the first text that differs.
+    pub(crate) fn check(&self, dir: &Path, files: &[FileRecord], pkg: &PackageRecord) -> Result<String> {
+        let made_from = || {
+            if pkg.pinned {
+                format!("made from the pinned {} {}", pkg.name, pkg.version)
+            } else {
+                format!(
+                    "made from {} {}, served instead of the pinned version (no longer served)",
+                    pkg.name, pkg.version
+                )
+            }
+        };
+        let find = |path: &str| {
+            files
+                .iter()
+                .find(|f| f.path == path)
+                .ok_or_else(|| Error::format(&dir.join(path), format!("missing: not among the texts {}", made_from())))
+        };
+        match self {
+            Expected::Sha256(texts) => {
+                for (path, want) in *texts {
+                    let f = find(path)?;
+                    if f.sha256 != *want {
+                        return Err(Error::format(
+                            &dir.join(path),
+                            format!(
+                                "sha256 is {}, expected {want}: the text {} differs from the one ladimo is pinned to",
+                                f.sha256,
+                                made_from()
+                            ),
+                        ));
+                    }
+                }
+                Ok(format!("sha256 of {} texts", texts.len()))
+            }
+            Expected::Size {
+                path,
+                chars,
+                lines,
+                tolerance,
+            } => {
+                let f = find(path)?;
+                let off = |got: u64, want: u64| (got as f64 / want as f64 - 1.0).abs();
+                let (dc, dl) = (off(f.chars, *chars), off(f.lines, *lines));
+                if dc > *tolerance || dl > *tolerance {
+                    return Err(Error::format(
+                        &dir.join(path),
+                        format!(
+                            "{} chars and {} lines, expected {chars} and {lines} within {:.0}%: the text {} is too far from the one ladimo is pinned to",
+                            f.chars,
+                            f.lines,
+                            tolerance * 100.0,
+                            made_from()
+                        ),
+                    ));
+                }
+                Ok(format!(
+                    "size within {:.0}%: {} chars ({:+.2}%), {} lines ({:+.2}%)",
+                    tolerance * 100.0,
+                    f.chars,
+                    (f.chars as f64 / *chars as f64 - 1.0) * 100.0,
+                    f.lines,
+                    (f.lines as f64 / *lines as f64 - 1.0) * 100.0
+                ))
+            }
+        }
+    }
+}
 
 /// The six novels in `janeaustenr`, in the package's order.
 pub(crate) const NOVELS: [&str; 6] = [
@@ -97,8 +246,8 @@ const KONLPY_KOLAW: &str = "konlpy/data/corpus/kolaw/constitution.txt";
 const KONLPY_KOBILL: &str = "konlpy/data/corpus/kobill/";
 
 /// Bumped whenever this crate's manifest or the text it makes from a package changes, so that
-/// texts made by an older version are made again.
-pub(crate) const MANIFEST_FORMAT: u32 = 1;
+/// texts made by an older version are made again (2: packages record their content check).
+pub(crate) const MANIFEST_FORMAT: u32 = 2;
 
 /// The roles of the produced files.
 pub(crate) const CALIBRATION_EN: &str = "calibration_en";
@@ -125,8 +274,15 @@ pub(crate) struct PackageRecord {
     pub file: String,
     pub sha256: String,
     pub bytes: u64,
-    /// Whether this is the pinned version with the pinned checksum (false: a drift fallback).
+    /// Whether this is the pinned version with the pinned checksum (false: the version served
+    /// when the pinned one was gone, accepted by its content check).
     pub pinned: bool,
+    /// The pinned version (the same as `version` when `pinned`).
+    #[serde(default)]
+    pub pinned_version: String,
+    /// What the texts made from it were checked against, and the result.
+    #[serde(default)]
+    pub check: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,68 +305,41 @@ pub fn data_dir() -> PathBuf {
 
 /// ladimo-io's streaming sha256, with its error mapped into ours (the file is named either way).
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    ladimo_io::fetch::sha256_file(path).map_err(|e| match e {
-        ladimo_io::Error::Io { path, source } => Error::Io { path, source },
-        other => Error::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(other.to_string()),
-        },
-    })
+    ladimo_io::fetch::sha256_file(path).map_err(|e| from_io_error(path, e))
 }
 
 pub(crate) fn sha256_bytes(b: &[u8]) -> String {
     format!("{:x}", Sha256::digest(b))
 }
 
-/// Writes `bytes` to a temporary name beside `path`, syncs, and renames it into place.
+/// `ladimo_io::atomic::write_atomic`, with its error in ours (the file is named either way).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap();
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    ladimo_io::atomic::write_atomic(path, bytes).map_err(|e| from_io_error(path, e))
 }
 
-/// A temporary folder removed on drop (also when a fetch fails half-way).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(parent: &Path, label: &str) -> Result<Self> {
-        let p = parent.join(format!(".tmp-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-        Ok(TempDir(p))
+/// A `ladimo_io` error as ours: an IO error stays one (naming its file), the rest keep their text.
+pub(crate) fn from_io_error(path: &Path, e: ladimo_io::Error) -> Error {
+    match e {
+        ladimo_io::Error::Io { path, source } => Error::Io { path, source },
+        ladimo_io::Error::Fetch { what, msg } => Error::Fetch { package: what, msg },
+        other => Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes temporary files and folders (names starting with `.` and holding `tmp-`) that an
-/// interrupted fetch left, once they are an hour old (a younger one may be another fetch's).
+/// Removes temporary files and folders (names starting with `.` and holding `tmp-` or ending in
+/// `.tmp`) that an interrupted fetch left, once they are an hour old (a younger one may be
+/// another fetch's).
 pub(crate) fn remove_stale_temporaries(dir: &Path) {
     let hour = std::time::Duration::from_secs(3600);
     for sub in [dir.to_path_buf(), dir.join("en"), dir.join("ko"), dir.join("packages")] {
         let Ok(entries) = std::fs::read_dir(&sub) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with('.') && name.contains("tmp-")) {
+            // `.tmp-NAME-*` download folders, `.FILE.*.tmp` files of `ladimo_io::atomic`.
+            if !(name.starts_with('.') && (name.contains("tmp-") || name.ends_with(".tmp"))) {
                 continue;
             }
             let old = e
@@ -257,24 +386,28 @@ pub(crate) fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
     write_atomic(path, json.as_bytes())
 }
 
-/// One source: a pinned package and what is made from it.
+/// One source: a pinned package, what is made from it, and what that must be.
 struct Source {
     pin: &'static Pin,
     extract: fn(&Path, &Path) -> Result<Vec<FileRecord>>,
+    expected: &'static Expected,
 }
 
 const SOURCES: [Source; 5] = [
     Source {
         pin: &JANEAUSTENR,
         extract: extract_austen,
+        expected: &AUSTEN_TEXTS,
     },
     Source {
         pin: &LIBREOFFICE_HELP_KO,
         extract: extract_libreoffice_help,
+        expected: &LIBREOFFICE_TEXT,
     },
     Source {
         pin: &KONLPY,
         extract: extract_konlpy,
+        expected: &KONLPY_TEXTS,
     },
     Source {
         pin: &LIBREOFFICE_HELP_EN,
@@ -291,8 +424,9 @@ pub(crate) fn up_to_date(dir: &Path, m: &Manifest, pin: &Pin) -> Result<bool> {
     let Some(pkg) = m.packages.iter().find(|p| p.name == pin.name) else {
         return Ok(false);
     };
-    let pinned_ok = pkg.version == pin.version && pkg.sha256 == pin.sha256 && pkg.pinned;
-    let fallback_ok = pin.may_drift && !pkg.pinned;
+    // The pinned version, or a served one whose texts passed the content check when made.
+    let pinned_ok = pkg.pinned && pkg.version == pin.version && pin.sha256.is_none_or(|s| s == pkg.sha256);
+    let fallback_ok = !pkg.pinned && !pkg.check.is_empty();
     if !pinned_ok && !fallback_ok {
         return Ok(false);
     }
@@ -312,11 +446,12 @@ pub(crate) fn up_to_date(dir: &Path, m: &Manifest, pin: &Pin) -> Result<bool> {
         }
     }
     if fallback_ok {
-        tracing::warn!(
-            "{}: using {} (the pinned {} was no longer served when fetched); its texts differ from the pinned ones",
+        tracing::info!(
+            "{}: using {} (the pinned {} was no longer served when fetched; its texts passed: {})",
             pin.name,
             pkg.version,
-            pin.version
+            pin.version,
+            pkg.check
         );
     }
     Ok(true)
@@ -342,11 +477,7 @@ pub(crate) fn fetch_data_into(dir: &Path) -> Result<DataSet> {
         }
         let t = std::time::Instant::now();
         let previous = manifest.packages.iter().find(|p| p.name == src.pin.name).cloned();
-        let pkg = ensure_package(dir, src.pin, previous.as_ref())?;
-        let files = (src.extract)(&dir.join(&pkg.file), dir)?;
-        for f in &files {
-            tracing::info!("{}: {} chars, {} lines", f.path, f.chars, f.lines);
-        }
+        let (pkg, files) = fetch_source(dir, src, previous.as_ref())?;
         manifest.packages.retain(|p| p.name != src.pin.name);
         manifest.packages.push(pkg);
         manifest.files.retain(|f| f.source != src.pin.name);
@@ -360,6 +491,32 @@ pub(crate) fn fetch_data_into(dir: &Path) -> Result<DataSet> {
         tracing::info!("{}: done in {:.1} s", src.pin.name, t.elapsed().as_secs_f64());
     }
     dataset_from(dir, &manifest)
+}
+
+/// One source: its package (reused or downloaded), the texts made from it, and their check.
+fn fetch_source(
+    dir: &Path,
+    src: &Source,
+    previous: Option<&PackageRecord>,
+) -> Result<(PackageRecord, Vec<FileRecord>)> {
+    let mut pkg = ensure_package(dir, src.pin, previous)?;
+    let files = (src.extract)(&dir.join(&pkg.file), dir)?;
+    for f in &files {
+        tracing::info!("{}: {} chars, {} lines", f.path, f.chars, f.lines);
+    }
+    pkg.check = src.expected.check(dir, &files, &pkg)?;
+    tracing::info!(
+        "{}: version {} ({}); content check passed: {}",
+        pkg.name,
+        pkg.version,
+        if pkg.pinned {
+            "the pinned one".to_string()
+        } else {
+            format!("served instead of the pinned {}", pkg.pinned_version)
+        },
+        pkg.check
+    );
+    Ok((pkg, files))
 }
 
 pub(crate) fn dataset_from(dir: &Path, m: &Manifest) -> Result<DataSet> {
@@ -380,7 +537,20 @@ pub(crate) fn dataset_from(dir: &Path, m: &Manifest) -> Result<DataSet> {
             )),
         }
     };
+    let sources = m
+        .packages
+        .iter()
+        .map(|p| DataSource {
+            package: p.name.clone(),
+            registry: p.registry.to_string(),
+            version: p.version.clone(),
+            pinned_version: p.pinned_version.clone(),
+            pinned: p.pinned,
+            check: p.check.clone(),
+        })
+        .collect();
     Ok(DataSet {
+        sources,
         calibration_en: paths(CALIBRATION_EN),
         heldout_en: one(HELDOUT_EN)?,
         calibration_en_docs: one(CALIBRATION_EN_DOCS)?,
@@ -394,8 +564,9 @@ pub(crate) fn dataset_from(dir: &Path, m: &Manifest) -> Result<DataSet> {
 // ---------------------------------------------------------------------------------------------
 // Packages
 
-/// Makes sure the package file is in `<data>/packages/<name>/`, with the pinned checksum (or, for a
-/// drifting package whose pinned version is gone, the checksum recorded when it was fetched).
+/// Makes sure the package file is in `<data>/packages/<name>/`: the pinned version with its
+/// checksum, or (the pinned version gone) the served one recorded when it was fetched; else
+/// downloads it (`ladimo_io::registry::fetch_with_fallback`).
 pub(crate) fn ensure_package(dir: &Path, pin: &Pin, previous: Option<&PackageRecord>) -> Result<PackageRecord> {
     let pkg_dir = dir.join("packages").join(pin.name);
     std::fs::create_dir_all(&pkg_dir).map_err(|e| Error::io(&pkg_dir, e))?;
@@ -408,45 +579,26 @@ pub(crate) fn ensure_package(dir: &Path, pin: &Pin, previous: Option<&PackageRec
     for p in &present {
         let sum = sha256_file(p)?;
         let bytes = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
-        if sum == pin.sha256 {
+        if pin.sha256 == Some(sum.as_str()) {
             return Ok(record(pin, pin.version, rel(p), sum, bytes, true));
         }
-        if let Some(prev) = previous.filter(|r| pin.may_drift && !r.pinned && r.file == rel(p) && r.sha256 == sum) {
+        if let Some(prev) = previous.filter(|r| !r.pinned && r.file == rel(p) && r.sha256 == sum) {
             return Ok(prev.clone());
         }
-        tracing::warn!(
-            "{}: sha256 {sum} is not the pinned {}; fetching again",
-            p.display(),
-            pin.sha256
-        );
+        tracing::warn!("{}: sha256 {sum} is not the pinned one; fetching again", p.display());
     }
-    let tmp = TempDir::new(&dir.join("packages"), pin.name)?;
-    let (file, version, pinned) = match pin.registry {
-        Registry::Debian => apt_download(pin, &tmp.0)?,
-        Registry::Pypi => (pip_download(pin, &tmp.0)?, pin.version.to_string(), true),
-    };
-    let sum = sha256_file(&file)?;
-    if pinned && sum != pin.sha256 {
-        return Err(Error::Checksum {
-            path: file,
-            actual: sum,
-            expected: pin.sha256.to_string(),
-        });
-    }
-    if !pinned {
-        tracing::warn!(
-            "{}: pinned version {} is no longer served; using {version} (sha256 {sum}). The texts made from it will not match those made from the pinned version.",
-            pin.name,
-            pin.version
-        );
-    }
-    let bytes = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".tmp-{}-", pin.name))
+        .tempdir_in(dir.join("packages"))
+        .map_err(|e| Error::io(&dir.join("packages"), e))?;
+    let got = ladimo_io::registry::fetch_with_fallback(pin, tmp.path()).map_err(|e| from_io_error(tmp.path(), e))?;
+    let bytes = std::fs::metadata(&got.file).map_err(|e| Error::io(&got.file, e))?.len();
     for p in &present {
         let _ = std::fs::remove_file(p);
     }
-    let dest = pkg_dir.join(file.file_name().unwrap());
-    std::fs::rename(&file, &dest).map_err(|e| Error::io(&dest, e))?;
-    Ok(record(pin, &version, rel(&dest), sum, bytes, pinned))
+    let dest = pkg_dir.join(got.file.file_name().unwrap());
+    std::fs::rename(&got.file, &dest).map_err(|e| Error::io(&dest, e))?;
+    Ok(record(pin, &got.version, rel(&dest), got.sha256, bytes, got.pinned))
 }
 
 fn record(pin: &Pin, version: &str, file: String, sha256: String, bytes: u64, pinned: bool) -> PackageRecord {
@@ -458,108 +610,9 @@ fn record(pin: &Pin, version: &str, file: String, sha256: String, bytes: u64, pi
         sha256,
         bytes,
         pinned,
+        pinned_version: pin.version.into(),
+        check: String::new(),
     }
-}
-
-fn run(cmd: &mut Command, package: &str) -> Result<std::process::Output> {
-    let prog = cmd.get_program().to_string_lossy().into_owned();
-    cmd.output().map_err(|e| Error::Fetch {
-        package: package.into(),
-        msg: format!("cannot run `{prog}`: {e}"),
-    })
-}
-
-fn single_file(dir: &Path, ext: &str, package: &str) -> Result<PathBuf> {
-    let found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == ext))
-        .collect();
-    match found.as_slice() {
-        [p] => Ok(p.clone()),
-        _ => Err(Error::Fetch {
-            package: package.into(),
-            msg: format!("expected one .{ext} file after the download, found {}", found.len()),
-        }),
-    }
-}
-
-/// `apt-get download name=version` (or, for a drifting package, the version apt serves).
-/// Returns the file, its version, and whether it is the pinned one.
-fn apt_download(pin: &Pin, tmp: &Path) -> Result<(PathBuf, String, bool)> {
-    let fail = |msg: String| Error::Fetch {
-        package: pin.name.into(),
-        msg,
-    };
-    let download = |spec: &str| -> Result<std::result::Result<PathBuf, String>> {
-        tracing::info!("apt-get download {spec}");
-        let out = run(
-            Command::new("apt-get").args(["download", "-q", spec]).current_dir(tmp),
-            pin.name,
-        )?;
-        if out.status.success() {
-            Ok(Ok(single_file(tmp, "deb", pin.name)?))
-        } else {
-            Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
-        }
-    };
-    let hint = "(Debian's apt-get is needed; if the package is not found, run `apt-get update` first)";
-    match download(&format!("{}={}", pin.name, pin.version))? {
-        Ok(f) => Ok((f, pin.version.to_string(), true)),
-        Err(e) if !pin.may_drift => Err(fail(format!(
-            "apt-get download {}={} failed: {e} {hint}",
-            pin.name, pin.version
-        ))),
-        Err(e) => {
-            tracing::warn!(
-                "{}: pinned version {} not available ({e}); trying the version apt serves",
-                pin.name,
-                pin.version
-            );
-            let f = download(pin.name)?.map_err(|e2| fail(format!("apt-get download failed: {e2} {hint}")))?;
-            let out = run(Command::new("dpkg-deb").arg("-f").arg(&f).arg("Version"), pin.name)?;
-            let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !out.status.success() || version.is_empty() {
-                return Err(fail(format!("dpkg-deb -f {} Version failed", f.display())));
-            }
-            let pinned = version == pin.version && sha256_file(&f)? == pin.sha256;
-            Ok((f, version, pinned))
-        }
-    }
-}
-
-/// `pip download --no-deps --only-binary=:all: name==version`; returns the wheel.
-fn pip_download(pin: &Pin, tmp: &Path) -> Result<PathBuf> {
-    let fail = |msg: String| Error::Fetch {
-        package: pin.name.into(),
-        msg,
-    };
-    let python = ladimo_io::fetch::find_python()
-        .ok_or_else(|| fail("needs python3 with pip on PATH to download the wheel".into()))?;
-    let spec = format!("{}=={}", pin.name, pin.version);
-    tracing::info!("pip download --no-deps {spec}");
-    let out = run(
-        Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--quiet",
-                "--dest",
-            ])
-            .arg(tmp)
-            .arg(&spec),
-        pin.name,
-    )?;
-    if !out.status.success() {
-        return Err(fail(format!(
-            "pip download {spec} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    single_file(tmp, "whl", pin.name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -811,7 +864,7 @@ mod tests {
                 pin,
                 pin.version,
                 format!("packages/{}/x", pin.name),
-                pin.sha256.into(),
+                pin.sha256.unwrap().into(),
                 1,
                 true,
             ));
@@ -852,7 +905,11 @@ mod tests {
         m3.packages[1].version = "4:7.4.7-1+deb12u15".into();
         m3.packages[1].sha256 = "00".into();
         m3.packages[1].pinned = false;
+        m3.packages[1].check = "size within 2%".into();
         assert!(up_to_date(d.path(), &m3, &LIBREOFFICE_HELP_KO).unwrap());
+        // ... but not one whose texts were never checked.
+        m3.packages[1].check.clear();
+        assert!(!up_to_date(d.path(), &m3, &LIBREOFFICE_HELP_KO).unwrap());
     }
 
     #[test]
@@ -861,40 +918,111 @@ mod tests {
         std::fs::create_dir_all(d.path().join("en")).unwrap();
         std::fs::create_dir_all(d.path().join("packages/.tmp-konlpy-1")).unwrap();
         let stale = d.path().join("en/.emma.txt.tmp-1");
+        let stale_atomic = d.path().join("en/.emma.txt.Ab12Cd.tmp");
         let fresh = d.path().join("en/.emma.txt.tmp-2");
         let kept = d.path().join("en/emma.txt");
-        for p in [&stale, &fresh, &kept] {
+        for p in [&stale, &stale_atomic, &fresh, &kept] {
             std::fs::write(p, b"x").unwrap();
         }
         let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        std::fs::File::options()
-            .write(true)
-            .open(&stale)
-            .unwrap()
-            .set_modified(two_hours_ago)
-            .unwrap();
+        for p in [&stale, &stale_atomic] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
         std::fs::File::open(d.path().join("packages/.tmp-konlpy-1"))
             .unwrap()
             .set_modified(two_hours_ago)
             .unwrap();
         remove_stale_temporaries(d.path());
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !stale_atomic.exists());
         assert!(!d.path().join("packages/.tmp-konlpy-1").exists());
         assert!(fresh.exists() && kept.exists());
     }
 
     #[test]
-    fn atomic_write_leaves_no_temporary_files() {
+    fn texts_are_checked_by_checksum_or_by_size() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("a/b.txt");
-        write_atomic(&p, b"hello").unwrap();
-        write_atomic(&p, b"again").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"again");
-        let names: Vec<_> = std::fs::read_dir(d.path().join("a"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("b.txt")]);
+        let text = "a line\n".repeat(100);
+        let f = produce(d.path(), "ko/t.txt", CALIBRATION_KO, "pkg", &text).unwrap();
+        let mut pkg = record(&KONLPY, "0.7.0", "packages/x".into(), "00".into(), 1, false);
+        let sha: &'static str = Box::leak(f.sha256.clone().into_boxed_str());
+        let same = Expected::Sha256(Box::leak(Box::new([("ko/t.txt", sha)])));
+        assert_eq!(
+            same.check(d.path(), std::slice::from_ref(&f), &pkg).unwrap(),
+            "sha256 of 1 texts"
+        );
+        let other = Expected::Sha256(&[("ko/t.txt", "ab")]);
+        let e = other
+            .check(d.path(), std::slice::from_ref(&f), &pkg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ko/t.txt") && e.contains("konlpy 0.7.0") && e.contains("expected ab"),
+            "{e}"
+        );
+        // 700 chars / 100 lines: 1% off passes a 2% tolerance, 3% off does not.
+        let near = Expected::Size {
+            path: "ko/t.txt",
+            chars: 707,
+            lines: 101,
+            tolerance: 0.02,
+        };
+        assert!(
+            near.check(d.path(), std::slice::from_ref(&f), &pkg)
+                .unwrap()
+                .starts_with("size within 2%")
+        );
+        let far = Expected::Size {
+            path: "ko/t.txt",
+            chars: 722,
+            lines: 100,
+            tolerance: 0.02,
+        };
+        pkg.pinned = true;
+        let e = far
+            .check(d.path(), std::slice::from_ref(&f), &pkg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("700 chars") && e.contains("within 2%"), "{e}");
+        let e = far.check(d.path(), &[], &pkg).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    /// Downloads from Debian (3 MB) and, as root, refreshes the package lists once.
+    #[test]
+    fn a_pinned_version_that_is_gone_falls_back_to_the_served_one_checked_by_content() {
+        // A version no archive serves: the served one is taken, recorded as not pinned, and its
+        // text passes the size check instead of the package checksum.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        const GONE: Pin = Pin {
+            version: "4:7.4.7-1+deb12u99",
+            sha256: Some("the checksum of a version that no longer exists"),
+            ..LIBREOFFICE_HELP_KO
+        };
+        let src = Source {
+            pin: &GONE,
+            extract: extract_libreoffice_help,
+            expected: &LIBREOFFICE_TEXT,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let (pkg, files) = fetch_source(d.path(), &src, None).unwrap();
+        assert!(!pkg.pinned);
+        assert_ne!(pkg.version, GONE.version);
+        assert_eq!(pkg.pinned_version, GONE.version);
+        assert!(pkg.check.starts_with("size within 2%"), "{}", pkg.check);
+        assert_eq!(files.len(), 1);
+        // Recorded as such, the fallback is reused without a download.
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            packages: vec![pkg.clone()],
+            files,
+        };
+        assert!(up_to_date(d.path(), &m, &GONE).unwrap());
+        assert_eq!(ensure_package(d.path(), &GONE, Some(&pkg)).unwrap(), pkg);
     }
 
     #[test]
@@ -908,8 +1036,7 @@ mod tests {
             name: "fake",
             registry: Registry::Debian,
             version: "1.0",
-            sha256: Box::leak(sha256_bytes(b"deb bytes").into_boxed_str()),
-            may_drift: false,
+            sha256: Some(Box::leak(sha256_bytes(b"deb bytes").into_boxed_str())),
         }));
         let r = ensure_package(d.path(), pin, None).unwrap();
         assert_eq!(r.file, "packages/fake/fake_1.0_all.deb");

@@ -13,9 +13,14 @@
 //!
 //! The novels are read out of the package's R lazy-load database by a small R-serialization reader
 //! written here; the `.deb` files are unpacked with `dpkg-deb`. Each package file is checked
-//! against its pinned sha256. Debian drops superseded security updates of LibreOffice, so when
-//! the pinned `libreoffice-help-ko` is no longer served the version apt serves is used, with a
-//! warning (the Korean calibration text then differs).
+//! against its pinned sha256. Registries drop old versions (Debian drops superseded point and
+//! security updates of LibreOffice; a machine's package lists may be older than the archive):
+//! when a pinned version is no longer served, `ladimo_io::registry::fetch_with_fallback` refreshes
+//! the package lists (`apt-get update`, as root, unless `LADIMO_NO_APT_UPDATE=1`) and otherwise
+//! takes the version served; the texts made from it are then checked by content instead (the
+//! sha256 of each novel, of the constitution and of each bill; the Korean help text's size in
+//! chars and lines within 2%, since translations change a little between versions). The manifest
+//! and [`DataSet::sources`] record the version used, whether it is the pinned one, and the check.
 //!
 //! `data/manifest.json` records the sha256 of every package file and every text file. A second
 //! call checks the texts against it and does nothing more; files are written under temporary
@@ -44,9 +49,42 @@ pub use fetch::{data_dir, fetch_data};
 pub use tasks::{Metric, Task, TaskItem, UNCOND_DOCID_OFFSET, fetch_tasks, load_task, task_file, tasks_dir};
 pub use texts::{Part, heldout_tokens, read_texts, take_tokens};
 
+/// A package the corpora were made from, as recorded in `data/manifest.json` (and copied into
+/// convert's report).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataSource {
+    pub package: String,
+    /// `Debian` or `PyPI`.
+    pub registry: String,
+    /// The version used.
+    pub version: String,
+    /// The version ladimo is pinned to.
+    pub pinned_version: String,
+    /// Whether the pinned version (with its checksum) was used; false when the registry no longer
+    /// served it and the served version's texts passed the content check instead.
+    pub pinned: bool,
+    /// What the texts were checked against, and the result.
+    pub check: String,
+}
+
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({})", self.package, self.version, self.registry)?;
+        if !self.pinned {
+            write!(f, ", served instead of the pinned {}", self.pinned_version)?;
+        }
+        if !self.check.is_empty() {
+            write!(f, "; content check: {}", self.check)?;
+        }
+        Ok(())
+    }
+}
+
 /// The fetched corpora: paths of UTF-8 text files in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataSet {
+    /// The packages they were made from, in fetch order.
+    pub sources: Vec<DataSource>,
     /// English calibration: five Austen novels (Emma, Mansfield Park, Northanger Abbey, Pride and
     /// Prejudice, Sense and Sensibility), one file each, in that order.
     pub calibration_en: Vec<PathBuf>,
@@ -76,7 +114,8 @@ impl DataSet {
             }
             s
         }
-        [
+        let mut lines: Vec<String> = self.sources.iter().map(|s| format!("source: {s}")).collect();
+        lines.extend([
             line("calibration (en)", &self.calibration_en),
             line("held out (en)", std::slice::from_ref(&self.heldout_en)),
             line(
@@ -90,7 +129,7 @@ impl DataSet {
             line("calibration (ko)", std::slice::from_ref(&self.calibration_ko)),
             line("held out (ko)", &self.heldout_ko),
             format!("manifest: {}", self.manifest.display()),
-        ]
-        .join("\n")
+        ]);
+        lines.join("\n")
     }
 }

@@ -90,6 +90,12 @@ fn fetch_data_gives_the_corpora() {
         .iter()
         .find(|p| p["name"] == "libreoffice-help-ko")
         .unwrap();
+    // Each source says which version was used and how its texts were checked.
+    assert_eq!(ds.sources.len(), 3);
+    for src in &ds.sources {
+        assert!(!src.check.is_empty(), "{src}");
+        assert_eq!(src.pinned, src.version == src.pinned_version, "{src}");
+    }
     if lo["pinned"] == true {
         assert_eq!(
             sha("ko/libreoffice-help-ko.txt").as_deref(),

@@ -137,9 +137,7 @@ pub fn capture(
         fingerprint: fp,
         seconds: start.elapsed().as_secs_f64(),
     };
-    let tmp = meta_path.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&meta).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &meta_path).map_err(|e| DistillError::io(&meta_path, e))?;
+    ladimo_io::atomic::write_atomic(&meta_path, &serde_json::to_vec_pretty(&meta).unwrap())?;
     Ok(meta)
 }
 

@@ -16,6 +16,14 @@ pub enum DistillError {
     Moe(#[from] ladimo_moe::MoeError),
 }
 
+/// From `ladimo_io::atomic` and friends: the file and the IO error.
+impl From<ladimo_io::Error> for DistillError {
+    fn from(e: ladimo_io::Error) -> Self {
+        let (path, source) = e.into_io();
+        DistillError::Io { path, source }
+    }
+}
+
 impl DistillError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         DistillError::Io {

@@ -298,12 +298,8 @@ impl TeacherTopK {
             .into_iter()
             .map(|(a, b)| (a.to_string(), b))
             .collect();
-        let tmp = path.with_extension("safetensors.part");
-        // `serialize` + `fs::write`: `serialize_to_file` would create the file readable by its
-        // owner only, unlike every other output.
         let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
-        std::fs::write(&tmp, bytes).map_err(|e| DistillError::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| DistillError::io(path, e))
+        Ok(ladimo_io::atomic::write_atomic(path, &bytes)?)
     }
 
     /// The cache saved at `path`, if it holds the top K of these `windows` windows of `seq_len`
@@ -702,9 +698,7 @@ pub fn finetune(
         teacher_seconds,
     };
     let p = report_file(out_dir);
-    let tmp = p.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))?;
+    ladimo_io::atomic::write_atomic(&p, &serde_json::to_vec_pretty(&report).unwrap())?;
     for dir in [resume_dir(out_dir), resume_dir(out_dir).with_extension("part")] {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| DistillError::io(&dir, e))?;

@@ -375,10 +375,10 @@ pub fn save_layer(dir: &Path, block: &MoeBlock, report: &LayerReport) -> Result<
     }
     let path = block_path(dir, report.layer);
     ladimo_io::write_safetensors(&path, &tensors, None).map_err(|e| DistillError::Invalid(e.to_string()))?;
-    let rp = report_path(dir, report.layer);
-    let tmp = rp.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &rp).map_err(|e| DistillError::io(&rp, e))?;
+    ladimo_io::atomic::write_atomic(
+        &report_path(dir, report.layer),
+        &serde_json::to_vec_pretty(report).unwrap(),
+    )?;
     Ok(())
 }
 
@@ -496,9 +496,10 @@ pub(crate) fn write_summary(out_dir: &Path, reports: &[LayerReport]) -> Result<(
         })
         .collect();
     let p = out_dir.join("summary.json");
-    let tmp = p.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&summary).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| DistillError::io(&p, e))
+    Ok(ladimo_io::atomic::write_atomic(
+        &p,
+        &serde_json::to_vec_pretty(&summary).unwrap(),
+    )?)
 }
 
 /// Write the finished run `run_dir` (every layer of the model must be finished there) with the

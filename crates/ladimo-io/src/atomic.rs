@@ -179,6 +179,17 @@ fn sync_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Fails (naming `dir`) unless a file can be created in `dir` (created when missing): a read-only
+/// folder is refused before any long work rather than at its end.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tempfile::Builder::new()
+        .prefix(".write-check-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| Error::io(dir, e))
+}
+
 /// Copies the folder `from` to `to` (which must not exist) through an [`AtomicDir`]: `to` appears
 /// complete or not at all.
 pub fn copy_dir_atomic(from: &Path, to: &Path) -> Result<()> {

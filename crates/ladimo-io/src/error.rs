@@ -27,6 +27,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The file and an IO error, for crates with error types of their own (an error that is not
+    /// an IO error becomes one with the same text; the path is then empty where it had none).
+    pub fn into_io(self) -> (PathBuf, std::io::Error) {
+        match self {
+            Error::Io { path, source } => (path, source),
+            Error::Format { ref path, .. } | Error::Tensor { ref path, .. } | Error::Unsupported { ref path, .. } => {
+                (path.clone(), std::io::Error::other(self.to_string()))
+            }
+            Error::Fetch { .. } => (PathBuf::new(), std::io::Error::other(self.to_string())),
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),

@@ -280,20 +280,9 @@ pub fn save_moe_checkpoint(
         }
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    // Built in `.NAME.partial`, renamed into place when complete (removed on an error).
+    let dir = ladimo_io::atomic::AtomicDir::new(out)?;
+    let tmp = dir.path();
     let st = tmp.join("model.safetensors");
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     ladimo_io::write_safetensors(&st, &tensors, Some(meta))?;
@@ -310,7 +299,7 @@ pub fn save_moe_checkpoint(
         tok_cfg["chat_template"] = t.clone().into();
     }
     write("tokenizer_config.json", serde_json::to_string_pretty(&tok_cfg).unwrap())?;
-    std::fs::rename(&tmp, out).map_err(io(out))?;
+    dir.commit()?;
     Ok(section)
 }
 

@@ -108,21 +108,15 @@ impl PolicyFile {
         })
     }
 
-    /// Write to a temporary name, then rename.
+    /// Write atomically (`ladimo_io::atomic`).
     pub fn write(&self, path: &Path) -> Result<(), PolicyFileError> {
         let text = toml::to_string_pretty(self).map_err(|e| PolicyFileError::Invalid {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-        let tmp = path.with_extension("toml.part");
-        let io = |source| PolicyFileError::Io {
-            path: tmp.clone(),
-            source,
-        };
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|source| PolicyFileError::Io {
-            path: path.to_path_buf(),
-            source,
+        ladimo_io::atomic::write_atomic(path, text.as_bytes()).map_err(|e| {
+            let (path, source) = e.into_io();
+            PolicyFileError::Io { path, source }
         })
     }
 

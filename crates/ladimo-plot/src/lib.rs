@@ -10,7 +10,6 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
@@ -260,36 +259,10 @@ fn draw_histograms(
     Ok(())
 }
 
-/// Writes `contents` to a fresh temporary file in `path`'s directory, then renames it to `path`.
+/// Writes `contents` to `path` atomically (`ladimo_io::atomic`).
 fn write_atomic(path: &Path, contents: &str) -> Result<(), PlotError> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let io = |source| PlotError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let name = path.file_name().ok_or_else(|| PlotError::InvalidInput {
-        path: path.to_path_buf(),
-        message: "the path has no file name".into(),
-    })?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(contents.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(io)
+    ladimo_io::atomic::write_atomic(path, contents.as_bytes()).map_err(|e| {
+        let (path, source) = e.into_io();
+        PlotError::Io { path, source }
+    })
 }

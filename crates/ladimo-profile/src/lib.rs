@@ -211,16 +211,11 @@ impl Profile {
             .map_err(|e| ProfileError::Invalid(format!("{}: not a profile: {e}", path.display())))
     }
 
-    /// Write to a temporary name, then rename.
+    /// Write atomically (`ladimo_io::atomic`).
     pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
-        let tmp = path.with_extension("json.part");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap()).map_err(|source| ProfileError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| ProfileError::Io {
-            path: path.to_path_buf(),
-            source,
+        ladimo_io::atomic::write_atomic(path, &serde_json::to_vec_pretty(self).unwrap()).map_err(|e| {
+            let (path, source) = e.into_io();
+            ProfileError::Io { path, source }
         })
     }
 

@@ -1,0 +1,22 @@
+//! `convert` as a process of its own, with the same arguments as `ladimo convert`, for the tests
+//! that kill it part-way (tests/kill.rs) or watch it fail (tests/output_errors.rs): they need its
+//! exit status and its stderr, as a user would see them.
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ladimo_convert::ConvertArgs,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = ladimo_convert::run(Cli::parse().args) {
+        eprintln!("error: {}", ladimo_convert::error_message(&e));
+        std::process::exit(1);
+    }
+}
