@@ -41,8 +41,8 @@ pub struct ThresholdsArgs {
     /// Allocation: the per-layer budgets probed (1.0, dense, is always a choice).
     #[arg(long, value_delimiter = ',', default_value = "0.4,0.5,0.625,0.75,0.875")]
     probe_budgets: Vec<f64>,
-    /// Allocation: calibration tokens each probe scores (whole windows, languages in turn, from the
-    /// threshold calibration windows).
+    /// Allocation: calibration tokens each probe scores (whole windows of the threshold
+    /// calibration text, one file after another, Korean first).
     #[arg(long, default_value_t = 2048)]
     probe_tokens: usize,
     /// Training: calibration tokens (the head of the files; Korean's share below, English the rest).
@@ -90,6 +90,33 @@ fn score(model: &Transformer, held: &[(String, Vec<u32>)], seq_len: usize) -> Re
         out.push((tag.clone(), r.perplexity, c.ffn_active / c.ffn_total as f64));
     }
     Ok(out)
+}
+
+/// The windows of `en` and `ko` merged so that every stretch of the result holds both languages
+/// in about their overall proportion (the trainer holds back the last tokens to measure: they
+/// should not all be Korean).
+fn interleave(en: &[u32], ko: &[u32], seq_len: usize) -> Vec<u32> {
+    let (en_w, ko_w): (Vec<&[u32]>, Vec<&[u32]>) = (en.chunks(seq_len).collect(), ko.chunks(seq_len).collect());
+    let share = ko_w.len() as f64 / (en_w.len() + ko_w.len()).max(1) as f64;
+    let (mut e, mut k) = (0, 0);
+    let mut out = Vec::with_capacity(en.len() + ko.len());
+    while e < en_w.len() || k < ko_w.len() {
+        let take_ko = k < ko_w.len() && (e >= en_w.len() || (k as f64) < share * (e + k + 1) as f64);
+        if take_ko {
+            out.extend_from_slice(ko_w[k]);
+            k += 1;
+        } else {
+            out.extend_from_slice(en_w[e]);
+            e += 1;
+        }
+    }
+    out
+}
+
+/// FNV-1a of token ids: names a training run by its inputs.
+fn fnv(ids: &[u32]) -> u32 {
+    ids.iter()
+        .fold(0x811c_9dc5u32, |h, &t| (h ^ t).wrapping_mul(0x0100_0193))
 }
 
 fn set_all(model: &mut Transformer, s: &[Option<Sparsity>]) -> Result<()> {
@@ -146,7 +173,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let mut probe: Vec<&[u32]> = Vec::new();
     'fill: for i in 0.. {
         let mut any = false;
-        for w in &per_file {
+        // The Korean file first: a short probe still covers both languages.
+        for w in per_file.iter().rev() {
             if probe.len() * a.seq_len >= a.probe_tokens.max(1) {
                 break 'fill;
             }
@@ -160,15 +188,13 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
         }
     }
     let ko_n = (a.train_tokens as f64 * a.ko_share).round() as usize;
-    let mut train_ids = take_tokens(tok, &data.calibration_en, a.train_tokens - ko_n, Part::Head)?;
-    if ko_n > 0 {
-        train_ids.extend(take_tokens(
-            tok,
-            std::slice::from_ref(&data.calibration_ko),
-            ko_n,
-            Part::Head,
-        )?);
-    }
+    let en_ids = take_tokens(tok, &data.calibration_en, a.train_tokens - ko_n, Part::Head)?;
+    let ko_ids = if ko_n > 0 {
+        take_tokens(tok, std::slice::from_ref(&data.calibration_ko), ko_n, Part::Head)?
+    } else {
+        Vec::new()
+    };
+    let train_ids = interleave(&en_ids, &ko_ids, a.seq_len);
     let held = vec![
         (
             "en".to_string(),
@@ -272,8 +298,12 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                         ..Default::default()
                     };
                     let dir = a.work.join(format!(
-                        "{method}-{budget}-{}tok-lr{}-e{}-c{}",
-                        a.train_tokens, a.lr, a.epochs, a.residual_correction
+                        "{method}-{budget}-{}tok-{:08x}-lr{}-e{}-c{}",
+                        a.train_tokens,
+                        fnv(&train_ids),
+                        a.lr,
+                        a.epochs,
+                        a.residual_correction
                     ));
                     set_all(&mut model, &vec![None; n_layers])?;
                     let reports =
