@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ladimo_data::{Part, take_tokens};
 use ladimo_distill::thresholded::{ThresholdTrainConfig, apply_run, run_thresholded};
 use ladimo_model::Transformer;
 use ladimo_moe::sparsity::{Method, Sparsity, calibrate, set_sparsity};
@@ -92,27 +91,6 @@ fn score(model: &Transformer, held: &[(String, Vec<u32>)], seq_len: usize) -> Re
     Ok(out)
 }
 
-/// The windows of `en` and `ko` merged so that every stretch of the result holds both languages
-/// in about their overall proportion (the trainer holds back the last tokens to measure: they
-/// should not all be Korean).
-fn interleave(en: &[u32], ko: &[u32], seq_len: usize) -> Vec<u32> {
-    let (en_w, ko_w): (Vec<&[u32]>, Vec<&[u32]>) = (en.chunks(seq_len).collect(), ko.chunks(seq_len).collect());
-    let share = ko_w.len() as f64 / (en_w.len() + ko_w.len()).max(1) as f64;
-    let (mut e, mut k) = (0, 0);
-    let mut out = Vec::with_capacity(en.len() + ko.len());
-    while e < en_w.len() || k < ko_w.len() {
-        let take_ko = k < ko_w.len() && (e >= en_w.len() || (k as f64) < share * (e + k + 1) as f64);
-        if take_ko {
-            out.extend_from_slice(ko_w[k]);
-            k += 1;
-        } else {
-            out.extend_from_slice(en_w[e]);
-            e += 1;
-        }
-    }
-    out
-}
-
 /// FNV-1a of token ids: names a training run by its inputs.
 fn fnv(ids: &[u32]) -> u32 {
     ids.iter()
@@ -156,13 +134,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     // Calibration text only, up to the held-out scoring.
     let mut cal_files = data.calibration_en.clone();
     cal_files.push(data.calibration_ko.clone());
-    let mut tails = Vec::new();
-    for f in &cal_files {
-        tails.push(
-            take_tokens(tok, std::slice::from_ref(f), a.tokens_per_file, Part::Tail)
-                .with_context(|| format!("calibration text {}", f.display()))?,
-        );
-    }
+    let cal = ladimo_data::calibration_tokens(tok, &data, a.tokens_per_file, a.train_tokens, a.ko_share, a.seq_len)?;
+    let (tails, train_ids) = (cal.tails, cal.train);
     let windows: Vec<&[u32]> = tails
         .iter()
         .flat_map(|t| t.chunks(a.seq_len))
@@ -187,14 +160,6 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
             break;
         }
     }
-    let ko_n = (a.train_tokens as f64 * a.ko_share).round() as usize;
-    let en_ids = take_tokens(tok, &data.calibration_en, a.train_tokens - ko_n, Part::Head)?;
-    let ko_ids = if ko_n > 0 {
-        take_tokens(tok, std::slice::from_ref(&data.calibration_ko), ko_n, Part::Head)?
-    } else {
-        Vec::new()
-    };
-    let train_ids = interleave(&en_ids, &ko_ids, a.seq_len);
     let held = vec![
         (
             "en".to_string(),
