@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ladimo_data::{Part, take_tokens};
 use ladimo_distill::thresholded::{ThresholdTrainConfig, apply_run, run_thresholded};
 use ladimo_model::Transformer;
 use ladimo_moe::sparsity::{Method, Sparsity, calibrate, set_sparsity};
@@ -41,8 +40,8 @@ pub struct ThresholdsArgs {
     /// Allocation: the per-layer budgets probed (1.0, dense, is always a choice).
     #[arg(long, value_delimiter = ',', default_value = "0.4,0.5,0.625,0.75,0.875")]
     probe_budgets: Vec<f64>,
-    /// Allocation: calibration tokens each probe scores (whole windows, languages in turn, from the
-    /// threshold calibration windows).
+    /// Allocation: calibration tokens each probe scores (whole windows of the threshold
+    /// calibration text, one file after another, Korean first).
     #[arg(long, default_value_t = 2048)]
     probe_tokens: usize,
     /// Training: calibration tokens (the head of the files; Korean's share below, English the rest).
@@ -92,6 +91,12 @@ fn score(model: &Transformer, held: &[(String, Vec<u32>)], seq_len: usize) -> Re
     Ok(out)
 }
 
+/// FNV-1a of token ids: names a training run by its inputs.
+fn fnv(ids: &[u32]) -> u32 {
+    ids.iter()
+        .fold(0x811c_9dc5u32, |h, &t| (h ^ t).wrapping_mul(0x0100_0193))
+}
+
 fn set_all(model: &mut Transformer, s: &[Option<Sparsity>]) -> Result<()> {
     for (l, s) in s.iter().enumerate() {
         set_sparsity(model, l, s.clone())?;
@@ -129,13 +134,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     // Calibration text only, up to the held-out scoring.
     let mut cal_files = data.calibration_en.clone();
     cal_files.push(data.calibration_ko.clone());
-    let mut tails = Vec::new();
-    for f in &cal_files {
-        tails.push(
-            take_tokens(tok, std::slice::from_ref(f), a.tokens_per_file, Part::Tail)
-                .with_context(|| format!("calibration text {}", f.display()))?,
-        );
-    }
+    let cal = ladimo_data::calibration_tokens(tok, &data, a.tokens_per_file, a.train_tokens, a.ko_share, a.seq_len)?;
+    let (tails, train_ids) = (cal.tails, cal.train);
     let windows: Vec<&[u32]> = tails
         .iter()
         .flat_map(|t| t.chunks(a.seq_len))
@@ -146,7 +146,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let mut probe: Vec<&[u32]> = Vec::new();
     'fill: for i in 0.. {
         let mut any = false;
-        for w in &per_file {
+        // The Korean file first: a short probe still covers both languages.
+        for w in per_file.iter().rev() {
             if probe.len() * a.seq_len >= a.probe_tokens.max(1) {
                 break 'fill;
             }
@@ -158,16 +159,6 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
         if !any {
             break;
         }
-    }
-    let ko_n = (a.train_tokens as f64 * a.ko_share).round() as usize;
-    let mut train_ids = take_tokens(tok, &data.calibration_en, a.train_tokens - ko_n, Part::Head)?;
-    if ko_n > 0 {
-        train_ids.extend(take_tokens(
-            tok,
-            std::slice::from_ref(&data.calibration_ko),
-            ko_n,
-            Part::Head,
-        )?);
     }
     let held = vec![
         (
@@ -272,8 +263,12 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                         ..Default::default()
                     };
                     let dir = a.work.join(format!(
-                        "{method}-{budget}-{}tok-lr{}-e{}-c{}",
-                        a.train_tokens, a.lr, a.epochs, a.residual_correction
+                        "{method}-{budget}-{}tok-{:08x}-lr{}-e{}-c{}",
+                        a.train_tokens,
+                        fnv(&train_ids),
+                        a.lr,
+                        a.epochs,
+                        a.residual_correction
                     ));
                     set_all(&mut model, &vec![None; n_layers])?;
                     let reports =

@@ -35,6 +35,7 @@
 //! Needs, on a cold cache: Debian's `apt-get` (with package lists, i.e. after `apt-get update`)
 //! and `dpkg-deb`, and `python3 -m pip`.
 
+mod calibration;
 mod error;
 mod fetch;
 mod html;
@@ -44,6 +45,7 @@ mod texts;
 
 use std::path::PathBuf;
 
+pub use calibration::{CalibrationTokens, calibration_tokens};
 pub use error::{Error, Result};
 pub use fetch::{data_dir, fetch_data};
 pub use tasks::{Metric, Task, TaskItem, UNCOND_DOCID_OFFSET, fetch_tasks, load_task, task_file, tasks_dir};
