@@ -3,7 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
-use ladimo_convert::{ConvertArgs, run};
+use ladimo_convert::{Compute, ConvertArgs, Report};
+
+/// `ladimo_convert::run` on the backend the tests run on.
+fn run(a: ConvertArgs) -> anyhow::Result<Report> {
+    let device = ladimo_backend::device();
+    ladimo_convert::run(
+        a,
+        &Compute {
+            device: &device,
+            backend: ladimo_backend::name(),
+        },
+    )
+}
 
 fn ci_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ci.toml")

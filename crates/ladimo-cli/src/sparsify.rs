@@ -53,6 +53,7 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
     let files = if a.texts.is_empty() {
         let data = ladimo_data::fetch_data()?;
         let mut f = data.calibration_en.clone();
+        f.push(data.calibration_en_docs.clone());
         f.push(data.calibration_ko.clone());
         f
     } else {

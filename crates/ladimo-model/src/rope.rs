@@ -73,6 +73,15 @@ impl Rope {
         }
     }
 
+    /// The cos and sin tables on the host, `[max_positions, head_dim / 2]` each (the host decode
+    /// path rotates with the same values).
+    pub fn host_tables(&self) -> (Vec<f32>, Vec<f32>) {
+        (
+            crate::util::to_vec(self.cos.clone()),
+            crate::util::to_vec(self.sin.clone()),
+        )
+    }
+
     /// Rotate `x: [batch, heads, seq, head_dim]` for positions `offset..offset + seq`.
     pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
         let [_, _, seq, hd] = x.dims();

@@ -10,6 +10,8 @@
 //!
 //! - [`checkpoint`]: MoE checkpoints on disk (Mixtral naming; Mixtral config when exact) and
 //!   [`load_model`], which loads dense and MoE checkpoints alike.
+//! - [`export`]: the model in formats other tools run (Mixtral, GraniteMoeShared, a
+//!   `trust_remote_code` folder for transformers, GGUF for llama.cpp), exact or refused.
 //! - [`PolicyFile`]: one routing policy per layer (TOML), applied to a loaded model.
 //! - [`sparsity`]: activation sparsity on dense FFNs (static pruning, CATS, TEAL): the
 //!   training-free baselines, calibrated on text and saved in policy files too.
@@ -19,6 +21,7 @@
 mod block;
 pub mod checkpoint;
 mod error;
+pub mod export;
 mod host;
 mod policy;
 pub mod policy_file;

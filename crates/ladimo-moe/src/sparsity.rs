@@ -382,9 +382,24 @@ pub fn calibrate(
     windows: &[&[u32]],
     method: Method,
     budget: f64,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Sparsity>, SparsityError> {
-    let s = method.sparsity_for(budget)?;
+    Ok(calibrate_budgets(model, windows, method, &[budget], progress)?.remove(0))
+}
+
+/// [`calibrate`] at several budgets from one pass over `windows`: `result[i][layer]` is layer
+/// `layer`'s sparsity at `budgets[i]`.
+pub fn calibrate_budgets(
+    model: &mut Transformer,
+    windows: &[&[u32]],
+    method: Method,
+    budgets: &[f64],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<Sparsity>>, SparsityError> {
+    let shares = budgets
+        .iter()
+        .map(|&b| method.sparsity_for(b))
+        .collect::<Result<Vec<_>, _>>()?;
     let n = model.layers.len();
     let mut dense = Vec::with_capacity(n);
     for l in 0..n {
@@ -429,28 +444,57 @@ pub fn calibrate(
         records.push(rec.record.into_inner().unwrap());
     }
     ran?;
-    Ok(records
-        .into_iter()
-        .zip(&dense)
-        .map(|(r, d)| match method {
-            Method::Teal => Sparsity::Teal {
-                x: r.x.quantile(s),
-                h: r.h.quantile(s),
-            },
-            Method::Cats => Sparsity::Cats { gate: r.a.quantile(s) },
-            Method::Static => {
-                let inter = d.intermediate_size();
-                let keep_n = ((budget * inter as f64).round() as usize).clamp(1, inter);
-                let norms = row_norms(d.down_proj.weight.val());
-                let mut order: Vec<usize> = (0..inter).collect();
-                let score = |j: usize| r.sum_abs_h[j] * norms[j];
-                order.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
-                let mut keep: Vec<u32> = order[..keep_n].iter().map(|&j| j as u32).collect();
-                keep.sort_unstable();
-                Sparsity::Static { keep }
-            }
+    Ok(budgets
+        .iter()
+        .zip(&shares)
+        .map(|(&budget, &s)| {
+            records
+                .iter()
+                .zip(&dense)
+                .map(|(r, d)| thresholds_of(r, d, method, budget, s))
+                .collect()
         })
         .collect())
+}
+
+/// One layer's sparsity from what it recorded: zero a share `s` of the entries (budget `budget`).
+fn thresholds_of(r: &LayerRecord, d: &DenseFfn, method: Method, budget: f64, s: f64) -> Sparsity {
+    match method {
+        Method::Teal => Sparsity::Teal {
+            x: r.x.quantile(s),
+            h: r.h.quantile(s),
+        },
+        Method::Cats => Sparsity::Cats { gate: r.a.quantile(s) },
+        Method::Static => {
+            let inter = d.intermediate_size();
+            let keep_n = ((budget * inter as f64).round() as usize).clamp(1, inter);
+            let norms = row_norms(d.down_proj.weight.val());
+            let mut order: Vec<usize> = (0..inter).collect();
+            let score = |j: usize| r.sum_abs_h[j] * norms[j];
+            order.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+            let mut keep: Vec<u32> = order[..keep_n].iter().map(|&j| j as u32).collect();
+            keep.sort_unstable();
+            Sparsity::Static { keep }
+        }
+    }
+}
+
+/// The threshold under which a share `q` of `|values|` lies (the same log-spaced histogram as
+/// calibration, so a threshold set again after training matches how it was first set).
+pub fn abs_quantile(values: &[f32], q: f64) -> f32 {
+    let mut h = Histogram::new();
+    h.add(values);
+    h.quantile(q)
+}
+
+/// TEAL on `x` (`[tokens, hidden]`): `x_i = 0` where `|x_i| < tx`, `h_j = 0` where `|h_j| < th`,
+/// then `down h`. The same masks as [`SparseFfn`] without the read count, so it runs on an
+/// autodiff device: masked entries pass no gradient (a plain masked gradient), the rest do. What
+/// stage 1 trains a block under when thresholds are in the loop.
+pub fn teal_forward(ffn: &DenseFfn, x: Tensor<2>, tx: f32, th: f32) -> Tensor<2> {
+    let x = x.clone().mask_fill(x.abs().lower_elem(tx), 0.0);
+    let h = ffn.activation(x);
+    ffn.down_proj.forward(h.clone().mask_fill(h.abs().lower_elem(th), 0.0))
 }
 
 /// L2 norm of each row of a `[rows, cols]` tensor.

@@ -10,11 +10,15 @@
 //!   -> solve under a budget (exact multiple-choice knapsack, ladimo-solve)   [solve.rs]
 //!        -> a policy file (TOML, ladimo_moe::PolicyFile) + the whole Pareto frontier
 //! ```
+//! [`teal_alloc`] does the same over TEAL thresholds on a dense model: per-layer budgets under a
+//! global one.
+//!
 //! The profile carries the MoE model's fingerprint, so a profile of another model is refused.
 
 mod plots;
 mod profile;
 mod solve;
+pub mod teal_alloc;
 
 pub use plots::write_plots;
 pub use profile::{ProfileConfig, add_sensitivity, candidates, profile_model};

@@ -460,7 +460,7 @@ fn sensitivity_windows(texts: &[(String, Vec<u32>)], seq_len: usize, tokens: usi
 }
 
 /// Summed NLL of `window[1..]` given the last hidden states `h` (before the final norm).
-fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f64 {
+pub(crate) fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f64 {
     let n = window.len();
     let logits = model.logits(model.norm.forward(h));
     let logp = log_softmax(logits.narrow(1, 0, n - 1), 2);

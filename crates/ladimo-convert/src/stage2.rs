@@ -1,0 +1,211 @@
+//! Stage 2 of the pipeline: profile the stage-1 model's routers and candidate policies on
+//! calibration text (the tail of the files, away from what stage 1 trained on), measure each
+//! layer's sensitivity, and solve for one policy per layer within the budget
+//! ([`ladimo_profile`]).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
+use ladimo_data::{Part, take_tokens};
+use ladimo_model::Transformer;
+use ladimo_profile::{Budget, Profile, ProfileConfig, Solved, profile_model, solve_profile};
+
+use crate::config::ConvertConfig;
+use crate::pipeline::Inputs;
+use crate::progress::bar;
+use crate::report::StageTime;
+use crate::stage1::Stage1;
+use crate::step::{Step, ids_bytes, step_key};
+
+/// What stage 2 measured: [`profile`]'s result.
+pub(crate) struct Profiled {
+    /// The key of the profile (with the sensitivity, when measured).
+    pub key: String,
+    /// The stage-2 calibration tokens per tag (the training-free baselines calibrate on them too).
+    pub texts: Vec<(String, Vec<u32>)>,
+    pub profile: Profile,
+}
+
+/// What stage 2 made: the profile and the policies solved from it.
+pub(crate) struct Stage2 {
+    /// What the evaluation's key starts from (with the policy file's text).
+    pub key: String,
+    pub texts: Vec<(String, Vec<u32>)>,
+    pub profile: Profile,
+    pub solved: Solved,
+}
+
+/// Profile `moe` against the dense model into work/stage2/profile.json, then, as a step of its
+/// own (so that changing its settings keeps the profile), the layer sensitivity.
+pub(crate) fn profile(
+    cfg: &ConvertConfig,
+    inputs: &Inputs,
+    s1: &Stage1,
+    moe: &mut Transformer,
+    work: &Path,
+    times: &mut Vec<StageTime>,
+    backend: &str,
+) -> Result<Profiled> {
+    let s2cfg = &cfg.stage2;
+    let mut texts = Vec::new();
+    for set in &inputs.cal_sets {
+        let ids = take_tokens(inputs.tokenizer()?, &set.files, s2cfg.tokens, Part::Tail)
+            .with_context(|| format!("calibration set `{}` for stage 2 (stage2.tokens)", set.tag))?;
+        texts.push((set.tag.clone(), ids));
+    }
+    let text_parts: Vec<Vec<u8>> = texts
+        .iter()
+        .map(|(tag, ids)| [tag.as_bytes(), &ids_bytes(ids)].concat())
+        .collect();
+    let parts: Vec<&[u8]> = std::iter::once(s1.key.as_bytes())
+        .chain(text_parts.iter().map(Vec::as_slice))
+        .collect();
+    let step = Step::new(
+        work.join("stage2"),
+        "stage 2: profile",
+        step_key("profile", &parts, s2cfg)?,
+    );
+    let profile_path = step.dir.join("profile.json");
+    let mut profile = step.run(
+        times,
+        |_| Ok(Some(Profile::read(&profile_path)?)),
+        |_, _| {
+            let pcfg = ProfileConfig {
+                seq_len: s2cfg.seq_len,
+                top_p_grid: s2cfg.top_p_grid.clone(),
+                tau_grid: s2cfg.tau_grid.clone(),
+                latency_tokens: s2cfg.latency_tokens,
+                latency_repeats: s2cfg.latency_repeats,
+                uniform_k: s2cfg.uniform_k.clone(),
+                // Measured as a step of its own below.
+                sensitivity_k: vec![],
+                ..ProfileConfig::default()
+            };
+            let mut pb: Option<(String, ProgressBar)> = None;
+            let mut p = profile_model(moe, &inputs.dense, &texts, &pcfg, &cfg.model, |stage, d, total| {
+                crate::pause::pause_point("stage2-profile");
+                if pb.as_ref().is_none_or(|(s, _)| s != stage) {
+                    if let Some((_, b)) = pb.take() {
+                        b.finish();
+                    }
+                    pb = Some((stage.to_string(), bar(total, &format!("2/4 stage 2: {stage}"))));
+                }
+                if let Some((_, b)) = &pb {
+                    b.set_position(d as u64);
+                }
+            })?;
+            if let Some((_, b)) = pb {
+                b.finish();
+            }
+            p.backend = backend.to_string();
+            p.write(&profile_path)?;
+            Ok(p)
+        },
+    )?;
+    let mut key = step.key.clone();
+    if !s2cfg.sensitivity_k.is_empty() {
+        let sens = Step::new(
+            step.dir.join("sensitivity"),
+            "stage 2: layer sensitivity",
+            step_key("sensitivity", &[step.key.as_bytes()], s2cfg)?,
+        );
+        // A profile made again (its step was cut short) has lost the sensitivity.
+        let have = profile.sensitivity.is_some();
+        sens.run(
+            times,
+            |_| Ok(have.then_some(())),
+            |_, _| {
+                let pcfg = ProfileConfig {
+                    seq_len: s2cfg.seq_len,
+                    sensitivity_k: s2cfg.sensitivity_k.clone(),
+                    sensitivity_tokens: s2cfg.sensitivity_tokens,
+                    sensitivity_context: s2cfg.sensitivity_context,
+                    ..ProfileConfig::default()
+                };
+                let mut pb: Option<ProgressBar> = None;
+                ladimo_profile::add_sensitivity(&mut profile, moe, &inputs.dense, &texts, &pcfg, |_, d, total| {
+                    let b = pb.get_or_insert_with(|| bar(total, "2/4 stage 2: sensitivity"));
+                    b.set_position(d as u64);
+                })?;
+                if let Some(b) = pb {
+                    b.finish();
+                }
+                profile.write(&profile_path)?;
+                Ok(())
+            },
+        )?;
+        key = sens.key;
+    }
+    Ok(Profiled { key, texts, profile })
+}
+
+/// Solve for one policy per layer within `stage2.budget` (or take `stage2.fixed_policy`), write
+/// work/stage2/policy.toml and apply it to `moe`.
+pub(crate) fn solve(cfg: &ConvertConfig, p: Profiled, moe: &mut Transformer, work: &Path) -> Result<Stage2> {
+    let s2cfg = &cfg.stage2;
+    let budget = Budget {
+        kind: s2cfg.budget.of,
+        fraction: s2cfg.budget.fraction,
+        absolute: s2cfg.budget.max,
+    };
+    let solved = match &s2cfg.fixed_policy {
+        None => solve_profile(&p.profile, &budget, s2cfg.cost)
+            .context("stage 2: solving for the budget in stage2.budget")?,
+        Some(policy) => fixed(&p.profile, policy, &budget, s2cfg.cost)?,
+    };
+    let policy_path = work.join("stage2").join("policy.toml");
+    solved.policies.write(&policy_path)?;
+    solved.policies.apply(moe, &policy_path)?;
+    Ok(Stage2 {
+        key: p.key,
+        texts: p.texts,
+        profile: p.profile,
+        solved,
+    })
+}
+
+/// `policy` on every profiled layer, reported like a solver answer (the frontier is the solver's
+/// for the configured budget, when that budget is feasible).
+fn fixed(
+    profile: &Profile,
+    policy: &ladimo_moe::Policy,
+    budget: &Budget,
+    cost: ladimo_profile::Cost,
+) -> Result<Solved> {
+    let mut solved = match solve_profile(profile, budget, cost) {
+        Ok(s) => s,
+        Err(_) => solve_profile(
+            profile,
+            &Budget {
+                fraction: Some(1.0),
+                absolute: None,
+                ..*budget
+            },
+            cost,
+        )?,
+    };
+    let Some((c, params)) = ladimo_profile::uniform_cost(profile, policy, cost) else {
+        bail!("stage2.fixed_policy {policy} is not among the profiled candidates of every layer");
+    };
+    let ffn = params - profile.non_ffn_params;
+    solved.used = match budget.kind {
+        ladimo_profile::BudgetKind::FfnParams => ffn,
+        ladimo_profile::BudgetKind::Params => params,
+        ladimo_profile::BudgetKind::Latency => f64::NAN,
+    };
+    solved.predicted_ppl_ratio = profile
+        .uniform
+        .iter()
+        .find(|u| &u.policy == policy)
+        .map(|u| u.ppl / profile.dense_ppl)
+        .unwrap_or(f64::NAN);
+    solved.cost = c;
+    solved.predicted_params = params;
+    solved.predicted_ffn_params = ffn;
+    solved.policies.note = format!("fixed policy {policy} on every layer (stage2.fixed_policy)");
+    for l in &mut solved.policies.layers {
+        l.policy = Some(policy.clone());
+    }
+    Ok(solved)
+}

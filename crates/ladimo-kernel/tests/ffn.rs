@@ -1,0 +1,295 @@
+//! The kernels against a plain f64 loop: every selection, expert sizes 1 to 64, 1, 2 and 7 tokens,
+//! every weight type, every instruction set this CPU has.
+
+use std::ops::Range;
+
+use ladimo_kernel::simd::{axpy, dot};
+use ladimo_kernel::{Dtype, FfnKernel, Isa, Matrix, Selection, silu};
+
+const HIDDEN: usize = 96;
+const INTER: usize = 192;
+
+/// Deterministic values in [-a, a].
+fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect()
+}
+
+struct Weights {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+fn weights(dtype: Dtype) -> Weights {
+    let r = |v: Vec<f32>| v.into_iter().map(|x| dtype.round(x)).collect();
+    Weights {
+        gate: r(uniform(INTER * HIDDEN, 0.3, 1)),
+        up: r(uniform(INTER * HIDDEN, 0.3, 2)),
+        down: r(uniform(INTER * HIDDEN, 0.3, 3)),
+    }
+}
+
+/// The FFN of one token in f64: per neuron, its activation and the weight its output gets
+/// (0: not kept).
+fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
+    let x: Vec<f64> = match sel {
+        Selection::Teal { x: tx, .. } => x.iter().map(|&v| if v.abs() >= *tx { v as f64 } else { 0.0 }).collect(),
+        _ => x.iter().map(|&v| v as f64).collect(),
+    };
+    let row = |m: &[f32], j: usize| -> f64 { (0..HIDDEN).map(|i| m[j * HIDDEN + i] as f64 * x[i]).sum() };
+    let mut scale = vec![0f64; INTER];
+    match sel {
+        Selection::All | Selection::Cats { .. } | Selection::Teal { .. } => scale.fill(1.0),
+        Selection::Neurons(k) => k.iter().for_each(|&j| scale[j as usize] = 1.0),
+        Selection::Blocks(b) => {
+            for (r, wt) in &b[t] {
+                r.clone().for_each(|j| scale[j] += *wt as f64);
+            }
+        }
+    }
+    let mut y = vec![0f64; HIDDEN];
+    for j in 0..INTER {
+        if scale[j] == 0.0 {
+            continue;
+        }
+        let g = row(&w.gate, j);
+        let a = g / (1.0 + (-g).exp());
+        let h = a * row(&w.up, j);
+        let keep = match sel {
+            Selection::Cats { gate } => a.abs() >= *gate as f64,
+            Selection::Teal { h: th, .. } => h.abs() >= *th as f64,
+            _ => true,
+        };
+        if keep {
+            for (o, yo) in y.iter_mut().enumerate() {
+                *yo += scale[j] * h * w.down[o * INTER + j] as f64;
+            }
+        }
+    }
+    y
+}
+
+/// max |got - want| / max |want| over the tokens.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Per token, experts of `size` neurons: every other expert (offset by the token), weights 0.5..1.
+fn routes(size: usize, n: usize) -> Vec<Vec<(Range<usize>, f32)>> {
+    let experts = INTER / size;
+    (0..n)
+        .map(|t| {
+            (0..experts)
+                .filter(|e| (e + t) % 2 == 0)
+                .map(|e| (e * size..(e + 1) * size, 0.5 + 0.5 * (e % 3) as f32 / 2.0))
+                .collect()
+        })
+        .collect()
+}
+
+fn check(dtype: Dtype, sel: &Selection, n: usize, what: &str) -> f64 {
+    let w = weights(dtype);
+    let x = uniform(n * HIDDEN, 1.0, 7 + n as u64);
+    let k = FfnKernel::new(
+        &w.gate,
+        &w.up,
+        &w.down,
+        HIDDEN,
+        INTER,
+        dtype,
+        FfnKernel::layout_for(sel),
+    );
+    let mut y = vec![0f32; n * HIDDEN];
+    k.forward(&x, n, sel, &mut y);
+    let want: Vec<f64> = (0..n)
+        .flat_map(|t| reference(&w, &x[t * HIDDEN..(t + 1) * HIDDEN], sel, t))
+        .collect();
+    let e = rel_err(&y, &want);
+    assert!(e <= 1e-5, "{what}, {dtype}, {n} tokens: relative error {e:.2e} > 1e-5");
+    e
+}
+
+#[test]
+fn every_selection_matches_the_f64_loop_on_the_same_weights() {
+    let keep: Vec<u32> = (0..INTER as u32).filter(|j| j % 3 != 1).collect();
+    for dtype in Dtype::ALL {
+        for n in [1, 2, 7] {
+            check(dtype, &Selection::All, n, "dense");
+            check(dtype, &Selection::Neurons(&keep), n, "static");
+            check(dtype, &Selection::Cats { gate: 0.05 }, n, "CATS");
+            check(dtype, &Selection::Teal { x: 0.4, h: 0.02 }, n, "TEAL");
+            for size in [1, 2, 3, 4, 8, 16, 32, 64] {
+                let r = routes(size, n);
+                check(dtype, &Selection::Blocks(&r), n, &format!("experts of {size}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_on_the_input_major_layout_matches_too() {
+    let w = weights(Dtype::F32);
+    let x = uniform(2 * HIDDEN, 1.0, 11);
+    let k = FfnKernel::new(
+        &w.gate,
+        &w.up,
+        &w.down,
+        HIDDEN,
+        INTER,
+        Dtype::F32,
+        ladimo_kernel::GateUpLayout::InputMajor,
+    );
+    let mut y = vec![0f32; 2 * HIDDEN];
+    let read = k.forward(&x, 2, &Selection::All, &mut y);
+    assert_eq!(read, (2 * 3 * HIDDEN * INTER) as f64);
+    let want: Vec<f64> = (0..2)
+        .flat_map(|t| reference(&w, &x[t * HIDDEN..(t + 1) * HIDDEN], &Selection::All, t))
+        .collect();
+    assert!(rel_err(&y, &want) <= 1e-5);
+}
+
+/// 16-bit weights against the f64 loop on the f32 weights: the cost of the rounding, bounded.
+#[test]
+fn sixteen_bit_weights_stay_within_their_bound() {
+    let exact = weights(Dtype::F32);
+    for (dtype, bound) in [(Dtype::F16, 4e-3), (Dtype::Bf16, 3e-2)] {
+        for n in [1, 2, 7] {
+            let x = uniform(n * HIDDEN, 1.0, 7 + n as u64);
+            let r = routes(4, n);
+            for sel in [Selection::All, Selection::Blocks(&r)] {
+                let k = FfnKernel::new(
+                    &exact.gate,
+                    &exact.up,
+                    &exact.down,
+                    HIDDEN,
+                    INTER,
+                    dtype,
+                    FfnKernel::layout_for(&sel),
+                );
+                let mut y = vec![0f32; n * HIDDEN];
+                k.forward(&x, n, &sel, &mut y);
+                let want: Vec<f64> = (0..n)
+                    .flat_map(|t| reference(&exact, &x[t * HIDDEN..(t + 1) * HIDDEN], &sel, t))
+                    .collect();
+                let e = rel_err(&y, &want);
+                assert!(e <= bound, "{dtype}, {n} tokens: relative error {e:.2e} > {bound:.0e}");
+                assert!(
+                    e > 1e-6,
+                    "{dtype}: an error of {e:.2e} means the weights were not rounded"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_parameters_read_follow_each_policy() {
+    let w = weights(Dtype::F32);
+    let x = uniform(HIDDEN, 1.0, 5);
+    let mut y = vec![0f32; HIDDEN];
+    let k = FfnKernel::new(
+        &w.gate,
+        &w.up,
+        &w.down,
+        HIDDEN,
+        INTER,
+        Dtype::F32,
+        ladimo_kernel::GateUpLayout::NeuronMajor,
+    );
+    let r = routes(8, 1);
+    let neurons: usize = r[0].iter().map(|(r, _)| r.len()).sum();
+    assert_eq!(
+        k.forward(&x, 1, &Selection::Blocks(&r), &mut y),
+        (3 * HIDDEN * neurons) as f64
+    );
+    let cats = k.forward(&x, 1, &Selection::Cats { gate: 0.05 }, &mut y);
+    assert!(
+        cats > (HIDDEN * INTER) as f64 && cats < (3 * HIDDEN * INTER) as f64,
+        "CATS read {cats}"
+    );
+    let t = FfnKernel::new(
+        &w.gate,
+        &w.up,
+        &w.down,
+        HIDDEN,
+        INTER,
+        Dtype::F32,
+        ladimo_kernel::GateUpLayout::InputMajor,
+    );
+    let kept_x = x.iter().filter(|v| v.abs() >= 0.4).count();
+    let teal = t.forward(&x, 1, &Selection::Teal { x: 0.4, h: 0.0 }, &mut y);
+    assert_eq!(teal, (2 * INTER * kept_x + HIDDEN * INTER) as f64);
+}
+
+#[test]
+fn every_instruction_set_agrees_with_the_scalar_loop() {
+    let w = uniform(1000, 1.0, 3);
+    let x = uniform(1000, 1.0, 4);
+    for dtype in Dtype::ALL {
+        let m = Matrix::new(1, 1000, &w, dtype);
+        let wr: Vec<f32> = m.row(0);
+        for len in [1, 7, 16, 33, 64, 100, 576, 1000] {
+            let want: f64 = (0..len).map(|i| wr[i] as f64 * x[i] as f64).sum();
+            let want_axpy: Vec<f64> = (0..len).map(|i| x[i] as f64 + 0.5 * wr[i] as f64).collect();
+            for isa in Isa::available() {
+                let got = match &m.weights {
+                    ladimo_kernel::Weights::F32(v) => dot(isa, &v[..len], &x[..len]),
+                    ladimo_kernel::Weights::F16(v) => dot(isa, &v[..len], &x[..len]),
+                    ladimo_kernel::Weights::Bf16(v) => dot(isa, &v[..len], &x[..len]),
+                };
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{isa:?} {dtype} dot of {len}: {got} vs {want}"
+                );
+                let mut y = x[..len].to_vec();
+                match &m.weights {
+                    ladimo_kernel::Weights::F32(v) => axpy(isa, 0.5, &v[..len], &mut y),
+                    ladimo_kernel::Weights::F16(v) => axpy(isa, 0.5, &v[..len], &mut y),
+                    ladimo_kernel::Weights::Bf16(v) => axpy(isa, 0.5, &v[..len], &mut y),
+                }
+                for (g, w) in y.iter().zip(&want_axpy) {
+                    assert!((*g as f64 - w).abs() <= 1e-6, "{isa:?} {dtype} axpy of {len}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_matches_the_f64_loop() {
+    let (rows, cols) = (131, 96);
+    let w = uniform(rows * cols, 1.0, 9);
+    for dtype in Dtype::ALL {
+        let m = Matrix::new(rows, cols, &w, dtype);
+        for n in [1, 2, 7] {
+            let x = uniform(n * cols, 1.0, 10 + n as u64);
+            let mut y = vec![0f32; n * rows];
+            m.matvec(&x, n, &mut y);
+            let want: Vec<f64> = (0..n)
+                .flat_map(|t| {
+                    let (x, w) = (&x[t * cols..(t + 1) * cols], &w);
+                    (0..rows).map(move |r| {
+                        (0..cols)
+                            .map(|c| dtype.round(w[r * cols + c]) as f64 * x[c] as f64)
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            assert!(rel_err(&y, &want) <= 1e-5, "{dtype}, {n} tokens");
+        }
+    }
+    let _ = silu(0.0);
+}
