@@ -15,7 +15,12 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = ladimo_convert::run(Cli::parse().args) {
+    let device = ladimo_backend::device();
+    let on = ladimo_convert::Compute {
+        device: &device,
+        backend: ladimo_backend::name(),
+    };
+    if let Err(e) = ladimo_convert::run(Cli::parse().args, &on) {
         eprintln!("error: {}", ladimo_convert::error_message(&e));
         std::process::exit(1);
     }

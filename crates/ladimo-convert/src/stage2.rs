@@ -12,7 +12,6 @@ use ladimo_model::Transformer;
 use ladimo_profile::{Budget, Profile, ProfileConfig, Solved, profile_model, solve_profile};
 
 use crate::config::ConvertConfig;
-use crate::pause::pause_point;
 use crate::pipeline::Inputs;
 use crate::progress::bar;
 use crate::report::StageTime;
@@ -85,7 +84,7 @@ pub(crate) fn profile(
             };
             let mut pb: Option<(String, ProgressBar)> = None;
             let mut p = profile_model(moe, &inputs.dense, &texts, &pcfg, &cfg.model, |stage, d, total| {
-                pause_point("stage2-profile");
+                crate::pause::pause_point("stage2-profile");
                 if pb.as_ref().is_none_or(|(s, _)| s != stage) {
                     if let Some((_, b)) = pb.take() {
                         b.finish();

@@ -150,8 +150,7 @@ impl Step {
             tracing::warn!("{}: made from other inputs; starting this step again", dir.display());
             std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-        std::fs::write(&key_file, &self.key).with_context(|| format!("{}: cannot write", key_file.display()))?;
+        ladimo_io::atomic::write_atomic(&key_file, self.key.as_bytes())?;
         Ok(())
     }
 }

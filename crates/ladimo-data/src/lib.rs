@@ -18,8 +18,9 @@
 //! when a pinned version is no longer served, `ladimo_io::registry::fetch_with_fallback` refreshes
 //! the package lists (`apt-get update`, as root, unless `LADIMO_NO_APT_UPDATE=1`) and otherwise
 //! takes the version served; the texts made from it are then checked by content instead (the
-//! sha256 of each novel, of the constitution and of each bill; the Korean help text's size in
-//! chars and lines within 2%, since translations change a little between versions). The manifest
+//! sha256 of each novel, of the constitution and of each bill; the size in chars and lines of
+//! the Korean and English help texts and of the Debian Reference within 2%, since documentation
+//! changes a little between versions). The manifest
 //! and [`DataSet::sources`] record the version used, whether it is the pinned one, and the check.
 //!
 //! `data/manifest.json` records the sha256 of every package file and every text file. A second

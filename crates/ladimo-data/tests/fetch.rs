@@ -91,7 +91,7 @@ fn fetch_data_gives_the_corpora() {
         .find(|p| p["name"] == "libreoffice-help-ko")
         .unwrap();
     // Each source says which version was used and how its texts were checked.
-    assert_eq!(ds.sources.len(), 3);
+    assert_eq!(ds.sources.len(), 5);
     for src in &ds.sources {
         assert!(!src.check.is_empty(), "{src}");
         assert_eq!(src.pinned, src.version == src.pinned_version, "{src}");
