@@ -33,6 +33,7 @@ const GGML_BF16: u32 = 30;
 /// A metadata value for [`GgufWriter`].
 pub enum Meta {
     U32(u32),
+    I32(i32),
     F32(f32),
     Str(String),
     Strs(Vec<String>),
@@ -74,6 +75,10 @@ impl GgufWriter {
             match value {
                 Meta::U32(v) => {
                     w.num(GGUF_U32 as u64, 4, FieldKind::Type);
+                    w.bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                Meta::I32(v) => {
+                    w.num(GGUF_I32 as u64, 4, FieldKind::Type);
                     w.bytes.extend_from_slice(&v.to_le_bytes());
                 }
                 Meta::F32(v) => {
@@ -180,9 +185,14 @@ fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
 /// A tiny LLaMA GGUF (hidden 8, 2 heads of 4, 1 KV head, FFN 16, one layer) with tensors in
 /// F32, F16, BF16, Q8_0, Q4_0 and Q4_1, and a gpt2 tokenizer in its metadata.
 pub fn tiny_gguf() -> Seed {
+    tiny_gguf_with(|_| {})
+}
+
+/// [`tiny_gguf`] with its metadata edited by `edit` first (for tests of one broken key).
+pub fn tiny_gguf_with(edit: impl FnOnce(&mut Vec<(&'static str, Meta)>)) -> Seed {
     let (tokens, merges, types) = tiny_vocab();
     let vocab = tokens.len() as u64;
-    let meta = vec![
+    let mut meta = vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("general.alignment", Meta::U32(32)),
         ("llama.embedding_length", Meta::U32(8)),
@@ -201,6 +211,7 @@ pub fn tiny_gguf() -> Seed {
         ("tokenizer.ggml.bos_token_id", Meta::U32(0)),
         ("tokenizer.ggml.eos_token_id", Meta::U32(0)),
     ];
+    edit(&mut meta);
     let t = |name: &'static str, dims: Vec<u64>, ty: u32, phase: f32| {
         let n: u64 = dims.iter().product();
         let v = values(n as usize, phase);

@@ -71,6 +71,12 @@ pub struct GgufTensor {
     pub offset: usize,
 }
 
+/// The largest size (width, count, length) a GGUF's model metadata may give.
+const MAX_SIZE: usize = u32::MAX as usize;
+
+/// The largest `general.alignment` accepted (llama.cpp writes 32).
+const MAX_ALIGNMENT: i64 = 1 << 20;
+
 pub struct GgufFile {
     pub path: PathBuf,
     pub version: u32,
@@ -137,6 +143,9 @@ impl<'a> Reader<'a> {
         self.pos = end;
         Ok(s)
     }
+    fn left(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
@@ -165,13 +174,24 @@ impl<'a> Reader<'a> {
                     return Err(Error::format(self.path, "metadata arrays nested too deeply"));
                 }
                 let inner = self.u32()?;
-                let n = self.u64()? as usize;
-                if n > self.bytes.len() {
+                let n = self.u64()?;
+                // Every item takes at least one byte (a string or an array at least 8): a count
+                // the rest of the file cannot hold is refused before anything is allocated.
+                let min_item = match inner {
+                    8 | 9 => 8,
+                    _ => 1,
+                };
+                if n > (self.left() / min_item) as u64 {
                     return Err(Error::format(
                         self.path,
-                        format!("metadata array of {n} items is larger than the file"),
+                        format!(
+                            "metadata array of {n} items at offset {} does not fit in the {} bytes left in the file",
+                            self.pos,
+                            self.left()
+                        ),
                     ));
                 }
+                let n = n as usize;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(inner, depth + 1)?);
@@ -215,14 +235,20 @@ impl GgufFile {
                 format!("GGUF version {version} (supported: 2 and 3)"),
             ));
         }
-        let n_tensors = r.u64()? as usize;
-        let n_kv = r.u64()? as usize;
-        if n_tensors > 1_000_000 || n_kv > 1_000_000 {
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+        // A metadata entry takes at least 13 bytes (key length, type, one byte of value) and a
+        // tensor entry at least 24 (name length, dimension count, type, offset).
+        if n_kv.saturating_mul(13).saturating_add(n_tensors.saturating_mul(24)) > r.left() as u64 {
             return Err(Error::format(
                 path,
-                format!("implausible counts: {n_tensors} tensors, {n_kv} metadata keys"),
+                format!(
+                    "header claims {n_tensors} tensors and {n_kv} metadata keys, more than the {} bytes of the file can hold",
+                    r.bytes.len()
+                ),
             ));
         }
+        let (n_tensors, n_kv) = (n_tensors as usize, n_kv as usize);
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string()?;
@@ -256,10 +282,14 @@ impl GgufFile {
         let align = metadata
             .get("general.alignment")
             .and_then(GgufValue::as_i64)
-            .unwrap_or(32) as usize;
-        if align == 0 {
-            return Err(Error::format(path, "general.alignment is 0"));
+            .unwrap_or(32);
+        if !(1..=MAX_ALIGNMENT).contains(&align) || (align as u64).count_ones() != 1 {
+            return Err(Error::format(
+                path,
+                format!("general.alignment = {align}: expected a power of two up to {MAX_ALIGNMENT}"),
+            ));
         }
+        let align = align as usize;
         let data_start = r.pos.div_ceil(align) * align;
         let file = Self {
             path: path.to_path_buf(),
@@ -278,12 +308,29 @@ impl GgufFile {
     /// Byte range of a tensor's data; checks the type is known and the data lies inside the file.
     fn byte_range(&self, t: &GgufTensor) -> Result<(usize, usize)> {
         let (tname, known) = ggml_type(t.ggml_type);
-        let numel: usize = t.dims.iter().product();
+        let past_end = || {
+            Error::tensor(
+                &self.path,
+                &t.name,
+                format!(
+                    "data at offset {} with dimensions {:?} does not fit in the file ({} bytes): truncated or corrupt",
+                    t.offset,
+                    t.dims,
+                    self.map.len()
+                ),
+            )
+        };
+        let start = self.data_start.checked_add(t.offset).ok_or_else(past_end)?;
         let Some((_, block_bytes, block_len)) = known else {
             // Size unknown: we can only check the start. Loading it will fail with a clear error.
             let _ = tname;
-            return Ok((self.data_start + t.offset, self.data_start + t.offset));
+            return Ok((start, start));
         };
+        let numel = t
+            .dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(past_end)?;
         if !numel.is_multiple_of(block_len) {
             return Err(Error::tensor(
                 &self.path,
@@ -291,8 +338,10 @@ impl GgufFile {
                 format!("{numel} values is not a whole number of {tname} blocks"),
             ));
         }
-        let start = self.data_start + t.offset;
-        let end = start + numel / block_len * block_bytes;
+        let end = (numel / block_len)
+            .checked_mul(block_bytes)
+            .and_then(|n| start.checked_add(n))
+            .ok_or_else(past_end)?;
         if end > self.map.len() {
             return Err(Error::tensor(
                 &self.path,
@@ -332,10 +381,17 @@ impl GgufFile {
         }
         let int = |k: &str| -> Result<usize> {
             let key = format!("{arch}.{k}");
-            self.need(&key)?
-                .as_i64()
-                .map(|x| x as usize)
+            let v = self.need(&key)?;
+            v.as_i64()
                 .ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` is not an integer")))
+                .and_then(|x| {
+                    usize::try_from(x).ok().filter(|&x| x <= MAX_SIZE).ok_or_else(|| {
+                        Error::format(
+                            &self.path,
+                            format!("metadata `{key}` = {x}: expected a size between 0 and {MAX_SIZE}"),
+                        )
+                    })
+                })
         };
         let float = |k: &str| self.get(&format!("{arch}.{k}")).and_then(GgufValue::as_f64);
         let hidden_size = int("embedding_length")?;
@@ -501,8 +557,15 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// Undo llama.cpp's `permute(w, n_head)`: GGUF row `h*hd + 2i + j` holds HF row `h*hd + j*hd/2 + i`.
-fn unpermute_rows(t: &mut HostTensor, n_head: usize) {
-    let rows = t.shape[0];
+/// Refuses (with the reason) a tensor whose rows are not `n_head` heads of an even size.
+fn unpermute_rows(t: &mut HostTensor, n_head: usize) -> std::result::Result<(), String> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows are not {n_head} heads of an even size, as the RoPE un-permutation needs (shape {:?})",
+            t.shape
+        ));
+    }
     let cols: usize = t.shape[1..].iter().product();
     let hd = rows / n_head;
     let half = hd / 2;
@@ -516,6 +579,7 @@ fn unpermute_rows(t: &mut HostTensor, n_head: usize) {
             }
         }
     }
+    Ok(())
 }
 
 /// A GGUF file seen as a [`WeightSource`] with Hugging Face names.
@@ -556,10 +620,15 @@ impl WeightSource for GgufWeights {
             .to_string();
         let mut t = self.file.load_raw(&gguf)?;
         if let Some((nh, nkv)) = self.heads {
-            if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
-                unpermute_rows(&mut t, nh);
+            let heads = if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+                Some(nh)
             } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
-                unpermute_rows(&mut t, nkv);
+                Some(nkv)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                unpermute_rows(&mut t, heads).map_err(|msg| Error::tensor(&self.file.path, &gguf, msg))?;
             }
         }
         Ok(t)
@@ -588,7 +657,7 @@ mod tests {
             }
         }
         let mut t = HostTensor::new(vec![rows, cols], gguf);
-        unpermute_rows(&mut t, n_head);
+        unpermute_rows(&mut t, n_head).unwrap();
         assert_eq!(t.data, hf);
     }
 

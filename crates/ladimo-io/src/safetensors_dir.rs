@@ -65,9 +65,26 @@ impl HfWeights {
                 .get("weight_map")
                 .and_then(Value::as_object)
                 .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
-            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .map(|f| {
+                    f.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| Error::format(&index, format!("`weight_map` value {f} is not a file name")))
+                })
+                .collect::<Result<_>>()?;
             names.sort();
             names.dedup();
+            for n in &names {
+                // Shards live in the model's own folder: a path (`../x`, `/etc/x`, `a/b`) is refused.
+                let plain = Path::new(n).file_name().is_some_and(|f| f == n.as_str()) && n != "." && n != "..";
+                if !plain {
+                    return Err(Error::format(
+                        &index,
+                        format!("`weight_map` names shard {n:?}, which is not a file name in the model's folder"),
+                    ));
+                }
+            }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             return Err(Error::format(
@@ -137,18 +154,24 @@ fn parse_header(path: &Path, bytes: &[u8], shard: usize) -> Result<Vec<Entry>> {
         if offs.len() != 2 || offs[1] < offs[0] {
             return Err(bad("data_offsets must be [begin, end]"));
         }
-        let (start, end) = (base + offs[0], base + offs[1]);
-        if end > len {
-            return Err(Error::tensor(
-                path,
-                &name,
-                format!("data ends at byte {end}, past the end of the file ({len} bytes): truncated"),
-            ));
-        }
-        let numel: usize = shape.iter().product();
+        let end = match base.checked_add(offs[1]) {
+            Some(end) if end <= len => end,
+            _ => {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!(
+                        "data ends at byte {base} + {}, past the end of the file ({len} bytes): truncated",
+                        offs[1]
+                    ),
+                ));
+            }
+        };
+        let start = base + offs[0];
+        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let (dtype, bad_dtype) = match dtype_of(dtype_s) {
             Some((d, size)) => {
-                if numel * size != end - start {
+                if numel.and_then(|n| n.checked_mul(size)) != Some(end - start) {
                     return Err(Error::tensor(
                         path,
                         &name,

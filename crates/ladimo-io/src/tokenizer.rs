@@ -1,6 +1,7 @@
 //! Tokenizers: Hugging Face `tokenizer.json`, or one rebuilt from GGUF `tokenizer.ggml.*` metadata.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use serde_json::{Value, json};
 
@@ -17,8 +18,8 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::format(&path, format!("cannot read tokenizer: {e}")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let inner = build(&text, &path, "cannot read tokenizer")?;
         let cfg_path = dir.join("tokenizer_config.json");
         let chat_template = std::fs::read_to_string(&cfg_path)
             .ok()
@@ -30,8 +31,11 @@ impl Tokenizer {
     /// Rebuild the tokenizer that llama.cpp uses for this GGUF (byte-level BPE, `gpt2` model).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let json = gguf_tokenizer_json(file)?;
-        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| Error::format(&file.path, format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let inner = build(
+            &json.to_string(),
+            &file.path,
+            "cannot build tokenizer from GGUF metadata",
+        )?;
         let chat_template = file
             .get("tokenizer.chat_template")
             .and_then(GgufValue::as_str)
@@ -88,6 +92,40 @@ impl Tokenizer {
     }
 }
 
+/// A `tokenizers` tokenizer from `tokenizer.json` text. The text is parsed as JSON first (a
+/// syntax error, or nesting deeper than serde_json's limit, is refused here with its line), and
+/// the `tokenizers` crate, which panics on some malformed sections (an `expect` in its decoder
+/// and normalizer readers), runs under `catch_unwind`: its panic becomes an error, with the panic
+/// message kept out of standard error.
+fn build(text: &str, path: &Path, what: &str) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| Error::format(path, format!("{what}: not valid JSON: {e}")))?;
+    let result = quiet_catch_unwind(|| tokenizers::Tokenizer::from_str(text));
+    match result {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::format(path, format!("{what}: {e}"))),
+        Err(panic) => Err(Error::format(
+            path,
+            format!("{what}: the tokenizers crate failed on it ({panic})"),
+        )),
+    }
+}
+
+/// Run `f`, turning a panic into `Err(its message)`, with the process's panic hook silenced
+/// meanwhile (one caller at a time; a panic on another thread in that window goes unprinted).
+fn quiet_catch_unwind<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = HOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|payload| match payload.downcast_ref::<&str>() {
+        Some(s) => s.to_string(),
+        None => payload.downcast_ref::<String>().cloned().unwrap_or_default(),
+    })
+}
+
 /// The `tokenizer.json` equivalent of a GGUF's byte-level BPE tokenizer.
 fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     let path = &file.path;
@@ -134,11 +172,23 @@ fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<i64> = file
-        .get("tokenizer.ggml.token_type")
-        .and_then(GgufValue::as_array)
-        .map(|a| a.iter().filter_map(GgufValue::as_i64).collect())
-        .unwrap_or_default();
+    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(GgufValue::as_i64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| Error::format(path, "`tokenizer.ggml.token_type` is not an array of integers"))?,
+    };
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "`tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
+                types.len(),
+                tokens.len()
+            ),
+        ));
+    }
     let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     // Control (3) and user-defined (4) tokens are matched whole, before the model sees the text.
     let added: Vec<Value> = types
