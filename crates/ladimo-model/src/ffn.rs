@@ -130,21 +130,7 @@ pub struct KernelFfn {
 impl KernelFfn {
     /// `None` when the FFN has biases (the kernel has none).
     pub fn new(dense: DenseFfn, dtype: ladimo_kernel::Dtype, max_tokens: usize) -> Option<Self> {
-        if dense.gate_proj.bias.is_some() || dense.up_proj.bias.is_some() || dense.down_proj.bias.is_some() {
-            return None;
-        }
-        let (h, f) = (dense.hidden_size(), dense.intermediate_size());
-        // burn stores [in, out]: gate/up [hidden, inter] is PyTorch's [inter, hidden] transposed.
-        let t = |l: &Linear, rows: usize, cols: usize| transpose_vec(&crate::util::to_vec(l.weight.val()), rows, cols);
-        let kernel = ladimo_kernel::FfnKernel::new(
-            &t(&dense.gate_proj, h, f),
-            &t(&dense.up_proj, h, f),
-            &t(&dense.down_proj, f, h),
-            h,
-            f,
-            dtype,
-            ladimo_kernel::GateUpLayout::NeuronMajor,
-        );
+        let kernel = ffn_kernel(&dense, dtype, ladimo_kernel::GateUpLayout::NeuronMajor)?;
         Some(Self {
             dense,
             kernel,
@@ -157,6 +143,30 @@ impl KernelFfn {
         self.kernel.forward(x, n, &ladimo_kernel::Selection::All, &mut y);
         y
     }
+}
+
+/// A kernel copy of `dense`'s weights in `dtype` and `layout`; `None` when it has biases (the
+/// kernel has none).
+pub fn ffn_kernel(
+    dense: &DenseFfn,
+    dtype: ladimo_kernel::Dtype,
+    layout: ladimo_kernel::GateUpLayout,
+) -> Option<ladimo_kernel::FfnKernel> {
+    if dense.gate_proj.bias.is_some() || dense.up_proj.bias.is_some() || dense.down_proj.bias.is_some() {
+        return None;
+    }
+    let (h, f) = (dense.hidden_size(), dense.intermediate_size());
+    // burn stores [in, out]: gate/up [hidden, inter] is PyTorch's [inter, hidden] transposed.
+    let t = |l: &Linear, rows: usize, cols: usize| transpose_vec(&crate::util::to_vec(l.weight.val()), rows, cols);
+    Some(ladimo_kernel::FfnKernel::new(
+        &t(&dense.gate_proj, h, f),
+        &t(&dense.up_proj, h, f),
+        &t(&dense.down_proj, f, h),
+        h,
+        f,
+        dtype,
+        layout,
+    ))
 }
 
 /// A row-major `[rows, cols]` matrix transposed to `[cols, rows]`.

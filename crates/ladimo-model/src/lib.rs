@@ -9,6 +9,7 @@
 //! ([`perplexity`]) and continuation log-likelihoods for zero-shot tasks ([`loglik`]). The backend
 //! is whatever [`burn::tensor::Device`] the caller passes.
 
+mod dtype;
 mod ffn;
 pub mod generate;
 mod host;
@@ -18,7 +19,8 @@ pub mod perplexity;
 mod rope;
 pub mod util;
 
-pub use ffn::{DenseFfn, FeedForward, FfnError, KernelFfn};
+pub use dtype::round_weights;
+pub use ffn::{DenseFfn, FeedForward, FfnError, KernelFfn, ffn_kernel, transpose_vec as ffn_transpose};
 pub use host::{HostDecoder, HostKv};
 pub use ladimo_kernel::Dtype;
 pub use llama::{Attention, DecoderLayer, KvCache, ModelError, ParamCounts, Transformer, load_dense_ffn};

@@ -18,6 +18,9 @@ use crate::{HostFfn, MoeError};
 /// decode path); above it, tokens are grouped per expert (gather, run, scatter-add).
 pub const FEW_TOKENS: usize = 2;
 
+/// Up to this many tokens, a block with a host kernel ([`FeedForward::prepare_host`]) runs on it.
+pub const KERNEL_TOKENS: usize = 8;
+
 /// Which weight each chosen expert's output gets before the outputs are summed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CombineWeights {
@@ -218,6 +221,57 @@ pub struct MoeBlock {
     pub policy: Policy,
     stats: Mutex<RoutingStats>,
     expert_params: Vec<usize>,
+    /// The host-side decode kernel ([`FeedForward::prepare_host`]).
+    host: Option<MoeKernel>,
+}
+
+/// An MoE block's weights for host-side decode: the router (f32) and every neuron of the shared
+/// and routed experts in one [`ladimo_kernel::FfnKernel`], each expert a contiguous block of
+/// neurons (so a chosen expert is one contiguous read of gate, up and down).
+#[derive(Debug)]
+struct MoeKernel {
+    router: ladimo_kernel::Matrix,
+    router_bias: Option<Vec<f32>>,
+    ffn: ladimo_kernel::FfnKernel,
+    shared: Option<std::ops::Range<usize>>,
+    experts: Vec<std::ops::Range<usize>>,
+}
+
+impl MoeKernel {
+    fn new(p: &MoeParams, dtype: ladimo_kernel::Dtype) -> Self {
+        let h = p.router.weight.dims()[0];
+        let (mut gate, mut up, mut down_t) = (Vec::new(), Vec::new(), Vec::new());
+        let mut add = |f: &DenseFfn| {
+            let inter = f.intermediate_size();
+            let start = gate.len() / h;
+            // burn: gate/up [hidden, inter] -> PyTorch [inter, hidden]; down [inter, hidden] is
+            // already one row per neuron.
+            gate.extend(ladimo_model::ffn_transpose(&to_vec(f.gate_proj.weight.val()), h, inter));
+            up.extend(ladimo_model::ffn_transpose(&to_vec(f.up_proj.weight.val()), h, inter));
+            down_t.extend(to_vec(f.down_proj.weight.val()));
+            start..start + inter
+        };
+        let shared = p.shared.as_ref().map(&mut add);
+        let experts: Vec<_> = p.experts.iter().map(&mut add).collect();
+        let inter = gate.len() / h;
+        let down = ladimo_model::ffn_transpose(&down_t, inter, h);
+        let e = p.experts.len();
+        Self {
+            router: ladimo_kernel::Matrix::transposed(e, h, &to_vec(p.router.weight.val()), ladimo_kernel::Dtype::F32),
+            router_bias: p.router.bias.as_ref().map(|b| to_vec(b.val())),
+            ffn: ladimo_kernel::FfnKernel::new(
+                &gate,
+                &up,
+                &down,
+                h,
+                inter,
+                dtype,
+                ladimo_kernel::GateUpLayout::NeuronMajor,
+            ),
+            shared,
+            experts,
+        }
+    }
 }
 
 impl MoeBlock {
@@ -285,6 +339,7 @@ impl MoeBlock {
                 ..Default::default()
             }),
             expert_params,
+            host: None,
         }
     }
 
@@ -375,6 +430,12 @@ impl MoeBlock {
     /// [`MoeParams::forward_sparse`], which is).
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let n = x.dims()[0];
+        if n <= KERNEL_TOKENS && self.host.is_some() {
+            let [_, h] = x.dims();
+            let device = x.device();
+            let y = self.forward_kernel(&to_vec(x), n).expect("host kernel present")?;
+            return Ok(Tensor::from_data(TensorData::new(y, [n, h]), &device));
+        }
         let (out, load) = if n <= FEW_TOKENS {
             self.forward_few(x)?
         } else {
@@ -438,6 +499,52 @@ impl MoeBlock {
         Ok(out)
     }
 
+    /// The decode path on the host kernel (`x: [n, hidden]`), when [`FeedForward::prepare_host`]
+    /// has built it: router on the host, then only the chosen experts' neuron blocks (and the
+    /// shared experts) are read. The same function as [`MoeBlock::forward_tokens`].
+    pub fn forward_kernel(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, MoeError>> {
+        let k = self.host.as_ref()?;
+        let e = self.num_experts();
+        let mut probs = vec![0f32; n * e];
+        k.router.matvec(x, n, &mut probs);
+        let mut bad = 0;
+        for row in probs.chunks_mut(e) {
+            if let Some(b) = &k.router_bias {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0;
+            row.iter_mut().for_each(|v| {
+                *v = (*v - m).exp();
+                sum += *v;
+            });
+            row.iter_mut().for_each(|v| *v /= sum);
+            if row.iter().any(|v| !v.is_finite()) {
+                bad += 1;
+            }
+        }
+        if bad > 0 {
+            return Some(Err(MoeError::NonFiniteRouter { bad, tokens: n }));
+        }
+        let mut load = vec![0; e];
+        let blocks: Vec<Vec<(std::ops::Range<usize>, f32)>> = self
+            .route(&probs)
+            .into_iter()
+            .map(|route| {
+                let mut b: Vec<_> = k.shared.iter().map(|r| (r.clone(), 1.0)).collect();
+                for (i, w) in route {
+                    load[i] += 1;
+                    b.push((k.experts[i].clone(), w));
+                }
+                b
+            })
+            .collect();
+        let mut y = vec![0f32; x.len()];
+        k.ffn.forward(x, n, &ladimo_kernel::Selection::Blocks(&blocks), &mut y);
+        self.record(&load, n);
+        Some(Ok(y))
+    }
+
     fn record(&self, load: &[usize], tokens: usize) {
         let mut s = self.stats.lock().unwrap();
         s.tokens += tokens as u64;
@@ -472,6 +579,22 @@ impl FeedForward for MoeBlock {
 
     fn reset_stats(&self) {
         MoeBlock::reset_stats(self)
+    }
+
+    fn forward_host(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, FfnError>> {
+        self.forward_kernel(x, n).map(|r| r.map_err(Into::into))
+    }
+
+    fn prepare_host(&mut self, dtype: ladimo_kernel::Dtype) {
+        let biased =
+            |f: &DenseFfn| f.gate_proj.bias.is_some() || f.up_proj.bias.is_some() || f.down_proj.bias.is_some();
+        let any_bias = self
+            .params
+            .experts
+            .iter()
+            .chain(self.params.shared.as_ref())
+            .any(biased);
+        self.host = (!any_bias).then(|| MoeKernel::new(&self.params, dtype));
     }
 
     fn describe(&self) -> String {

@@ -131,6 +131,9 @@ pub struct SparseFfn {
     ffn: DenseFfn,
     sparsity: Sparsity,
     stats: Mutex<ReadStats>,
+    /// The host-side kernel for decode ([`FeedForward::prepare_host`]): `ffn`'s weights, laid
+    /// out for the policy (input-major gate/up for TEAL).
+    kernel: Option<ladimo_kernel::FfnKernel>,
 }
 
 impl SparseFfn {
@@ -165,6 +168,7 @@ impl SparseFfn {
             ffn,
             sparsity,
             stats: Mutex::new(ReadStats::default()),
+            kernel: None,
         })
     }
 
@@ -199,6 +203,26 @@ impl SparseFfn {
             }
         };
         (self.ffn.down_proj.forward(h), read)
+    }
+
+    /// The kernel's selection for this policy (`Static` runs the cut-down FFN whole).
+    fn selection(&self) -> ladimo_kernel::Selection<'static> {
+        use ladimo_kernel::Selection;
+        match self.sparsity {
+            Sparsity::Static { .. } => Selection::All,
+            Sparsity::Cats { gate } => Selection::Cats { gate },
+            Sparsity::Teal { x, h } => Selection::Teal { x, h },
+        }
+    }
+
+    /// [`SparseFfn::forward_tokens`] on the host kernel (`x: [n, hidden]`), when
+    /// [`FeedForward::prepare_host`] has built it: the same output, reading only what the policy
+    /// keeps. Returns the output and the parameters read.
+    pub fn forward_kernel(&self, x: &[f32], n: usize) -> Option<(Vec<f32>, f64)> {
+        let k = self.kernel.as_ref()?;
+        let mut y = vec![0f32; x.len()];
+        let read = k.forward(x, n, &self.selection(), &mut y);
+        Some((y, read))
     }
 
     /// The dense FFN's parameter count (what the budget is a share of).
@@ -260,6 +284,19 @@ impl FeedForward for SparseFfn {
         *self.stats.lock().unwrap() = ReadStats::default();
     }
 
+    fn forward_host(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, FfnError>> {
+        let (y, read) = self.forward_kernel(x, n)?;
+        let mut st = self.stats.lock().unwrap();
+        st.tokens += n as u64;
+        st.params += read;
+        Some(Ok(y))
+    }
+
+    fn prepare_host(&mut self, dtype: ladimo_kernel::Dtype) {
+        let layout = ladimo_kernel::FfnKernel::layout_for(&self.selection());
+        self.kernel = ladimo_model::ffn_kernel(&self.ffn, dtype, layout);
+    }
+
     fn describe(&self) -> String {
         format!(
             "dense {}x{}, {}",
@@ -274,6 +311,7 @@ impl FeedForward for SparseFfn {
 pub fn dense_ffn(model: &Transformer, layer: usize) -> Option<&DenseFfn> {
     let ffn: &dyn Any = model.layers.get(layer)?.ffn.as_ref();
     ffn.downcast_ref::<DenseFfn>()
+        .or_else(|| ffn.downcast_ref::<ladimo_model::KernelFfn>().map(|k| &k.dense))
         .or_else(|| ffn.downcast_ref::<SparseFfn>().map(|s| &s.dense))
 }
 
