@@ -78,6 +78,9 @@ enum Cmd {
         prompt: String,
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Keep only the prompt's first N tokens.
+        #[arg(long)]
+        max_tokens: Option<usize>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -147,10 +150,12 @@ fn run(cli: Cli) -> Result<()> {
             model,
             prompt,
             policy,
+            max_tokens,
             out,
         } => {
             let ckpt = open(&model)?;
-            let ids = ckpt.tokenizer()?.encode(&prompt)?;
+            let mut ids = ckpt.tokenizer()?.encode(&prompt)?;
+            ids.truncate(max_tokens.unwrap_or(usize::MAX));
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }

@@ -852,7 +852,7 @@ fn gguf_tokenizer(ckpt: &Checkpoint, cfg: &ModelConfig, w: &mut GgufWriter) -> R
     let pre = if pre.contains("\"Digits\"") && pre.contains("\"individual_digits\":true") {
         "smollm"
     } else if json["pre_tokenizer"]["type"] == "ByteLevel" {
-        "gpt2"
+        "gpt-2"
     } else {
         "default"
     };
@@ -1078,7 +1078,7 @@ fn write_gguf(
     let approximations = plan.map(|p| p.approximations).unwrap_or_default();
     Ok(ExportReport {
         format: Format::Gguf,
-        target: format!("{target} GGUF, {:?}", opts.gguf_type),
+        target: format!("{target} GGUF, matrices in {:?}", opts.gguf_type),
         approximations,
         files: st.finish()?,
     })
