@@ -194,3 +194,54 @@ pub fn allocate(profile: &TealProfile, budget: f64) -> Result<Vec<TealPoint>, Pr
         .map(|(&p, l)| l.points[p].clone())
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(budget: f64, share: f64, cost: f64) -> TealPoint {
+        TealPoint {
+            budget,
+            sparsity: None,
+            ffn_share: share,
+            delta_ln_ppl: cost,
+        }
+    }
+
+    /// Two layers of equal size: one cheap to sparsify, one dear.
+    fn profile() -> TealProfile {
+        let layer = |l: usize, cost_half: f64| TealLayer {
+            layer: l,
+            ffn_params: 100,
+            points: vec![
+                point(0.5, 0.5, cost_half),
+                point(0.75, 0.75, cost_half / 4.0),
+                point(1.0, 1.0, 0.0),
+            ],
+        };
+        TealProfile {
+            budgets: vec![0.5, 0.75, 1.0],
+            calibration_tokens: 0,
+            probe_tokens: 0,
+            dense_ln_ppl: 0.0,
+            layers: vec![layer(0, 0.01), layer(1, 0.2)],
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_cheap_layer_gives_up_more_and_the_budget_holds() {
+        let picks = allocate(&profile(), 0.75).unwrap();
+        // Uniform 0.75 costs 0.0025 + 0.05; the cheap layer at 0.5 and the dear one dense, 0.01.
+        assert_eq!(picks.iter().map(|p| p.budget).collect::<Vec<_>>(), [0.5, 1.0]);
+        let read: f64 = picks.iter().map(|p| p.ffn_share).sum::<f64>() / 2.0;
+        assert!(read <= 0.75 + 1e-12, "{read}");
+    }
+
+    #[test]
+    fn a_budget_under_every_probe_is_an_error_naming_it() {
+        let e = allocate(&profile(), 0.4).unwrap_err().to_string();
+        assert!(e.contains("FFN budget 0.4"), "{e}");
+        assert!(allocate(&profile(), 1.5).is_err());
+    }
+}
