@@ -31,6 +31,19 @@ pub enum Bench {
         /// With --moe: replace every layer's policy by this one (TOML, e.g. `{type="TopK",k=6}`).
         #[arg(long, requires = "moe")]
         policy: Option<String>,
+        /// Decode on the host kernels instead: burn dense f32, kernel dense, TEAL and experts of
+        /// each --sizes at each --budgets, per --dtypes, beside llama.cpp (see xtask/src/decode.rs).
+        #[arg(long, conflicts_with = "moe")]
+        sparse: bool,
+        /// With --sparse: weight types.
+        #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
+        dtypes: Vec<ladimo_model::Dtype>,
+        /// With --sparse: FFN budgets (share of the FFN's parameters read per token).
+        #[arg(long, value_delimiter = ',', default_value = "0.75,0.625,0.5")]
+        budgets: Vec<f64>,
+        /// With --sparse: expert sizes in neurons.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        sizes: Vec<usize>,
     },
     /// SmolLM2-sized MoE blocks: dense FFN vs sparse dispatch at top-k of 8 and 16 experts (`--experts`).
     Moe {
@@ -58,7 +71,20 @@ pub fn run(b: Bench) -> Result<()> {
             python,
             moe,
             policy,
+            sparse,
+            dtypes,
+            budgets,
+            sizes,
         } => match moe {
+            None if sparse => crate::decode::run(crate::decode::Args {
+                prompt_len,
+                decode: decode_tokens,
+                repeats,
+                dtypes,
+                budgets,
+                sizes,
+                python,
+            }),
             Some(dir) => forward_moe(&dir, policy.as_deref(), prompt_len, decode_tokens, repeats),
             None => forward(prompt_len, decode_tokens, repeats, python),
         },

@@ -6,12 +6,14 @@
 //! - `frontier`: the training-free baselines' held-out perplexity per method and FFN budget.
 //! - `thresholds`: TEAL with per-layer budgets and with thresholds in the loop of layer-wise
 //!   training, against uniform TEAL at the same budgets.
-//! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch.
+//! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch;
+//!   `--sparse`: host-kernel decode, dense and sparse, f32 and 16 bits, beside llama.cpp.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
 mod backends;
 mod bench;
+mod decode;
 mod distill;
 mod frontier;
 mod thresholds;

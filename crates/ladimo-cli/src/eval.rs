@@ -14,7 +14,7 @@ use clap::Args;
 use ladimo_convert::evaluate::score_task;
 use ladimo_data::Task;
 
-use crate::{load, open};
+use crate::load;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -30,13 +30,16 @@ pub struct EvalArgs {
     /// Also write the results (with per-item log-likelihoods) as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Weights rounded to f16 / bf16 (or kept f32) as they load, decode on the host kernels.
+    #[arg(long)]
+    pub dtype: Option<ladimo_model::Dtype>,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let ckpt = open(&a.model)?;
+    let ckpt = crate::open_as(&a.model, a.dtype)?;
     let tok = ckpt.tokenizer()?;
     ladimo_data::fetch_tasks()?;
-    let model = load(&ckpt, a.policy.as_deref())?;
+    let model = load(&ckpt, a.policy.as_deref(), a.dtype)?;
     let mut results = Vec::new();
     for &task in &a.task {
         let items = ladimo_data::load_task(task, Some(a.limit))?;

@@ -55,6 +55,10 @@ enum Cmd {
         /// Wrap the prompt in the checkpoint's chat template (ChatML) as one user turn.
         #[arg(long)]
         chat: bool,
+        /// Weights rounded to f16 / bf16 (or kept f32) as they load, and decode on the host
+        /// kernels with weights stored in that type (f32 accumulation). Default: f32 on burn.
+        #[arg(long)]
+        dtype: Option<ladimo_model::Dtype>,
     },
     /// Perplexity of a text file: non-overlapping windows, each scored on its own, no BOS.
     Perplexity {
@@ -69,6 +73,10 @@ enum Cmd {
         /// Use only the first N tokens of the file.
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// Weights rounded to f16 / bf16 (or kept f32) as they load, and decode on the host
+        /// kernels with weights stored in that type (f32 accumulation). Default: f32 on burn.
+        #[arg(long)]
+        dtype: Option<ladimo_model::Dtype>,
     },
     /// Write the logits of every position of a prompt (safetensors: `ids` i64, `logits` f32
     /// `[tokens, vocab]`), for comparisons with other implementations.
@@ -83,6 +91,10 @@ enum Cmd {
         max_tokens: Option<usize>,
         #[arg(long)]
         out: PathBuf,
+        /// Weights rounded to f16 / bf16 (or kept f32) as they load, and decode on the host
+        /// kernels with weights stored in that type (f32 accumulation). Default: f32 on burn.
+        #[arg(long)]
+        dtype: Option<ladimo_model::Dtype>,
     },
     /// Zero-shot accuracy on ARC-Easy, ARC-Challenge, PIQA, HellaSwag (dense or MoE models).
     Eval(eval::EvalArgs),
@@ -112,16 +124,33 @@ fn main() {
 }
 
 pub(crate) fn open(arg: &str) -> Result<Checkpoint> {
-    let path = ladimo_convert::pipeline::resolve_model(arg)?;
-    Ok(Checkpoint::open(&path)?)
+    open_as(arg, None)
 }
 
-/// Load a dense or MoE checkpoint; `policy` (a policy file) overrides its MoE layers' policies.
-pub(crate) fn load(ckpt: &Checkpoint, policy: Option<&Path>) -> Result<Transformer> {
+/// [`open`], with the weights rounded to `dtype` as they are read (see `--dtype`).
+pub(crate) fn open_as(arg: &str, dtype: Option<ladimo_model::Dtype>) -> Result<Checkpoint> {
+    let path = ladimo_convert::pipeline::resolve_model(arg)?;
+    let mut ckpt = Checkpoint::open(&path)?;
+    if let Some(d) = dtype {
+        ladimo_model::round_weights(&mut ckpt, d);
+    }
+    Ok(ckpt)
+}
+
+/// Load a dense or MoE checkpoint; `policy` (a policy file) overrides its MoE layers' policies;
+/// with `dtype`, the host decode path is built with weights in that type.
+pub(crate) fn load(
+    ckpt: &Checkpoint,
+    policy: Option<&Path>,
+    dtype: Option<ladimo_model::Dtype>,
+) -> Result<Transformer> {
     let t = Instant::now();
     let mut model = ladimo_moe::checkpoint::load_model_from(ckpt, &ladimo_backend::device())?;
     if let Some(p) = policy {
         ladimo_moe::PolicyFile::read(p)?.apply(&mut model, p)?;
+    }
+    if let Some(d) = dtype {
+        model.prepare_host_decode(d)?;
     }
     tracing::info!(
         "loaded {} in {:.2?} on {}",
@@ -152,14 +181,15 @@ fn run(cli: Cli) -> Result<()> {
             policy,
             max_tokens,
             out,
+            dtype,
         } => {
-            let ckpt = open(&model)?;
+            let ckpt = open_as(&model, dtype)?;
             let mut ids = ckpt.tokenizer()?.encode(&prompt)?;
             ids.truncate(max_tokens.unwrap_or(usize::MAX));
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
-            let m = load(&ckpt, policy.as_deref())?;
+            let m = load(&ckpt, policy.as_deref(), dtype)?;
             let logits = ladimo_model::util::to_vec(m.forward(ladimo_model::util::ids_tensor(&ids, 1, &m.device))?);
             let id_bytes: Vec<u8> = ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
             let l_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -192,8 +222,9 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             chat,
             policy,
+            dtype,
         } => {
-            let ckpt = open(&model)?;
+            let ckpt = open_as(&model, dtype)?;
             let tok = ckpt.tokenizer()?;
             let text = if chat {
                 tok.apply_chat_template(&prompt)
@@ -205,7 +236,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt is empty after tokenization");
             }
-            let model = load(&ckpt, policy.as_deref())?;
+            let model = load(&ckpt, policy.as_deref(), dtype)?;
             let mut stop = ckpt.config.eos_token_ids.clone();
             if chat && let Some(id) = tok.token_to_id("<|im_end|>") {
                 stop.push(id);
@@ -258,6 +289,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             max_tokens,
             policy,
+            dtype,
         } => {
             if seq_len < 2 {
                 bail!("--seq-len must be at least 2");
@@ -268,7 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             if s.trim().is_empty() {
                 bail!("{}: the text is empty", text.display());
             }
-            let ckpt = open(&model)?;
+            let ckpt = open_as(&model, dtype)?;
             let mut ids = ckpt.tokenizer()?.encode(&s)?;
             if let Some(m) = max_tokens {
                 if m > ids.len() {
@@ -287,7 +319,7 @@ fn run(cli: Cli) -> Result<()> {
                     ids.len()
                 );
             }
-            let model = load(&ckpt, policy.as_deref())?;
+            let model = load(&ckpt, policy.as_deref(), dtype)?;
             let t = Instant::now();
             let r = perplexity(&model, &ids, seq_len, |done, total| eprint!("\rwindow {done}/{total}"))?;
             eprintln!();

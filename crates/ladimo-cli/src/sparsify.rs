@@ -72,7 +72,7 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
         .filter(|w| w.len() > 1)
         .collect();
     let tokens: usize = windows.iter().map(|w| w.len()).sum();
-    let mut model = load(&ckpt, None)?;
+    let mut model = load(&ckpt, None, None)?;
     let layers = calibrate(&mut model, &windows, a.method, a.budget, |d, t| {
         eprint!("\rcalibrating {}: window {d}/{t}   ", a.method.name());
         if d == t {

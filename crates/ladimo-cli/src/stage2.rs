@@ -93,8 +93,8 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         let ids = take_tokens(tok, files, a.tokens, Part::Tail).with_context(|| format!("calibration text `{tag}`"))?;
         tagged.push((tag.clone(), ids));
     }
-    let mut moe = load(&ckpt, None)?;
-    let dense = load(&dense_ckpt, None)?;
+    let mut moe = load(&ckpt, None, None)?;
+    let dense = load(&dense_ckpt, None, None)?;
     let cfg = ProfileConfig {
         seq_len: a.seq_len,
         latency_tokens: a.latency_tokens,
@@ -300,10 +300,10 @@ pub fn solve(a: SolveArgs) -> Result<()> {
 fn check(s: &ladimo_profile::Solved, model: &str, dense: &str, text: &Path, n: usize, policy: &Path) -> Result<()> {
     let ckpt = open(model)?;
     let ids = take_tokens(ckpt.tokenizer()?, &[text.to_path_buf()], n, Part::Head)?;
-    let dense_model = load(&open(dense)?, None)?;
+    let dense_model = load(&open(dense)?, None, None)?;
     let d = perplexity(&dense_model, &ids, 512, |_, _| {})?.perplexity;
     drop(dense_model);
-    let m = load(&ckpt, Some(policy))?;
+    let m = load(&ckpt, Some(policy), None)?;
     let r = perplexity(&m, &ids, 512, |_, _| {})?.perplexity;
     let c = m.param_counts();
     println!(
