@@ -473,6 +473,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths) -> Result<
     let blocks: Vec<_> = (0..n_layers).map(|l| moe_block(&moe, l)).collect();
     let section = ladimo_moe::save_moe_checkpoint(&ckpt, &blocks, &fin)?;
     solved.policies.write(&fin.join("policy.toml"))?;
+    eprintln!("{}", ladimo_moe::export::write_stock_beside(&ckpt, &moe, &fin)?);
     std::fs::write(fin.join("convert.toml"), cfg.to_toml())
         .with_context(|| format!("{}: cannot write", fin.display()))?;
     times.push(StageTime::now("export", t.elapsed().as_secs_f64()));
