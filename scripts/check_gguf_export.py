@@ -88,6 +88,7 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("--text", required=True)
     ap.add_argument("--policy")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: SOURCE/tokenizer.json)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ppl-tolerance", type=float, default=0.01)
@@ -99,7 +100,7 @@ def main():
     pol = ["--policy", a.policy] if a.policy else []
 
     text = open(a.text, encoding="utf-8").read()
-    tok = Tokenizer.from_file(os.path.join(a.source, "tokenizer.json"))
+    tok = Tokenizer.from_file(a.tokenizer or os.path.join(a.source, "tokenizer.json"))
     ids = tok.encode(text, add_special_tokens=False).ids[:a.tokens]
 
     out = subprocess.run([exe, "perplexity", a.source, "--text", a.text, "--seq-len", str(a.seq_len),

@@ -202,6 +202,8 @@ fn export(
     let section = ladimo_moe::save_moe_checkpoint(&inputs.ckpt, &blocks, fin)?;
     pause_point("export");
     s2.solved.policies.write(&fin.join("policy.toml"))?;
+    // Beside ladimo's own format: the best stock format that is exact (stock-export.txt says which).
+    eprintln!("{}", ladimo_moe::export::write_stock_beside(&inputs.ckpt, &moe, fin)?);
     ladimo_io::atomic::write_atomic(&fin.join("convert.toml"), cfg.to_toml().as_bytes())?;
     times.push(StageTime::now("export", t.elapsed().as_secs_f64()));
     Ok(section)

@@ -1098,6 +1098,28 @@ pub fn best_stock_format(model: &Transformer) -> Result<Format, String> {
         .map_err(|m| m.join("; "))
 }
 
+/// For `convert`: beside ladimo's own checkpoint in `folder`, the best exact stock export of
+/// `model` (`folder/granitemoe`; none when `folder` is itself a Mixtral checkpoint, or when no
+/// stock format is exact), and a sentence saying which in `folder/stock-export.txt`, returned.
+pub fn write_stock_beside(ckpt: &Checkpoint, model: &Transformer, folder: &Path) -> Result<String, ExportError> {
+    let text = match best_stock_format(model) {
+        Ok(Format::Mixtral) => "The checkpoint is itself a MixtralForCausalLM (transformers, vLLM).".to_string(),
+        Ok(f) => {
+            let r = export(ckpt, model, &ExportOptions::new(f), &folder.join(f.name()))?;
+            format!("Exact stock export: {}/ ({}).", f.name(), r.target)
+        }
+        Err(why) => format!(
+            "No stock format is exact ({why}); `ladimo export --format hf-remote` is, and `--format granitemoe --approximate` approximates."
+        ),
+    };
+    let p = folder.join("stock-export.txt");
+    std::fs::write(&p, format!("{text}\n")).map_err(|e| ExportError::Output {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
