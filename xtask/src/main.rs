@@ -9,6 +9,7 @@
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch;
 //!   `--sparse`: host-kernel decode, dense and sparse, f32 and 16 bits, beside llama.cpp.
 //! - `bench backends`: forward, MoE and training-step figures on every compiled backend, one table.
+//! - `fuzz --minutes N`: the parsers' mutation fuzzing (ladimo-fuzz) for N minutes.
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
 mod backends;
@@ -17,6 +18,7 @@ mod decode;
 mod distill;
 mod frontier;
 mod thresholds;
+mod fuzz;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -51,6 +53,9 @@ enum Cmd {
         #[command(subcommand)]
         what: bench::Bench,
     },
+    /// Mutation fuzzing of every parser a user hands a file to, for `--minutes` (the test suite
+    /// runs a fixed 2000 mutants per parser): `--targets gguf,tokenizer`, `--seed S`, `--case C`.
+    Fuzz(fuzz::FuzzArgs),
     /// On a machine with an NVIDIA GPU: build with cuda (or wgpu where CUDA cannot be built),
     /// run the parity and backend-comparison tests and `bench backends` there. Runs
     /// scripts/gpu_check.sh with these arguments (`all`, `build`, `run`; see the script).
@@ -109,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
             ladimo_convert::run(a, &on).map(|_| ())
         }
         Cmd::Distill(a) => distill::run(*a),
+        Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::GpuCheck { args } => {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");
             println!("+ bash {script} {}", args.join(" "));

@@ -4,6 +4,7 @@
 //! still has its tokenizer and every tensor read).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use ladimo_io::{Checkpoint, GgufFile, ModelConfig, Tokenizer, WeightSource};
 use ladimo_moe::RoutingPolicy;
@@ -51,7 +52,7 @@ pub fn all() -> Vec<Target> {
             seeds: |_| vec![seeds::tiny_safetensors()],
             write: |dir, b| {
                 let model = model_dir(dir)?;
-                Ok(write(&model, "config.json", seeds::TINY_HF_CONFIG.as_bytes())?
+                Ok(write_once(&model, "config.json", seeds::TINY_HF_CONFIG.as_bytes())?
                     + write(&model, "model.safetensors", b)?)
             },
             parse: |dir| parse_hf(&dir.join("model")),
@@ -61,13 +62,19 @@ pub fn all() -> Vec<Target> {
             about: "model.safetensors.index.json and the shards it names",
             seeds: |_| vec![seeds::tiny_index()],
             write: |dir, b| {
+                static SHARDS: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+                static OUTSIDE_BYTES: OnceLock<Vec<u8>> = OnceLock::new();
                 let model = model_dir(dir)?;
-                let mut n = write(&model, "config.json", seeds::TINY_HF_CONFIG.as_bytes())?;
-                for (name, bytes) in seeds::tiny_shards() {
-                    n += write(&model, &name, &bytes)?;
+                let mut n = write_once(&model, "config.json", seeds::TINY_HF_CONFIG.as_bytes())?;
+                for (name, bytes) in SHARDS.get_or_init(seeds::tiny_shards) {
+                    n += write_once(&model, name, bytes)?;
                 }
                 // A valid safetensors file outside the model's folder: an index must not reach it.
-                n += write(dir, OUTSIDE, &seeds::tiny_safetensors().bytes)?;
+                n += write_once(
+                    dir,
+                    OUTSIDE,
+                    OUTSIDE_BYTES.get_or_init(|| seeds::tiny_safetensors().bytes),
+                )?;
                 Ok(n + write(&model, "model.safetensors.index.json", b)?)
             },
             parse: |dir| parse_hf(&dir.join("model")),
@@ -135,6 +142,15 @@ fn model_dir(dir: &Path) -> std::io::Result<std::path::PathBuf> {
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<usize> {
     std::fs::write(dir.join(name), bytes)?;
+    Ok(bytes.len())
+}
+
+/// [`write`] for a file that never changes between cases: written once per folder.
+fn write_once(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<usize> {
+    let path = dir.join(name);
+    if !path.exists() {
+        std::fs::write(path, bytes)?;
+    }
     Ok(bytes.len())
 }
 
