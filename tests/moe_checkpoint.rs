@@ -213,7 +213,11 @@ fn policy_files_apply_and_bad_ones_are_refused() {
         note: String::new(),
         layers: layers
             .into_iter()
-            .map(|(layer, policy)| LayerPolicy { layer, policy })
+            .map(|(layer, policy)| LayerPolicy {
+                layer,
+                policy: Some(policy),
+                sparsity: None,
+            })
             .collect(),
     };
     let dir = tempfile::tempdir().unwrap();

@@ -267,7 +267,7 @@ impl KvCache {
     }
 
     /// Back to burn tensors, if the host path holds the cache.
-    fn to_device(&mut self) {
+    fn move_to_device(&mut self) {
         if let Some(h) = self.host.take() {
             let kvd = h.kv_heads * h.head_dim;
             let t = |d: Vec<f32>| {
@@ -290,7 +290,7 @@ impl KvCache {
     /// prefix.
     pub fn repeat_batch(&self, n: usize) -> Self {
         let mut c = self.clone();
-        c.to_device();
+        c.move_to_device();
         Self {
             host: None,
             layers: c
@@ -445,7 +445,7 @@ impl Transformer {
                 &self.device,
             ));
         }
-        cache.to_device();
+        cache.move_to_device();
         let mut h = self.embed(ids);
         for (i, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             h = layer
