@@ -17,8 +17,8 @@ mod bench;
 mod decode;
 mod distill;
 mod frontier;
-mod thresholds;
 mod fuzz;
+mod thresholds;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
