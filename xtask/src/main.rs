@@ -10,7 +10,6 @@
 
 mod backends;
 mod bench;
-mod distill;
 mod frontier;
 
 use anyhow::Result;
@@ -33,8 +32,6 @@ enum Cmd {
     /// The whole pipeline (stage 1, stage 2, export, evaluation, report) on configs/default.toml
     /// unless --config says otherwise; the same as `ladimo convert`.
     Convert(ladimo_convert::ConvertArgs),
-    /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
-    Distill(Box<distill::DistillArgs>),
     /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: held-out
     /// perplexity per method and FFN budget (the frontier the converted model must beat).
     Frontier(frontier::FrontierArgs),
@@ -99,7 +96,6 @@ fn run(cli: Cli) -> Result<()> {
             };
             ladimo_convert::run(a, &on).map(|_| ())
         }
-        Cmd::Distill(a) => distill::run(*a),
         Cmd::GpuCheck { args } => {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");
             println!("+ bash {script} {}", args.join(" "));

@@ -15,6 +15,7 @@ mod llama;
 pub mod loglik;
 pub mod perplexity;
 mod rope;
+pub mod timing;
 pub mod util;
 
 pub use ffn::{DenseFfn, FeedForward, FfnError};
