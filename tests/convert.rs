@@ -98,7 +98,7 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
         &[
             "stage2.fixed_policy={ type = \"TopK\", k = 3 }",
             "stage1.train.combine={ weights = \"Renormalized\", scale = 3.0 }",
-            "stage1.train.shared_neurons=0",
+            "stage1.train.shared_fraction=0",
             "stage1.train.inputs=\"teacher\"",
         ],
     );

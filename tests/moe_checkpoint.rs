@@ -283,8 +283,8 @@ fn small_cfg() -> ProfileConfig {
         latency_tokens: 16,
         latency_repeats: 1,
         chunk_tokens: 40,
-        uniform_k: vec![2, 3],
-        sensitivity_k: vec![],
+        uniform_k: Some(vec![2, 3]),
+        sensitivity_k: Some(vec![]),
         ..Default::default()
     }
 }
@@ -386,7 +386,7 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     assert!(err.contains("no sensitivity data"), "{err}");
 
     // k = 9 exceeds the 4 experts and is skipped; 3 windows of 16 tokens, en/ko/en.
-    cfg.sensitivity_k = vec![1, 2, 4, 9];
+    cfg.sensitivity_k = Some(vec![1, 2, 4, 9]);
     cfg.sensitivity_tokens = 40;
     let mut p = p0.clone();
     let mut stages = Vec::new();
@@ -488,7 +488,7 @@ fn sensitivity_around_the_moe_operating_point() {
     }
     let mut cfg = small_cfg();
     let mut p = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
-    cfg.sensitivity_k = vec![1, 2, 3];
+    cfg.sensitivity_k = Some(vec![1, 2, 3]);
     cfg.sensitivity_tokens = 40;
     cfg.sensitivity_context = SensitivityContext::Moe;
     add_sensitivity(&mut p, &mut moe, &dense, &texts(), &cfg, |_, _, _| {}).unwrap();

@@ -54,7 +54,7 @@ struct Row {
 fn train_on(n_tok: usize, repeats: usize, device: &Device) -> Result<f64> {
     let cfg = TrainConfig::default();
     let dense = bench_ffn();
-    let parts = bench_parts(&dense, cfg.shared_neurons, cfg.experts);
+    let parts = bench_parts(&dense, cfg.shared_neurons(dense.intermediate_size()), cfg.experts);
     let ad = device.clone().autodiff();
     let block = parts.block(cfg.combine, cfg.train_policy.clone(), &ad)?;
     let mut params = block.params;
@@ -121,7 +121,7 @@ pub fn run(a: BackendsArgs) -> Result<()> {
         a.prompt_len.max(17),
         a.decode_tokens,
         a.moe_tokens,
-        t.shared_neurons,
+        t.shared_neurons(crate::bench::MOE_FFN),
         t.experts,
         t.train_policy,
         a.train_tokens,

@@ -98,7 +98,7 @@ pub fn run(b: Bench) -> Result<()> {
     }
 }
 
-pub use ladimo_convert::evaluate::median;
+pub use ladimo_model::timing::median;
 
 /// Deterministic pseudo-random token ids (no special tokens).
 pub fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
@@ -239,17 +239,13 @@ pub fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The median seconds of `f` over `repeats` runs after a warm-up.
 pub fn time_median(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    median(
-        (0..repeats)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+    let never: Result<f64, std::convert::Infallible> = ladimo_model::timing::median_seconds(repeats, || {
+        f();
+        Ok(())
+    });
+    never.unwrap_or_else(|e| match e {})
 }
 
 /// SmolLM2's FFN sizes (hidden, intermediate).

@@ -15,7 +15,6 @@
 mod backends;
 mod bench;
 mod decode;
-mod distill;
 mod frontier;
 mod fuzz;
 mod thresholds;
@@ -40,8 +39,6 @@ enum Cmd {
     /// The whole pipeline (stage 1, stage 2, export, evaluation, report) on configs/default.toml
     /// unless --config says otherwise; the same as `ladimo convert`.
     Convert(ladimo_convert::ConvertArgs),
-    /// Stage 1 on SmolLM2: capture, distil every layer, held-out perplexity vs dense.
-    Distill(Box<distill::DistillArgs>),
     /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: held-out
     /// perplexity per method and FFN budget (the frontier the converted model must beat).
     Frontier(frontier::FrontierArgs),
@@ -113,7 +110,6 @@ fn run(cli: Cli) -> Result<()> {
             };
             ladimo_convert::run(a, &on).map(|_| ())
         }
-        Cmd::Distill(a) => distill::run(*a),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::GpuCheck { args } => {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gpu_check.sh");

@@ -9,8 +9,8 @@ use ladimo_convert::evaluate::write_json;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::perplexity::perplexity;
 use ladimo_profile::{
-    Budget, BudgetKind, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, predict_ppl_ratio,
-    profile_model, solve_profile, uniform_cost, write_plots,
+    Budget, Cost, Profile, ProfileConfig, SensitivityContext, add_sensitivity, predict_ppl_ratio, profile_model,
+    solve_profile, uniform_cost, write_plots,
 };
 
 use crate::{load, open};
@@ -26,30 +26,9 @@ pub struct ProfileArgs {
     /// Default: the fetched calibration sets, en=Austen novels, ko=LibreOffice help.
     #[arg(long = "text", value_parser = parse_tagged)]
     pub texts: Vec<(String, Vec<PathBuf>)>,
-    /// Tokens per tag (taken from the end of the files, away from what stage 1 trained on).
-    #[arg(long, default_value_t = 4096)]
-    pub tokens: usize,
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
-    /// Tokens and repeats for the latency of each policy.
-    #[arg(long, default_value_t = 512)]
-    pub latency_tokens: usize,
-    #[arg(long, default_value_t = 5)]
-    pub latency_repeats: usize,
-    /// Uniform top-k models whose calibration perplexity calibrates the solver's PPL prediction.
-    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5")]
-    pub uniform_k: Vec<usize>,
-    /// Layer-sensitivity probes: top-k for these k, each run on one MoE layer alone with every
-    /// other layer dense, measuring the calibration ln-PPL change (empty: none).
-    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5")]
-    pub sensitivity_k: Vec<usize>,
-    /// Calibration tokens the sensitivity probes run on (windows taken in turn from each text).
-    #[arg(long, default_value_t = 2048)]
-    pub sensitivity_tokens: usize,
-    /// What every other layer runs while one is probed: dense (the teacher) or moe (the MoE
-    /// model under its loaded policies; for stage 1 with student inputs).
-    #[arg(long, default_value = "dense", value_parser = parse_context)]
-    pub sensitivity_context: SensitivityContext,
+    /// What to profile and how (the same settings as a convert config's `[stage2]`).
+    #[command(flatten)]
+    pub settings: ProfileConfig,
     /// Only measure the layer sensitivity and add it to the existing OUT/profile.json (rewritten
     /// in place, atomically), keeping everything else in it.
     #[arg(long)]
@@ -57,14 +36,6 @@ pub struct ProfileArgs {
     /// Output folder: profile.json and plots/.
     #[arg(long)]
     pub out: PathBuf,
-}
-
-fn parse_context(s: &str) -> Result<SensitivityContext, String> {
-    match s {
-        "dense" => Ok(SensitivityContext::Dense),
-        "moe" => Ok(SensitivityContext::Moe),
-        _ => Err(format!("`{s}`: expected dense or moe")),
-    }
 }
 
 fn parse_tagged(s: &str) -> Result<(String, Vec<PathBuf>), String> {
@@ -90,21 +61,13 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     }
     let mut tagged = Vec::new();
     for (tag, files) in &texts {
-        let ids = take_tokens(tok, files, a.tokens, Part::Tail).with_context(|| format!("calibration text `{tag}`"))?;
+        let ids = take_tokens(tok, files, a.settings.tokens, Part::Tail)
+            .with_context(|| format!("calibration text `{tag}`"))?;
         tagged.push((tag.clone(), ids));
     }
     let mut moe = load(&ckpt, None, None)?;
     let dense = load(&dense_ckpt, None, None)?;
-    let cfg = ProfileConfig {
-        seq_len: a.seq_len,
-        latency_tokens: a.latency_tokens,
-        latency_repeats: a.latency_repeats,
-        uniform_k: a.uniform_k.clone(),
-        sensitivity_k: a.sensitivity_k.clone(),
-        sensitivity_tokens: a.sensitivity_tokens,
-        sensitivity_context: a.sensitivity_context,
-        ..Default::default()
-    };
+    let cfg = &a.settings;
     let show = |stage: &str, d: usize, t: usize| {
         eprint!("\r{stage}: {d}/{t}      ");
         if d == t {
@@ -114,10 +77,10 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     let p = a.out.join("profile.json");
     let profile = if a.sensitivity_only {
         let mut profile = Profile::read(&p)?;
-        add_sensitivity(&mut profile, &mut moe, &dense, &tagged, &cfg, show)?;
+        add_sensitivity(&mut profile, &mut moe, &dense, &tagged, cfg, show)?;
         profile
     } else {
-        let mut profile = profile_model(&mut moe, &dense, &tagged, &cfg, &a.model, show)?;
+        let mut profile = profile_model(&mut moe, &dense, &tagged, cfg, &a.model, show)?;
         profile.backend = ladimo_backend::name().to_string();
         std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
         profile
@@ -202,21 +165,15 @@ fn print_profile(p: &Profile) {
 pub struct SolveArgs {
     /// profile.json from `ladimo profile`.
     pub profile: PathBuf,
-    /// Budget as a fraction of the dense model's value (e.g. 0.75).
-    #[arg(long, conflicts_with = "max")]
-    pub budget: Option<f64>,
-    /// Budget as an absolute value (parameters per token, or FFN seconds per token for latency).
-    #[arg(long)]
-    pub max: Option<f64>,
-    /// What the budget limits: ffn-params, params (whole model) or latency (FFN time per token).
-    #[arg(long, value_enum, default_value = "ffn-params")]
-    pub of: KindArg,
+    /// The budget: --budget FRACTION of the dense value or --max VALUE, of --of.
+    #[command(flatten)]
+    pub budget: Budget,
     /// The per-layer cost to minimise: sensitivity (measured end-to-end layer sensitivity,
     /// interpolated in rel MSE; the default when the profile has it), sensitivity-linear (fitted
     /// weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
     /// resid-mse (relative to the residual stream).
     #[arg(long, value_enum)]
-    pub cost: Option<CostArg>,
+    pub cost: Option<Cost>,
     /// The policy file to write (TOML).
     #[arg(long)]
     pub out: PathBuf,
@@ -232,43 +189,13 @@ pub struct SolveArgs {
     pub check_tokens: usize,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum KindArg {
-    FfnParams,
-    Params,
-    Latency,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum CostArg {
-    Sensitivity,
-    SensitivityLinear,
-    RelMse,
-    ResidMse,
-}
-
 pub fn solve(a: SolveArgs) -> Result<()> {
     let profile = Profile::read(&a.profile)?;
-    let budget = Budget {
-        kind: match a.of {
-            KindArg::FfnParams => BudgetKind::FfnParams,
-            KindArg::Params => BudgetKind::Params,
-            KindArg::Latency => BudgetKind::Latency,
-        },
-        fraction: a.budget,
-        absolute: a.max,
-    };
-    if a.budget.is_none() && a.max.is_none() {
+    if a.budget.fraction.is_none() && a.budget.absolute.is_none() {
         bail!("give a budget: --budget FRACTION or --max VALUE");
     }
-    let cost = match a.cost {
-        None => Cost::default_for(&profile),
-        Some(CostArg::Sensitivity) => Cost::Sensitivity,
-        Some(CostArg::SensitivityLinear) => Cost::SensitivityLinear,
-        Some(CostArg::RelMse) => Cost::RelMse,
-        Some(CostArg::ResidMse) => Cost::ResidMse,
-    };
-    let s = solve_profile(&profile, &budget, cost)?;
+    let cost = a.cost.unwrap_or_else(|| Cost::default_for(&profile));
+    let s = solve_profile(&profile, &a.budget, cost)?;
     s.policies.write(&a.out)?;
     let sidecar = a.out.with_extension("solve.json");
     write_json(&sidecar, &s)?;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use ladimo_distill::finetune::FinetuneConfig;
 use ladimo_distill::train::TrainConfig;
 use ladimo_moe::Policy;
-use ladimo_profile::{BudgetKind, Cost, SensitivityContext};
+use ladimo_profile::{Budget, Cost, ProfileConfig};
 use serde::{Deserialize, Serialize};
 
 /// Everything `convert` does, in pipeline order.
@@ -88,7 +88,7 @@ pub struct Stage1Config {
     /// 2 x tokens x hidden x 2 bytes per layer; 6.9 GB for SmolLM2 with 100K tokens).
     pub keep_capture: bool,
     /// How each layer is cut and trained (`ladimo_distill::train::TrainConfig`): experts,
-    /// shared_neurons, strategy (contiguous|random|kmeans|coactivation), seed,
+    /// shared_fraction, strategy (contiguous|random|kmeans|coactivation), seed,
     /// train_policy = { type = "TopK", k = 6 }, combine = { weights = "Renormalized", scale = 6.0 },
     /// epochs, batch_tokens, lr, warmup_frac, min_lr_frac, weight_decay, cosine_weight, val_frac,
     /// log_every, router_init_std, router_norm_weight, router_norm_temp.
@@ -113,29 +113,16 @@ impl Default for Stage1Config {
 /// Stage 2: profile the routers on calibration text (the tail of the calibration files, away
 /// from what stage 1 trained on) and choose one routing policy per layer within a budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Stage2Config {
-    /// Profiling tokens per calibration tag.
-    pub tokens: usize,
-    pub seq_len: usize,
-    /// Candidate policies besides TopK 1..N: TopP at these p, Confidence at these tau.
-    pub top_p_grid: Vec<f32>,
-    pub tau_grid: Vec<f32>,
-    /// Tokens and repeats for each candidate's measured latency.
-    pub latency_tokens: usize,
-    pub latency_repeats: usize,
-    /// Uniform top-k points whose calibration perplexity calibrates the PPL prediction.
-    pub uniform_k: Vec<usize>,
-    /// End-to-end layer sensitivity: for each layer alone, the calibration ln-PPL change when it
-    /// runs the MoE at top-k for these k (every other layer dense), on `sensitivity_tokens`
-    /// tokens. Empty: not measured (then `cost` cannot be `sensitivity`).
-    pub sensitivity_k: Vec<usize>,
-    pub sensitivity_tokens: usize,
-    /// What every other layer runs while one is probed: `dense` (each layer's cost on its own)
-    /// or `moe` (the stage-1 model under its training policy: each layer's cost around that
-    /// operating point; for stage 1 with student inputs, whose blocks are tuned to each other).
-    pub sensitivity_context: SensitivityContext,
-    pub budget: BudgetConfig,
+    /// What to profile and how (`ladimo_profile::ProfileConfig`, its fields directly under
+    /// `[stage2]`): tokens, seq_len, top_p_grid, tau_grid, latency_tokens, latency_repeats,
+    /// uniform_k, sensitivity_k, sensitivity_tokens, sensitivity_context.
+    #[serde(flatten)]
+    pub profile: ProfileConfig,
+    /// What the chosen policies may activate (`ladimo_profile::Budget`): `of` = ffn-params,
+    /// params or latency; `fraction` of the dense value, or `max` (absolute).
+    pub budget: Budget,
     /// The per-layer cost the solver minimises: sensitivity (the measured ln-PPL changes,
     /// interpolated by experts run), sensitivity-linear, rel-mse or resid-mse.
     pub cost: Cost,
@@ -147,42 +134,11 @@ pub struct Stage2Config {
 
 impl Default for Stage2Config {
     fn default() -> Self {
-        let p = ladimo_profile::ProfileConfig::default();
         Self {
-            tokens: 4096,
-            seq_len: 512,
-            top_p_grid: p.top_p_grid,
-            tau_grid: p.tau_grid,
-            latency_tokens: p.latency_tokens,
-            latency_repeats: p.latency_repeats,
-            uniform_k: vec![2, 3, 4, 5],
-            sensitivity_k: p.sensitivity_k,
-            sensitivity_tokens: p.sensitivity_tokens,
-            sensitivity_context: p.sensitivity_context,
-            budget: BudgetConfig::default(),
+            profile: ProfileConfig::default(),
+            budget: Budget::default(),
             cost: Cost::Sensitivity,
             fixed_policy: None,
-        }
-    }
-}
-
-/// What the chosen policies may activate: `fraction` of the dense value, or `max` (absolute).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BudgetConfig {
-    /// ffn-params (activated FFN parameters per token), params (whole model) or latency
-    /// (measured FFN seconds per token).
-    pub of: BudgetKind,
-    pub fraction: Option<f64>,
-    pub max: Option<f64>,
-}
-
-impl Default for BudgetConfig {
-    fn default() -> Self {
-        Self {
-            of: BudgetKind::FfnParams,
-            fraction: Some(0.75),
-            max: None,
         }
     }
 }
@@ -243,7 +199,13 @@ impl ConvertConfig {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "the built-in default config".into());
         let mut cfg: ConvertConfig =
-            ConvertConfig::deserialize(value).with_context(|| format!("{name}: invalid config"))?;
+            ConvertConfig::deserialize(value.clone()).with_context(|| format!("{name}: invalid config"))?;
+        let read = toml::Table::try_from(&cfg).context("serializing the config")?;
+        let mut unknown = Vec::new();
+        unknown_keys(&value, &read, "", &mut unknown);
+        if !unknown.is_empty() {
+            bail!("{name}: invalid config: unknown field(s) {}", unknown.join(", "));
+        }
         cfg.resolve_paths(&base);
         cfg.check().with_context(|| format!("{name}: invalid config"))?;
         Ok(cfg)
@@ -265,14 +227,10 @@ impl ConvertConfig {
 
     /// Refuse settings that cannot work, before anything long runs.
     pub fn check(&self) -> Result<()> {
-        let b = &self.stage2.budget;
-        match (b.fraction, b.max) {
-            (Some(_), Some(_)) => bail!("stage2.budget: give `fraction` or `max`, not both"),
-            (None, None) => bail!("stage2.budget: give `fraction` or `max`"),
-            (Some(f), None) if !(f > 0.0 && f <= 1.0) => bail!("stage2.budget.fraction = {f}: expected 0 < f <= 1"),
-            (None, Some(m)) if m.is_nan() || m <= 0.0 => bail!("stage2.budget.max = {m}: expected > 0"),
-            _ => {}
-        }
+        self.stage2
+            .budget
+            .check()
+            .map_err(|e| anyhow::anyhow!("stage2.budget: {e}"))?;
         let s1 = &self.stage1;
         if s1.seq_len == 0 || s1.tokens < s1.seq_len {
             bail!(
@@ -296,14 +254,15 @@ impl ConvertConfig {
                 .check(s1.train.experts, s1.tokens / s1.seq_len, s1.seq_len)
                 .map_err(|e| anyhow::anyhow!("stage1.finetune.{e}"))?;
         }
-        if self.stage2.tokens < self.stage2.seq_len {
+        let p = &self.stage2.profile;
+        if p.tokens < p.seq_len {
             bail!(
                 "stage2.tokens ({}) is shorter than one window ({})",
-                self.stage2.tokens,
-                self.stage2.seq_len
+                p.tokens,
+                p.seq_len
             );
         }
-        if self.stage2.cost.is_ln_ppl() && self.stage2.sensitivity_k.is_empty() {
+        if self.stage2.cost.is_ln_ppl() && !p.measures_sensitivity() {
             bail!(
                 "stage2.cost = {:?} needs stage2.sensitivity_k (the probes it is made of)",
                 self.stage2.cost
@@ -350,6 +309,27 @@ impl ConvertConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Keys of `given` (the file) that `read` (the config as read, serialized back) lacks: fields no
+/// struct took. Serde's `deny_unknown_fields` does this for most tables but cannot see through
+/// `[stage2]`, whose profiling settings are a flattened struct of ladimo-profile.
+fn unknown_keys(given: &toml::Table, read: &toml::Table, at: &str, out: &mut Vec<String>) {
+    for (k, v) in given {
+        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+        match (v, read.get(k)) {
+            (_, None) => out.push(format!("`{path}`")),
+            (toml::Value::Table(g), Some(toml::Value::Table(r))) => unknown_keys(g, r, &path, out),
+            (toml::Value::Array(g), Some(toml::Value::Array(r))) => {
+                for (i, (g, r)) in g.iter().zip(r).enumerate() {
+                    if let (toml::Value::Table(g), toml::Value::Table(r)) = (g, r) {
+                        unknown_keys(g, r, &format!("{path}[{i}]"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -405,6 +385,10 @@ mod tests {
         std::fs::write(&p, "[stage2.budget]\nfracton = 0.5\n").unwrap();
         let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
         assert!(e.contains("c.toml") && e.contains("fracton"), "{e}");
+        // Also directly under [stage2], whose profiling settings are a flattened struct.
+        std::fs::write(&p, "[stage2]\nsensitivity_tokns = 512\n").unwrap();
+        let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
+        assert!(e.contains("c.toml") && e.contains("stage2.sensitivity_tokns"), "{e}");
         std::fs::write(&p, "[stage1.train]\nexperts = 8\nlearning_rate = 1\n").unwrap();
         let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
         assert!(e.contains("learning_rate"), "{e}");

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use ladimo_data::{Task, TaskItem};
 use ladimo_model::loglik::continuation_logliks;
+use ladimo_model::timing::median;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{KvCache, Transformer};
 use serde::{Deserialize, Serialize};
@@ -141,13 +142,11 @@ pub fn speed(model: &Transformer, ids: &[u32], decode: usize, repeats: usize) ->
     };
     prefill_once()?;
     decode_once()?;
-    let mut p = (0..repeats.max(1))
+    let p = (0..repeats.max(1))
         .map(|_| prefill_once())
         .collect::<Result<Vec<_>>>()?;
-    let mut d = (0..repeats.max(1)).map(|_| decode_once()).collect::<Result<Vec<_>>>()?;
-    p.sort_by(f64::total_cmp);
-    d.sort_by(f64::total_cmp);
-    Ok((ids.len() as f64 / p[p.len() / 2], decode as f64 / d[d.len() / 2]))
+    let d = (0..repeats.max(1)).map(|_| decode_once()).collect::<Result<Vec<_>>>()?;
+    Ok((ids.len() as f64 / median(p), decode as f64 / median(d)))
 }
 
 /// Dense and MoE tokens/s side by side: `repeats` rounds, each timing dense then MoE once, so a
@@ -172,12 +171,6 @@ pub fn speed_side_by_side(
         tick();
     }
     Ok(((median(dp), median(dd)), (median(mp), median(md))))
-}
-
-/// The median (NaN for no values).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// One training-free baseline of the report: a method calibrated on the stage-2 calibration text

@@ -50,7 +50,7 @@ pub(crate) fn profile(
     let s2cfg = &cfg.stage2;
     let mut texts = Vec::new();
     for set in &inputs.cal_sets {
-        let ids = take_tokens(inputs.tokenizer()?, &set.files, s2cfg.tokens, Part::Tail)
+        let ids = take_tokens(inputs.tokenizer()?, &set.files, s2cfg.profile.tokens, Part::Tail)
             .with_context(|| format!("calibration set `{}` for stage 2 (stage2.tokens)", set.tag))?;
         texts.push((set.tag.clone(), ids));
     }
@@ -71,16 +71,10 @@ pub(crate) fn profile(
         times,
         |_| Ok(Some(Profile::read(&profile_path)?)),
         |_, _| {
+            // The sensitivity is measured as a step of its own below.
             let pcfg = ProfileConfig {
-                seq_len: s2cfg.seq_len,
-                top_p_grid: s2cfg.top_p_grid.clone(),
-                tau_grid: s2cfg.tau_grid.clone(),
-                latency_tokens: s2cfg.latency_tokens,
-                latency_repeats: s2cfg.latency_repeats,
-                uniform_k: s2cfg.uniform_k.clone(),
-                // Measured as a step of its own below.
-                sensitivity_k: vec![],
-                ..ProfileConfig::default()
+                sensitivity_k: Some(vec![]),
+                ..s2cfg.profile.clone()
             };
             let mut pb: Option<(String, ProgressBar)> = None;
             let mut p = profile_model(moe, &inputs.dense, &texts, &pcfg, &cfg.model, |stage, d, total| {
@@ -104,7 +98,7 @@ pub(crate) fn profile(
         },
     )?;
     let mut key = step.key.clone();
-    if !s2cfg.sensitivity_k.is_empty() {
+    if s2cfg.profile.measures_sensitivity() {
         let sens = Step::new(
             step.dir.join("sensitivity"),
             "stage 2: layer sensitivity",
@@ -116,18 +110,18 @@ pub(crate) fn profile(
             times,
             |_| Ok(have.then_some(())),
             |_, _| {
-                let pcfg = ProfileConfig {
-                    seq_len: s2cfg.seq_len,
-                    sensitivity_k: s2cfg.sensitivity_k.clone(),
-                    sensitivity_tokens: s2cfg.sensitivity_tokens,
-                    sensitivity_context: s2cfg.sensitivity_context,
-                    ..ProfileConfig::default()
-                };
                 let mut pb: Option<ProgressBar> = None;
-                ladimo_profile::add_sensitivity(&mut profile, moe, &inputs.dense, &texts, &pcfg, |_, d, total| {
-                    let b = pb.get_or_insert_with(|| bar(total, "2/4 stage 2: sensitivity"));
-                    b.set_position(d as u64);
-                })?;
+                ladimo_profile::add_sensitivity(
+                    &mut profile,
+                    moe,
+                    &inputs.dense,
+                    &texts,
+                    &s2cfg.profile,
+                    |_, d, total| {
+                        let b = pb.get_or_insert_with(|| bar(total, "2/4 stage 2: sensitivity"));
+                        b.set_position(d as u64);
+                    },
+                )?;
                 if let Some(b) = pb {
                     b.finish();
                 }
@@ -144,11 +138,7 @@ pub(crate) fn profile(
 /// work/stage2/policy.toml and apply it to `moe`.
 pub(crate) fn solve(cfg: &ConvertConfig, p: Profiled, moe: &mut Transformer, work: &Path) -> Result<Stage2> {
     let s2cfg = &cfg.stage2;
-    let budget = Budget {
-        kind: s2cfg.budget.of,
-        fraction: s2cfg.budget.fraction,
-        absolute: s2cfg.budget.max,
-    };
+    let budget = s2cfg.budget;
     let solved = match &s2cfg.fixed_policy {
         None => solve_profile(&p.profile, &budget, s2cfg.cost)
             .context("stage 2: solving for the budget in stage2.budget")?,

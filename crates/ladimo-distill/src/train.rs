@@ -35,8 +35,9 @@ use crate::partition::{
 pub struct TrainConfig {
     /// Routed experts per layer.
     pub experts: usize,
-    /// Always-on shared neurons (the most often active ones); the rest are split into experts.
-    pub shared_neurons: usize,
+    /// The share of the FFN's neurons that are always on (the most often active ones; see
+    /// [`TrainConfig::shared_neurons`]); the rest are split into experts.
+    pub shared_fraction: f64,
     /// Partition strategy: contiguous, random, kmeans, coactivation.
     pub strategy: String,
     pub seed: u64,
@@ -94,11 +95,19 @@ pub enum Inputs {
     Student,
 }
 
+impl TrainConfig {
+    /// The shared neurons of an FFN of `intermediate` neurons: `shared_fraction` of them, rounded.
+    pub fn shared_neurons(&self, intermediate: usize) -> usize {
+        (self.shared_fraction * intermediate as f64).round() as usize
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             experts: 6,
-            shared_neurons: 384,
+            // 384 of SmolLM2's 1536.
+            shared_fraction: 0.25,
             strategy: "kmeans".into(),
             seed: 0,
             train_policy: Policy::TopK { k: 4 },
@@ -272,8 +281,14 @@ pub fn train_layer(
     let sample_n = train_n.min(1024);
     let acts = ActivationSample::compute(ffn, &x[..sample_n * hidden], sample_n);
     let strategy = strategy_by_name(&cfg.strategy, cfg.seed ^ layer as u64).map_err(DistillError::Invalid)?;
-    let partition = build_partition(ffn, Some(&acts), strategy.as_ref(), cfg.experts, cfg.shared_neurons)
-        .map_err(|e| DistillError::Invalid(format!("layer {layer}: {e}")))?;
+    let partition = build_partition(
+        ffn,
+        Some(&acts),
+        strategy.as_ref(),
+        cfg.experts,
+        cfg.shared_neurons(ffn.intermediate_size()),
+    )
+    .map_err(|e| DistillError::Invalid(format!("layer {layer}: {e}")))?;
     let experts: Vec<HostFfn> = partition.experts.iter().map(|p| ffn.select_neurons(p)).collect();
     let shared = (!partition.shared.is_empty()).then(|| ffn.select_neurons(&partition.shared));
     let mut router = router_from_partition(ffn, &partition);

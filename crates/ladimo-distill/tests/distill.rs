@@ -10,7 +10,7 @@ use ladimo_moe::{Combine, CombineWeights, Policy};
 fn cfg() -> TrainConfig {
     TrainConfig {
         experts: 4,
-        shared_neurons: 0,
+        shared_fraction: 0.0,
         strategy: "kmeans".into(),
         train_policy: Policy::TopK { k: 2 },
         also_train_with: Vec::new(),

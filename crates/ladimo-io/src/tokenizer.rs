@@ -75,17 +75,14 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Render a single user turn with the checkpoint's chat template (ChatML only).
+    /// Render a single user turn with the checkpoint's chat template (ChatML only), after the
+    /// system turn the template writes when a conversation has none ([`default_system_turn`]).
     pub fn apply_chat_template(&self, user: &str) -> Option<String> {
         let t = self.chat_template.as_deref()?;
         if !t.contains("<|im_start|>") {
             return None;
         }
-        let system = if t.contains("You are a helpful AI assistant named SmolLM") {
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        } else {
-            ""
-        };
+        let system = default_system_turn(t).unwrap_or_default();
         Some(format!(
             "{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         ))
@@ -124,6 +121,15 @@ fn quiet_catch_unwind<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String
         Some(s) => s.to_string(),
         None => payload.downcast_ref::<String>().cloned().unwrap_or_default(),
     })
+}
+
+/// The system turn a ChatML template writes when a conversation starts without one: the
+/// template's first string literal that opens a system turn (`'<|im_start|>system...'`), with
+/// `\n` escapes read as line breaks. None when the template writes no such turn.
+fn default_system_turn(template: &str) -> Option<String> {
+    let start = template.find("'<|im_start|>system")? + 1;
+    let len = template[start..].find('\'')?;
+    Some(template[start..start + len].replace("\\n", "\n"))
 }
 
 /// The `tokenizer.json` equivalent of a GGUF's byte-level BPE tokenizer.
@@ -213,4 +219,30 @@ fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     }))
+}
+
+#[cfg(test)]
+mod chat_tests {
+    use super::default_system_turn;
+
+    #[test]
+    fn the_system_turn_comes_from_the_template() {
+        // SmolLM2-Instruct's template, as its GGUF carries it.
+        let t = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}\
+                 {{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\
+                 <|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + \
+                 '<|im_end|>' + '\n'}}{% endfor %}";
+        assert_eq!(
+            default_system_turn(t).as_deref(),
+            Some(
+                "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            )
+        );
+        // Escaped line breaks read as line breaks; a template without a system turn has none.
+        assert_eq!(
+            default_system_turn(r"{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}").as_deref(),
+            Some("<|im_start|>system\nBe brief.<|im_end|>\n")
+        );
+        assert_eq!(default_system_turn("{{'<|im_start|>' + message['role'] }}"), None);
+    }
 }

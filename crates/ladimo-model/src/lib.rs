@@ -17,6 +17,7 @@ mod llama;
 pub mod loglik;
 pub mod perplexity;
 mod rope;
+pub mod timing;
 pub mod util;
 
 pub use dtype::round_weights;

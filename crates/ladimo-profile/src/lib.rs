@@ -182,7 +182,7 @@ pub struct Sensitivity {
 }
 
 /// What the other layers run while one layer is probed (`ProfileConfig::sensitivity_context`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SensitivityContext {
     /// The dense teacher: each layer's cost on its own, as if the others were not converted.

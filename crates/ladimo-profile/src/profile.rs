@@ -10,53 +10,105 @@ use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{ModelError, Transformer};
 use ladimo_moe::{MoeBlock, Policy, moe_block, moe_block_mut};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     CandidateCost, HIST_BINS, LayerProfile, LayerSensitivity, Profile, ProfileError, RoutingDistribution, Sensitivity,
     SensitivityContext, SensitivityProbe, UniformPoint,
 };
 
-/// What to profile and how.
-#[derive(Debug, Clone)]
+/// What to profile and how: the one definition of the stage-2 profiling settings. The convert
+/// config's `[stage2]` embeds it (serde), `ladimo profile` takes it as flags (clap), and both
+/// take their defaults from [`ProfileConfig::default`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
 pub struct ProfileConfig {
+    /// Profiling tokens per calibration tag (taken from the end of the files, away from what
+    /// stage 1 trained on).
+    #[arg(long, default_value_t = ProfileConfig::default().tokens)]
+    pub tokens: usize,
     /// Window length of the teacher passes.
+    #[arg(long, default_value_t = ProfileConfig::default().seq_len)]
     pub seq_len: usize,
-    /// TopP candidates: these p (min_k 1, max_k N).
+    /// Candidate policies besides TopK 1..N: TopP at these p (min_k 1, max_k N).
+    #[arg(long, value_delimiter = ',', default_values_t = ProfileConfig::default().top_p_grid)]
     pub top_p_grid: Vec<f32>,
-    /// Confidence candidates: these tau, with (k_low, k_high) = (k, k + 1) and (k, k + 2).
+    /// Confidence candidates at these tau, with (k_low, k_high) = (k, k + 1) and (k, k + 2).
+    #[arg(long, value_delimiter = ',', default_values_t = ProfileConfig::default().tau_grid)]
     pub tau_grid: Vec<f32>,
     /// Tokens the latency of each policy is measured on, and repeats (median; one warm-up).
+    #[arg(long, default_value_t = ProfileConfig::default().latency_tokens)]
     pub latency_tokens: usize,
+    #[arg(long, default_value_t = ProfileConfig::default().latency_repeats)]
     pub latency_repeats: usize,
-    /// Token chunk for computing expert outputs (bounds memory: chunk x experts x hidden floats).
+    /// Token chunk for computing expert outputs (bounds memory: chunk x experts x hidden floats);
+    /// not a setting of the config file.
+    #[serde(skip, default = "chunk_tokens")]
+    #[arg(skip = chunk_tokens())]
     pub chunk_tokens: usize,
-    /// Uniform top-k values whose calibration perplexity calibrates the cost -> PPL prediction.
-    pub uniform_k: Vec<usize>,
-    /// Probe policies of the layer sensitivity (top-k for these k; those above a layer's expert
-    /// count are skipped); empty: no sensitivity is measured. See [`add_sensitivity`].
-    pub sensitivity_k: Vec<usize>,
+    /// Uniform top-k models whose calibration perplexity calibrates the cost -> PPL prediction.
+    /// Absent: 2 to N - 1, N the fewest experts of a layer ([`ProfileConfig::uniform_ks`]).
+    #[arg(long, value_delimiter = ',')]
+    pub uniform_k: Option<Vec<usize>>,
+    /// Probe policies of the layer sensitivity: top-k for these k (those above a layer's expert
+    /// count are skipped); empty: no sensitivity is measured. Absent: 2 to N - 1, N the layer's
+    /// experts ([`ProfileConfig::sensitivity_ks`]). See [`add_sensitivity`].
+    #[arg(long, value_delimiter = ',')]
+    pub sensitivity_k: Option<Vec<usize>>,
     /// Calibration tokens the sensitivity probes run on (whole windows of `seq_len`, taken in
     /// turn from each language's text; at least one window).
+    #[arg(long, default_value_t = ProfileConfig::default().sensitivity_tokens)]
     pub sensitivity_tokens: usize,
-    /// What the other layers run while one layer is probed: the dense teacher, or the MoE model
-    /// under its loaded policies. See [`crate::SensitivityContext`].
+    /// What the other layers run while one layer is probed: dense (the teacher; each layer's
+    /// cost on its own) or moe (the MoE model under its loaded policies; for stage 1 with
+    /// student inputs, whose blocks are tuned to each other). See [`crate::SensitivityContext`].
+    #[arg(long, value_enum, default_value_t = ProfileConfig::default().sensitivity_context)]
     pub sensitivity_context: SensitivityContext,
+}
+
+fn chunk_tokens() -> usize {
+    2048
 }
 
 impl Default for ProfileConfig {
     fn default() -> Self {
         Self {
+            tokens: 4096,
             seq_len: 512,
             top_p_grid: vec![0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98],
             tau_grid: vec![0.3, 0.4, 0.5, 0.6, 0.7],
             latency_tokens: 512,
             latency_repeats: 5,
-            chunk_tokens: 2048,
-            uniform_k: vec![],
-            sensitivity_k: vec![2, 3, 4, 5],
+            chunk_tokens: chunk_tokens(),
+            uniform_k: None,
+            sensitivity_k: None,
             sensitivity_tokens: 2048,
             sensitivity_context: SensitivityContext::Dense,
         }
+    }
+}
+
+/// 2 to n - 1: the top-k worth probing in a layer of n experts (top-1 is far off, top-n is
+/// every expert).
+fn probe_ks(n: usize) -> Vec<usize> {
+    (2..n).collect()
+}
+
+impl ProfileConfig {
+    /// The uniform top-k points for a model whose smallest MoE layer has `n` experts.
+    pub fn uniform_ks(&self, n: usize) -> Vec<usize> {
+        self.uniform_k.clone().unwrap_or_else(|| probe_ks(n))
+    }
+
+    /// The sensitivity probes' k for a layer of `n` experts.
+    pub fn sensitivity_ks(&self, n: usize) -> Vec<usize> {
+        let ks = self.sensitivity_k.clone().unwrap_or_else(|| probe_ks(n));
+        ks.into_iter().filter(|&k| k >= 1 && k <= n).collect()
+    }
+
+    /// Whether the layer sensitivity is measured at all (`sensitivity_k` is not empty).
+    pub fn measures_sensitivity(&self) -> bool {
+        self.sensitivity_k.as_ref().is_none_or(|k| !k.is_empty())
     }
 }
 
@@ -197,19 +249,6 @@ struct Acc {
     params: f64,
 }
 
-/// Median seconds of `f` over `repeats` runs after one warm-up.
-fn median_time(repeats: usize, mut f: impl FnMut() -> Result<(), ProfileError>) -> Result<f64, ProfileError> {
-    f()?;
-    let mut t = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64());
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
-}
-
 /// Profile every MoE layer of `moe` against the dense teacher `dense` on `texts` (language tag,
 /// token ids; each cut into whole windows of `cfg.seq_len`). `progress(stage, done, total)`.
 pub fn profile_model(
@@ -326,7 +365,7 @@ pub fn profile_model(
         let lat_n = cfg.latency_tokens.min(n_tok);
         let x_lat = Tensor::<2>::from_data(TensorData::new(d.x[..lat_n * h].to_vec(), [lat_n, h]), &device);
         let dense_ffn = &dense.layers[l].ffn;
-        let dense_s = median_time(cfg.latency_repeats, || {
+        let dense_s = ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
             let y = dense_ffn
                 .forward(x_lat.clone().reshape([1, lat_n, h]))
                 .map_err(|source| ModelError::Ffn { layer: l, source })?;
@@ -342,7 +381,7 @@ pub fn profile_model(
             let b: &mut MoeBlock = moe_block_mut(moe, l).expect("MoE layer");
             b.set_policy(policy.clone())?;
             let b: &MoeBlock = b;
-            let secs = median_time(cfg.latency_repeats, || {
+            let secs = ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
                 let y = b.forward_tokens(x_lat.clone())?;
                 let _ = to_vec(y.narrow(0, 0, 1));
                 Ok(())
@@ -387,7 +426,9 @@ pub fn profile_model(
         .map(|&l| (l, moe_block(moe, l).unwrap().policy.clone()))
         .collect();
     let mut uniform = Vec::new();
-    for (i, &k) in cfg.uniform_k.iter().enumerate() {
+    let fewest = layers.iter().map(|lp| lp.num_experts).min().unwrap_or(0);
+    let uniform_ks = cfg.uniform_ks(fewest);
+    for (i, &k) in uniform_ks.iter().enumerate() {
         let policy = Policy::TopK { k };
         let (mut s_rel, mut s_res) = (0.0, 0.0);
         for lp in &layers {
@@ -405,7 +446,7 @@ pub fn profile_model(
             sum_resid_mse: s_res,
             ppl,
         });
-        progress("uniform", i + 1, cfg.uniform_k.len());
+        progress("uniform", i + 1, uniform_ks.len());
     }
     for (l, p) in originals {
         let b = moe_block_mut(moe, l).unwrap();
@@ -428,7 +469,7 @@ pub fn profile_model(
         uniform,
         sensitivity: None,
     };
-    if !cfg.sensitivity_k.is_empty() {
+    if cfg.measures_sensitivity() {
         add_sensitivity(&mut profile, moe, dense, texts, cfg, &mut progress)?;
     }
     Ok(profile)
@@ -499,7 +540,7 @@ pub fn add_sensitivity(
             "the MoE model and the dense teacher differ in shape".into(),
         ));
     }
-    if cfg.sensitivity_k.is_empty() {
+    if !cfg.measures_sensitivity() {
         return Err(ProfileError::Invalid(
             "no sensitivity probe policy (sensitivity_k is empty)".into(),
         ));
@@ -553,13 +594,8 @@ pub fn add_sensitivity(
     let dense_ln_ppl = ln_ppl(&dense_nll);
     let context_ln_ppl = ln_ppl(&context_nll);
 
-    let probes_of = |e: usize| -> Vec<Policy> {
-        cfg.sensitivity_k
-            .iter()
-            .filter(|&&k| k >= 1 && k <= e)
-            .map(|&k| Policy::TopK { k })
-            .collect()
-    };
+    let probes_of =
+        |e: usize| -> Vec<Policy> { cfg.sensitivity_ks(e).into_iter().map(|k| Policy::TopK { k }).collect() };
     let total: usize = profile.layers.iter().map(|lp| probes_of(lp.num_experts).len()).sum();
     let mut done = 0;
     let mut layers = Vec::with_capacity(profile.layers.len());

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError, SensitivityContext};
 
 /// What the budget limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BudgetKind {
     /// Activated FFN parameters per token (router + shared + routed experts that run).
@@ -20,16 +20,53 @@ pub enum BudgetKind {
     Latency,
 }
 
-/// A budget: a fraction of the dense model's value of `kind`, or an absolute value.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// A budget: a fraction of the dense model's value of `of`, or an absolute value (`max`). The
+/// one definition: the convert config's `[stage2.budget]` (serde) and `ladimo solve`'s flags
+/// (clap) are this struct.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
 pub struct Budget {
+    /// What the budget limits: ffn-params (activated FFN parameters per token), params (whole
+    /// model) or latency (measured FFN seconds per token).
+    #[serde(rename = "of", alias = "kind")]
+    #[arg(long = "of", value_enum, default_value_t = Budget::default().kind)]
     pub kind: BudgetKind,
+    /// The budget as a fraction of the dense model's value (e.g. 0.75).
+    #[arg(long = "budget", conflicts_with = "absolute")]
     pub fraction: Option<f64>,
+    /// The budget as an absolute value (parameters per token, or FFN seconds per token for
+    /// latency).
+    #[serde(rename = "max", alias = "absolute")]
+    #[arg(long = "max")]
     pub absolute: Option<f64>,
 }
 
+impl Default for Budget {
+    /// 75% of the dense model's activated FFN parameters.
+    fn default() -> Self {
+        Self {
+            kind: BudgetKind::FfnParams,
+            fraction: Some(0.75),
+            absolute: None,
+        }
+    }
+}
+
+impl Budget {
+    /// Exactly one of `fraction` (in (0, 1]) and `max` (> 0); the message names the field.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.fraction, self.absolute) {
+            (Some(_), Some(_)) => Err("give `fraction` or `max`, not both".into()),
+            (None, None) => Err("give `fraction` or `max`".into()),
+            (Some(f), None) if !(f > 0.0 && f <= 1.0) => Err(format!("fraction = {f}: expected 0 < f <= 1")),
+            (None, Some(m)) if m.is_nan() || m <= 0.0 => Err(format!("max = {m}: expected > 0")),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Which per-layer quality cost the solver minimises (summed over layers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Cost {
     /// Squared error relative to the dense FFN output.

@@ -21,7 +21,7 @@ pub fn tiny(fixture: &str, n: u32) -> (Checkpoint, Transformer, Vec<u32>) {
 pub fn unit_top2(inputs: Inputs, residual_correction: f64) -> TrainConfig {
     TrainConfig {
         experts: 4,
-        shared_neurons: 0,
+        shared_fraction: 0.0,
         train_policy: Policy::TopK { k: 2 },
         also_train_with: Vec::new(),
         combine: Combine {
