@@ -38,7 +38,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
         other => bail!("--gguf-type {other}: one of f16, q8_0"),
     };
     let ckpt = crate::open(&a.model)?;
-    let model = crate::load(&ckpt, a.policy.as_deref())?;
+    let model = crate::load(&ckpt, a.policy.as_deref(), None)?;
     let opts = ExportOptions {
         format: a.format,
         gguf_type,
