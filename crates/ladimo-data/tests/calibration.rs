@@ -33,9 +33,13 @@ fn calibration_tokens_never_open_a_held_out_file() {
     let data = DataSet {
         calibration_en: en.clone(),
         heldout_en: dir.path().join("missing-persuasion.txt"),
+        // Not part of these token sets (yet): a missing file, so a read would fail.
+        calibration_en_docs: dir.path().join("missing-help-en.txt"),
+        heldout_en_ood: dir.path().join("missing-debian-reference.txt"),
         calibration_ko: ko.clone(),
         heldout_ko: vec![dir.path().join("missing-kolaw.txt")],
         manifest: dir.path().join("missing-manifest.json"),
+        sources: Vec::new(),
     };
     let tok = tokenizer();
     let cal = calibration_tokens(&tok, &data, 128, 1280, 0.2, 64).unwrap();
@@ -52,5 +56,5 @@ fn calibration_tokens_never_open_a_held_out_file() {
     assert!(ko_head.chunks(64).any(has), "no Korean window near the end");
     let en_head = take_tokens(&tok, &en, 1024, Part::Head).unwrap();
     assert!(en_head.chunks(64).any(has), "no English window near the end");
-    assert!(!data.heldout_en.exists() && !data.heldout_ko[0].exists());
+    assert!(!data.heldout_en.exists() && !data.heldout_ko[0].exists() && !data.heldout_en_ood.exists());
 }
