@@ -116,10 +116,13 @@ fn line_chart_rejects_no_points_and_non_finite_values() {
 #[test]
 fn write_errors_name_the_path() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("no_such_dir").join("c.svg");
+    // A missing folder is created (atomic writes make their parent); a file where the folder
+    // should be cannot be, and the error names it.
+    std::fs::write(dir.path().join("a_file"), "x").unwrap();
+    let path = dir.path().join("a_file").join("c.svg");
     let err = line_chart(&path, "t", "x", "y", &curves(), false).unwrap_err();
     assert!(matches!(err, PlotError::Io { .. }), "{err}");
-    assert!(err.to_string().contains("no_such_dir"), "{err}");
+    assert!(err.to_string().contains("a_file"), "{err}");
 }
 
 #[test]
