@@ -243,7 +243,7 @@ impl GgufFile {
             return Err(Error::format(
                 path,
                 format!(
-                    "header claims {n_tensors} tensors and {n_kv} metadata keys, more than the {} bytes of the file can hold",
+                    "truncated or corrupt: header claims {n_tensors} tensors and {n_kv} metadata keys, more than the {} bytes of the file can hold",
                     r.bytes.len()
                 ),
             ));
