@@ -112,12 +112,12 @@ impl Step {
         reuse: impl FnOnce(&Path) -> Result<Option<T>>,
         make: impl FnOnce(&Path, &mut Vec<StageTime>) -> Result<T>,
     ) -> Result<T> {
-        if let Some(r) = self.record() {
-            if let Some(v) = reuse(&self.dir)? {
-                tracing::info!("{}: reusing {} (finished earlier)", self.label, self.dir.display());
-                times.push(StageTime::earlier(self.label, r.seconds));
-                return Ok(v);
-            }
+        if let Some(r) = self.record()
+            && let Some(v) = reuse(&self.dir)?
+        {
+            tracing::info!("{}: reusing {} (finished earlier)", self.label, self.dir.display());
+            times.push(StageTime::earlier(self.label, r.seconds));
+            return Ok(v);
         }
         self.open()?;
         let (t, before) = (Instant::now(), times.len());

@@ -56,8 +56,8 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
         }
     }
     let mut y = vec![0f64; HIDDEN];
-    for j in 0..INTER {
-        if scale[j] == 0.0 {
+    for (j, &s_j) in scale.iter().enumerate() {
+        if s_j == 0.0 {
             continue;
         }
         let g = row(&w.gate, j);
@@ -70,7 +70,7 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
         };
         if keep {
             for (o, yo) in y.iter_mut().enumerate() {
-                *yo += scale[j] * h * w.down[o * INTER + j] as f64;
+                *yo += s_j * h * w.down[o * INTER + j] as f64;
             }
         }
     }
