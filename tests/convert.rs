@@ -60,6 +60,22 @@ fn ci_config_converts_the_tiny_model_and_resumes() {
     assert_eq!(tags, ["en", "en-ood", "ko"], "held-out perplexity per set");
     assert!(json.ppl.iter().all(|p| p.dense.is_finite() && p.moe.is_finite()));
     assert_eq!(json.tasks.len(), 2);
+    let stock = std::fs::read_to_string(out.join("stock-export.txt")).unwrap();
+    assert_eq!(
+        json.stock_export,
+        stock.trim(),
+        "the report says which stock copy was written"
+    );
+    // The training-free baselines beside it; TEAL (the default `eval.baseline_tasks`) is also
+    // scored on the same zero-shot items.
+    let methods: Vec<&str> = json.baselines.iter().map(|b| b.method.name()).collect();
+    assert_eq!(methods, ["static", "cats", "teal"]);
+    for b in &json.baselines {
+        assert_eq!(b.langs.len(), 3, "{}: a PPL per held-out set", b.method.name());
+        let want = if b.method.name() == "teal" { 2 } else { 0 };
+        assert_eq!(b.tasks.len(), want, "{}: zero-shot tasks", b.method.name());
+        assert!(b.tasks.iter().all(|t| t.items == 5 && (0.0..=1.0).contains(&t.primary)));
+    }
     assert!(
         std::fs::read_to_string(out.join("report.md"))
             .unwrap()

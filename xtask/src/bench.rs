@@ -21,7 +21,8 @@ pub enum Bench {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Python with torch + transformers for the reference run (default: $LADIMO_PYTHON, python3).
+        /// Python with torch + transformers (and llama-cpp-python, for --sparse) for the reference
+        /// runs (default: $LADIMO_PYTHON, else ~/.cache/ladimo/pyenv/bin/python, else python3).
         #[arg(long)]
         python: Option<String>,
         /// A converted MoE checkpoint (e.g. out/default): time it against its dense SmolLM2
@@ -60,6 +61,19 @@ pub enum Bench {
     },
     /// Forward, MoE and training-step benchmarks on every compiled backend, one table.
     Backends(crate::backends::BackendsArgs),
+}
+
+/// The Python the reference runs use: `$LADIMO_PYTHON`, else the virtual environment the tests
+/// and fixture scripts set up (`~/.cache/ladimo/pyenv`), else `python3`.
+pub fn default_python() -> String {
+    if let Some(p) = std::env::var("LADIMO_PYTHON").ok().filter(|p| !p.is_empty()) {
+        return p;
+    }
+    let venv = fetch::cache_dir().join("pyenv/bin/python");
+    if venv.is_file() {
+        return venv.to_string_lossy().into_owned();
+    }
+    "python3".into()
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -141,9 +155,7 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
         println!("{name:<10} {prefill:>14.1} {decode:>14.1}");
         ours.push((name, prefill, decode));
     }
-    let python = python
-        .or_else(|| std::env::var("LADIMO_PYTHON").ok())
-        .unwrap_or_else(|| "python3".into());
+    let python = python.unwrap_or_else(default_python);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_torch_forward.py");
     let out = Command::new(&python)
         .args([

@@ -215,10 +215,10 @@ pub fn run(a: Args) -> Result<()> {
     let windows: Vec<&[u32]> = cal.chunks(256).filter(|w| w.len() > 1).collect();
     let vocab = Checkpoint::open(&path)?.config.vocab_size;
     let prompt = prompt_ids(a.prompt_len, vocab);
-    let python = a
-        .python
-        .or_else(|| std::env::var("LADIMO_PYTHON").ok())
-        .unwrap_or_else(|| "python3".into());
+    let python = a.python.unwrap_or_else(crate::bench::default_python);
+    // llama.cpp's reference: the same weights in F16, written by ladimo's own GGUF export (the
+    // fetched Q4_1 file would compare 4-bit against 16-bit weights).
+    let gguf = dense_f16_gguf(&path, &device)?;
     // Per dtype: the model (weights rounded as they load) and its variants.
     let mut models = Vec::new();
     for &dtype in &a.dtypes {
@@ -261,7 +261,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         let out = std::process::Command::new(&python)
-            .args([script, "--gguf", &path.to_string_lossy(), "--repeats", "1"])
+            .args([script, "--gguf", &gguf.to_string_lossy(), "--repeats", "1"])
             .args([
                 "--prompt-len",
                 &a.prompt_len.to_string(),
@@ -321,12 +321,36 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    println!("llama.cpp dense decode (same GGUF, its own Q4_1 weights): {llama:.2} tok/s");
+    println!(
+        "llama.cpp dense decode ({}, F16 weights): {llama:.2} tok/s",
+        gguf.display()
+    );
     for (dtype, _, variants) in &models {
         let i = variants.iter().position(|v| matches!(v, Variant::Dense)).unwrap_or(0);
         let mi = models.iter().position(|(d, _, _)| d == dtype).unwrap_or(0);
         let tps = median(times[mi][i].iter().map(|r| r.0).collect());
-        println!("kernel dense {dtype} / llama.cpp: {:.2}x", tps / llama);
+        println!("kernel dense {dtype} / llama.cpp F16: {:.2}x", tps / llama);
     }
     Ok(())
+}
+
+/// SmolLM2 as an F16 GGUF (`ladimo export --format gguf`), written once into the cache.
+fn dense_f16_gguf(model: &std::path::Path, device: &burn::tensor::Device) -> Result<std::path::PathBuf> {
+    let dir = fetch::cache_dir().join("bench/smollm2-135m-f16-gguf");
+    let find = |dir: &std::path::Path| -> Option<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+    };
+    if let Some(p) = find(&dir) {
+        return Ok(p);
+    }
+    std::fs::create_dir_all(fetch::cache_dir().join("bench"))?;
+    let ckpt = Checkpoint::open(model)?;
+    let m = Transformer::from_checkpoint(&ckpt, device)?;
+    let opts = ladimo_moe::export::ExportOptions::new(ladimo_moe::export::Format::Gguf);
+    ladimo_moe::export::export(&ckpt, &m, &opts, &dir).with_context(|| format!("writing {}", dir.display()))?;
+    find(&dir).with_context(|| format!("{}: no .gguf written", dir.display()))
 }

@@ -86,7 +86,7 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
                 continue;
             }
             let t = Instant::now();
-            let r = baseline(&mut model, method, budget, &windows, &held, a.seq_len, |d, n| {
+            let r = baseline(&mut model, method, budget, &windows, &held, a.seq_len, None, |d, n| {
                 eprint!("\r{} at {budget}: {d}/{n}   ", method.name());
             })?;
             eprintln!("({:.0} s)", t.elapsed().as_secs_f64());

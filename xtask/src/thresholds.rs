@@ -6,7 +6,11 @@
 //!   calibration ln-PPL cost at each probed budget, exact knapsack under the global budget);
 //! - `loop`: uniform TEAL thresholds, then every layer's dense FFN trained under them, in order on
 //!   the student's own hidden states ([`ladimo_distill::thresholded`]);
-//! - `alloc-loop`: the same training on the allocated per-layer thresholds.
+//! - `alloc-loop`: the same training on the allocated per-layer thresholds;
+//! - `polish`: uniform TEAL thresholds, then every layer's FFN trained at once under them to match
+//!   the dense model's next-token distribution ([`ladimo_distill::teal_polish`]), then the
+//!   thresholds calibrated again on the new weights (the same budget);
+//! - `loop-polish`: the same polish starting from `loop`'s trained layers.
 //!
 //! Everything before the held-out scoring reads calibration text only: thresholds and the
 //! allocation's probes from the tails of the calibration files (as `ladimo sparsify` and `xtask
@@ -18,6 +22,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use ladimo_distill::teal_polish::{TealPolishConfig, dense_ffns, polish_thresholded};
 use ladimo_distill::thresholded::{ThresholdTrainConfig, apply_run, run_thresholded};
 use ladimo_model::Transformer;
 use ladimo_moe::sparsity::{Method, Sparsity, calibrate, set_sparsity};
@@ -31,7 +36,7 @@ pub struct ThresholdsArgs {
     /// Global FFN budgets (share of the FFN's parameters read per token).
     #[arg(long, value_delimiter = ',', default_value = "0.75")]
     budgets: Vec<f64>,
-    /// Which levers to measure: uniform, alloc, loop, alloc-loop.
+    /// Which levers to measure: uniform, alloc, loop, alloc-loop, polish, loop-polish.
     #[arg(long, value_delimiter = ',', default_value = "uniform,alloc,loop")]
     methods: Vec<String>,
     /// Threshold calibration tokens from the tail of each calibration file.
@@ -55,6 +60,13 @@ pub struct ThresholdsArgs {
     epochs: usize,
     #[arg(long, default_value_t = 0.0)]
     residual_correction: f64,
+    /// Polish: passes over the training tokens, peak learning rate, the teacher's top K.
+    #[arg(long, default_value_t = 1)]
+    polish_epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    polish_lr: f64,
+    #[arg(long, default_value_t = 128)]
+    polish_top_k: usize,
     /// Held-out tokens per language (the head of the held-out files).
     #[arg(long, default_value_t = 16_384)]
     heldout_tokens: usize,
@@ -114,11 +126,60 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
 }
 
+/// `loop`: every layer's dense FFN trained in order under `start` (reused from `--work` when a
+/// run of the same settings finished there); returns the model with the trained layers.
+fn train_loop(
+    a: &ThresholdsArgs,
+    ckpt: &ladimo_io::Checkpoint,
+    model: &mut Transformer,
+    train_ids: &[u32],
+    method: &str,
+    budget: f64,
+    start: &[Sparsity],
+) -> Result<Transformer> {
+    let cfg = ThresholdTrainConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        residual_correction: a.residual_correction,
+        ..Default::default()
+    };
+    let dir = a.work.join(format!(
+        "{method}-{budget}-{}tok-{:08x}-lr{}-e{}-c{}",
+        a.train_tokens,
+        fnv(train_ids),
+        a.lr,
+        a.epochs,
+        a.residual_correction
+    ));
+    set_all(model, &vec![None; model.layers.len()])?;
+    let reports = run_thresholded(model, train_ids, a.seq_len, start, &cfg, &dir, |l, s, n, loss| {
+        eprint!("\r{method} at {budget}: layer {l} step {s}/{n} loss {loss:.4}   ");
+    })?;
+    eprintln!();
+    for r in &reports {
+        eprintln!(
+            "  layer {:2}: val rel error {:.4} -> {:.4} ({:.0} s)",
+            r.layer, r.val_rel_error_init, r.val_rel_error, r.seconds
+        );
+    }
+    let mut trained = Transformer::from_checkpoint(ckpt, &model.device)?;
+    apply_run(&mut trained, &dir)?;
+    Ok(trained)
+}
+
+/// The TEAL thresholds layer `l` of `model` runs with.
+fn sparsity_of(model: &Transformer, l: usize) -> Result<Sparsity> {
+    let ffn: &dyn std::any::Any = model.layers[l].ffn.as_ref();
+    ffn.downcast_ref::<ladimo_moe::sparsity::SparseFfn>()
+        .map(|s| s.sparsity().clone())
+        .with_context(|| format!("layer {l} has no thresholds"))
+}
+
 pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let start = Instant::now();
     for m in &a.methods {
-        if !["uniform", "alloc", "loop", "alloc-loop"].contains(&m.as_str()) {
-            bail!("--methods: unknown `{m}` (uniform, alloc, loop, alloc-loop)");
+        if !["uniform", "alloc", "loop", "alloc-loop", "polish", "loop-polish"].contains(&m.as_str()) {
+            bail!("--methods: unknown `{m}` (uniform, alloc, loop, alloc-loop, polish, loop-polish)");
         }
     }
     for &b in &a.budgets {
@@ -164,6 +225,10 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
         (
             "en".to_string(),
             ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.heldout_tokens)?,
+        ),
+        (
+            "en-ood".to_string(),
+            ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en_ood), a.heldout_tokens)?,
         ),
         (
             "ko".to_string(),
@@ -256,35 +321,52 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                             .map(|s| s.clone().unwrap_or(Sparsity::Teal { x: 0.0, h: 0.0 }))
                             .collect()
                     };
-                    let cfg = ThresholdTrainConfig {
-                        epochs: a.epochs,
-                        lr: a.lr,
-                        residual_correction: a.residual_correction,
+                    let trained = train_loop(&a, &ckpt, &mut model, &train_ids, method, budget, &start_s)?;
+                    score(&trained, &held, a.seq_len)?
+                }
+                "polish" | "loop-polish" => {
+                    // The start: the dense weights under uniform thresholds, or `loop`'s layers
+                    // under the thresholds they ended with.
+                    let (start, start_s) = if method == "polish" {
+                        (dense_ffns(&model)?, uniform.clone())
+                    } else {
+                        let trained = train_loop(&a, &ckpt, &mut model, &train_ids, "loop", budget, &uniform)?;
+                        let s = (0..n_layers)
+                            .map(|l| sparsity_of(&trained, l))
+                            .collect::<Result<Vec<_>>>()?;
+                        (dense_ffns(&trained)?, s)
+                    };
+                    set_all(&mut model, &vec![None; n_layers])?;
+                    let cfg = TealPolishConfig {
+                        epochs: a.polish_epochs,
+                        lr: a.polish_lr,
+                        teacher_top_k: a.polish_top_k,
                         ..Default::default()
                     };
-                    let dir = a.work.join(format!(
-                        "{method}-{budget}-{}tok-{:08x}-lr{}-e{}-c{}",
-                        a.train_tokens,
-                        fnv(&train_ids),
-                        a.lr,
-                        a.epochs,
-                        a.residual_correction
-                    ));
-                    set_all(&mut model, &vec![None; n_layers])?;
-                    let reports =
-                        run_thresholded(&model, &train_ids, a.seq_len, &start_s, &cfg, &dir, |l, s, n, loss| {
-                            eprint!("\r{method} at {budget}: layer {l} step {s}/{n} loss {loss:.4}   ");
-                        })?;
-                    eprintln!();
-                    for r in &reports {
-                        eprintln!(
-                            "  layer {:2}: val rel error {:.4} -> {:.4} ({:.0} s)",
-                            r.layer, r.val_rel_error_init, r.val_rel_error, r.seconds
-                        );
+                    let (ffns, rep) = polish_thresholded(
+                        &ckpt,
+                        &model,
+                        &start,
+                        &start_s,
+                        &train_ids,
+                        a.seq_len,
+                        &cfg,
+                        |s, n, kl| {
+                            eprint!("\r{method} at {budget}: step {s}/{n} KL {kl:.4}   ");
+                        },
+                    )?;
+                    eprintln!(
+                        "\n{method} at {budget}: held-back KL {:.4} -> {:.4} ({} steps, {:.0} s)",
+                        rep.val_kl_init, rep.val_kl, rep.steps, rep.seconds
+                    );
+                    let mut polished = Transformer::from_checkpoint(&ckpt, &model.device)?;
+                    for (l, f) in ffns.into_iter().enumerate() {
+                        polished.layers[l].ffn = Box::new(f);
                     }
-                    let mut trained = Transformer::from_checkpoint(&ckpt, &model.device)?;
-                    apply_run(&mut trained, &dir)?;
-                    score(&trained, &held, a.seq_len)?
+                    // Thresholds again on the new weights (calibration text), at the same budget.
+                    let th = calibrate(&mut polished, &windows, Method::Teal, budget, |_, _| {})?;
+                    set_all(&mut polished, &th.into_iter().map(Some).collect::<Vec<_>>())?;
+                    score(&polished, &held, a.seq_len)?
                 }
                 _ => unreachable!("checked above"),
             };
@@ -310,6 +392,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                 row.seconds
             );
             rows.push(row);
+            // The rows so far, so that a run cut short keeps what it measured.
+            write_json(&a.out.with_extension("partial.json"), &rows)?;
         }
     }
     println!(
@@ -320,9 +404,14 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
         a.heldout_tokens,
         a.seq_len
     );
-    println!("| FFN budget | method | en PPL (vs dense) | en FFN read | ko PPL (vs dense) | ko FFN read |");
-    println!("|---|---|---|---|---|---|");
-    println!("| 100% | dense | {:.3} | 100% | {:.3} | 100% |", dense[0].1, dense[1].1);
+    let head: String = dense
+        .iter()
+        .map(|(t, _, _)| format!(" {t} PPL (vs dense) | {t} FFN read |"))
+        .collect();
+    println!("| FFN budget | method |{head}");
+    println!("|---|---|{}", "---|---|".repeat(dense.len()));
+    let cells: String = dense.iter().map(|(_, p, _)| format!(" {p:.3} | 100% |")).collect();
+    println!("| 100% | dense |{cells}");
     for r in &rows {
         let c: Vec<String> = r
             .langs

@@ -160,6 +160,9 @@ pub struct EvalConfig {
     pub speed_repeats: usize,
     /// Training-free baselines scored beside the MoE at its FFN share (static, cats, teal).
     pub baselines: Vec<ladimo_moe::SparsityMethod>,
+    /// Of those, the ones also scored on the zero-shot tasks (each costs about as long as the
+    /// dense model's zero-shot scoring).
+    pub baseline_tasks: Vec<ladimo_moe::SparsityMethod>,
 }
 
 impl Default for EvalConfig {
@@ -173,6 +176,7 @@ impl Default for EvalConfig {
             decode_tokens: 32,
             speed_repeats: 3,
             baselines: ladimo_moe::SparsityMethod::ALL.to_vec(),
+            baseline_tasks: vec![ladimo_moe::SparsityMethod::Teal],
         }
     }
 }

@@ -182,6 +182,17 @@ pub struct BaselineRow {
     pub budget: f64,
     /// Per held-out tag: perplexity and the share of the FFN's parameters read there.
     pub langs: Vec<BaselineLang>,
+    /// Zero-shot scores, when this method is in `eval.baseline_tasks` (same items as dense).
+    #[serde(default)]
+    pub tasks: Vec<BaselineTask>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineTask {
+    pub task: String,
+    pub items: usize,
+    /// The task's primary metric, as [`TaskResult::primary`].
+    pub primary: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,9 +202,14 @@ pub struct BaselineLang {
     pub ffn_share: f64,
 }
 
+/// Scores a model on the zero-shot tasks (for a baseline, while its sparsity is applied).
+pub type ScoreTasks<'a> = &'a dyn Fn(&Transformer) -> Result<Vec<BaselineTask>>;
+
 /// Calibrate `method` on `calibration` (token windows) at `budget` on a dense model, then score
-/// each held-out set (`(tag, ids)`) in windows of `seq_len`. The model's FFNs are dense again on
-/// return. `progress(done, total)` counts calibration windows, then scored windows.
+/// each held-out set (`(tag, ids)`) in windows of `seq_len`, then, with `tasks`, the zero-shot
+/// tasks. The model's FFNs are dense again on return. `progress(done, total)` counts calibration
+/// windows, then scored windows.
+#[allow(clippy::too_many_arguments)]
 pub fn baseline(
     model: &mut Transformer,
     method: ladimo_moe::SparsityMethod,
@@ -201,6 +217,7 @@ pub fn baseline(
     calibration: &[&[u32]],
     heldout: &[(String, Vec<u32>)],
     seq_len: usize,
+    tasks: Option<ScoreTasks>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BaselineRow> {
     use ladimo_moe::sparsity::{calibrate, set_sparsity};
@@ -228,10 +245,15 @@ pub fn baseline(
         }
         Ok(())
     };
-    let ran = run(model, &mut langs);
+    let ran = run(model, &mut langs).and_then(|()| tasks.map_or(Ok(Vec::new()), |score| score(model)));
     for l in 0..model.layers.len() {
         set_sparsity(model, l, None)?;
     }
-    ran?;
-    Ok(BaselineRow { method, budget, langs })
+    let tasks = ran?;
+    Ok(BaselineRow {
+        method,
+        budget,
+        langs,
+        tasks,
+    })
 }

@@ -103,6 +103,17 @@ fn measure(
         .map(|r| (r.moe_active_params, r.moe_active_ffn_params))
         .unwrap_or((moe.param_counts().active(), moe.param_counts().ffn_active));
 
+    // Zero-shot task items, loaded once: the dense model, the MoE and the baselines in
+    // `eval.baseline_tasks` score the same items.
+    if !cfg.eval.tasks.is_empty() {
+        ladimo_data::fetch_tasks().context("fetching the zero-shot task files")?;
+    }
+    let mut task_items = Vec::new();
+    for name in &cfg.eval.tasks {
+        let task: Task = name.parse().map_err(anyhow::Error::msg)?;
+        task_items.push((task, ladimo_data::load_task(task, Some(cfg.eval.task_limit))?));
+    }
+
     // Training-free baselines on the dense model at the MoE's measured FFN share, calibrated on
     // the stage-2 calibration text (never the held-out text).
     let budget = moe_ffn_active / dc.ffn_active;
@@ -121,7 +132,8 @@ fn measure(
         }
         let file = ev.join(format!("baseline-{}.json", method.name()));
         let cached: Option<BaselineRow> = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        let row = match cached.filter(|r| r.budget == budget) {
+        let with_tasks = cfg.eval.baseline_tasks.contains(&method) && !task_items.is_empty();
+        let row = match cached.filter(|r| r.budget == budget && (!with_tasks || r.tasks.len() == task_items.len())) {
             Some(r) => r,
             None => {
                 let m = match &mut base_model {
@@ -129,10 +141,33 @@ fn measure(
                     None => base_model.insert(Transformer::from_checkpoint(&inputs.ckpt, device)?),
                 };
                 let pb = bar(1, &format!("4/4 eval: baseline {}", method.name()));
-                let r = evaluate::baseline(m, method, budget, &cal_windows, &held_ids, cfg.eval.seq_len, |d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                })?;
+                let score_tasks = |m: &Transformer| -> Result<Vec<evaluate::BaselineTask>> {
+                    let mut out = Vec::new();
+                    for (task, items) in &task_items {
+                        pb.set_message(format!("4/4 eval: baseline {} on {task}", method.name()));
+                        let r = evaluate::score_task(m, tok, *task, items, |_, _| {})?;
+                        out.push(evaluate::BaselineTask {
+                            task: task.name().into(),
+                            items: r.items,
+                            primary: r.primary(),
+                        });
+                    }
+                    Ok(out)
+                };
+                let tasks: Option<evaluate::ScoreTasks> = if with_tasks { Some(&score_tasks) } else { None };
+                let r = evaluate::baseline(
+                    m,
+                    method,
+                    budget,
+                    &cal_windows,
+                    &held_ids,
+                    cfg.eval.seq_len,
+                    tasks,
+                    |d, t| {
+                        pb.set_length(t as u64);
+                        pb.set_position(d as u64);
+                    },
+                )?;
                 pb.finish();
                 write_json(&file, &r)?;
                 r
@@ -142,13 +177,9 @@ fn measure(
     }
     drop(base_model);
 
-    if !cfg.eval.tasks.is_empty() {
-        ladimo_data::fetch_tasks().context("fetching the zero-shot task files")?;
-    }
     let mut tasks = Vec::new();
-    for name in &cfg.eval.tasks {
-        let task: Task = name.parse().map_err(anyhow::Error::msg)?;
-        let items = ladimo_data::load_task(task, Some(cfg.eval.task_limit))?;
+    for (task, items) in &task_items {
+        let task = *task;
         let dense_file = evaluate::dense_cache_file(&inputs.digest, task, cfg.eval.task_limit);
         let moe_file = ev.join(format!("{}-{}.json", task.name(), cfg.eval.task_limit));
         let run = |m: &Transformer, file: &Path, who: &str| -> Result<TaskResult> {
@@ -156,7 +187,7 @@ fn measure(
                 return Ok(r);
             }
             let pb = bar(items.len(), &format!("4/4 eval: {task} ({who})"));
-            let r = evaluate::score_task(m, tok, task, &items, |d, _| pb.set_position(d as u64))?;
+            let r = evaluate::score_task(m, tok, task, items, |d, _| pb.set_position(d as u64))?;
             pb.finish();
             write_json(file, &vec![r.clone()])?;
             Ok(r)

@@ -258,6 +258,9 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
         },
         mixtral_exact: r.section.mixtral_exact,
         why_not_mixtral: r.section.why_not_mixtral.clone(),
+        stock_export: std::fs::read_to_string(fin.join("stock-export.txt"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default(),
         dense: m.dense,
         moe: m.moe,
         ppl: m.ppl,

@@ -41,6 +41,10 @@ pub struct Report {
     pub solved: SolvedSummary,
     pub mixtral_exact: bool,
     pub why_not_mixtral: Option<String>,
+    /// Which stock copy (transformers, vLLM, llama.cpp) was written beside it, or why none is
+    /// exact (`stock-export.txt`).
+    #[serde(default)]
+    pub stock_export: String,
     pub dense: ModelSide,
     pub moe: ModelSide,
     pub ppl: Vec<LangPpl>,
@@ -344,6 +348,9 @@ pub fn markdown(r: &Report) -> String {
             )
         }
     );
+    if !r.stock_export.is_empty() {
+        let _ = writeln!(s, "Stock export: {}\n", r.stock_export);
+    }
     if !r.plots.is_empty() {
         let _ = writeln!(s, "## Plots\n");
         for p in &r.plots {
@@ -402,13 +409,14 @@ fn baselines_table(s: &mut String, r: &Report) {
         "\nThe same held-out perplexity against training-free activation sparsity on the dense \
          model (calibrated on the stage-2 calibration text at the MoE's measured FFN share; \
          `ladimo sparsify` makes these policies). Each cell: PPL (change vs dense), share of the \
-         FFN read on that text:\n"
+         FFN read on that text; the last column, the mean zero-shot accuracy over the tasks above \
+         (for the methods in `eval.baseline_tasks`):\n"
     );
     let _ = write!(s, "| method |");
     for p in &r.ppl {
         let _ = write!(s, " `{}` |", p.tag);
     }
-    let _ = writeln!(s, "\n|---|{}", "---|".repeat(r.ppl.len()));
+    let _ = writeln!(s, " zero-shot mean |\n|---|{}---|", "---|".repeat(r.ppl.len()));
     let cell = |ppl: f64, dense: f64, share: f64| {
         format!(
             " {ppl:.3} ({:+.1}%), {:.1}% |",
@@ -416,10 +424,15 @@ fn baselines_table(s: &mut String, r: &Report) {
             100.0 * share
         )
     };
+    let mean = |v: Vec<f64>| match v.len() {
+        0 => " - |".to_string(),
+        n => format!(" {:.3} |", v.iter().sum::<f64>() / n as f64),
+    };
     let _ = write!(s, "| dense |");
     for p in &r.ppl {
         let _ = write!(s, " {:.3} |", p.dense);
     }
+    s.push_str(&mean(r.tasks.iter().map(|t| t.dense_primary).collect()));
     let _ = writeln!(s);
     for b in &r.baselines {
         let _ = write!(s, "| {} (calibrated for {:.1}%) |", b.method.name(), 100.0 * b.budget);
@@ -429,6 +442,7 @@ fn baselines_table(s: &mut String, r: &Report) {
                 None => s.push_str(" - |"),
             }
         }
+        s.push_str(&mean(b.tasks.iter().map(|t| t.primary).collect()));
         let _ = writeln!(s);
     }
     let _ = write!(s, "| converted MoE |");
@@ -436,5 +450,6 @@ fn baselines_table(s: &mut String, r: &Report) {
     for p in &r.ppl {
         s.push_str(&cell(p.moe, p.dense, p.moe_active_ffn_params / dense_ffn));
     }
+    s.push_str(&mean(r.tasks.iter().map(|t| t.moe_primary).collect()));
     let _ = writeln!(s);
 }

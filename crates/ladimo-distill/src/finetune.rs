@@ -184,7 +184,12 @@ fn set_policies(model: &mut Transformer, policies: &[Policy]) -> Result<(), Dist
 
 /// Mean KL(teacher || student) per token over one batch of windows `ids` (`[b * seq_len]`), as a
 /// differentiable scalar on the student's device.
-fn kl(teacher: &Transformer, student: &Transformer, ids: &[u32], batch: usize) -> Result<Tensor<1>, ModelError> {
+pub(crate) fn kl(
+    teacher: &Transformer,
+    student: &Transformer,
+    ids: &[u32],
+    batch: usize,
+) -> Result<Tensor<1>, ModelError> {
     let t = log_softmax(teacher.forward(ids_tensor(ids, batch, &teacher.device))?, 2);
     let t = Tensor::<3>::from_data(t.into_data(), &student.device);
     let s = log_softmax(student.forward(ids_tensor(ids, batch, &student.device))?, 2);
@@ -196,7 +201,7 @@ fn kl(teacher: &Transformer, student: &Transformer, ids: &[u32], batch: usize) -
 /// The teacher's K most likely next tokens at every token of the training windows
 /// (`teacher_top_k`), computed once: per token, K token ids, their log-probabilities, and the
 /// probability left for all other tokens.
-struct TeacherTopK {
+pub(crate) struct TeacherTopK {
     k: usize,
     seq_len: usize,
     /// Per training window, its row in the arrays below (`usize::MAX`: no step uses it).
@@ -245,7 +250,7 @@ impl TeacherTopK {
     }
 
     /// Run the teacher over the windows `used` of `windows`, `progress(done, total)` after each.
-    fn new(
+    pub(crate) fn new(
         teacher: &Transformer,
         windows: &[&[u32]],
         used: &[usize],
@@ -353,7 +358,7 @@ impl TeacherTopK {
     /// sum_{v in top K} p_v (log p_v - log q_v) + p_rest (log p_rest - log q_rest)
     /// q_rest = 1 - sum_{v in top K} q_v
     /// ```
-    fn kl(&self, student: &Transformer, ids: &[u32], batch: &[usize]) -> Result<Tensor<1>, ModelError> {
+    pub(crate) fn kl(&self, student: &Transformer, ids: &[u32], batch: &[usize]) -> Result<Tensor<1>, ModelError> {
         let (k, n) = (self.k, self.seq_len);
         let device = &student.device;
         let s = log_softmax(student.forward(ids_tensor(ids, batch.len(), device))?, 2);

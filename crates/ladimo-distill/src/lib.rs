@@ -16,12 +16,15 @@
 //!   trained at once to match the teacher's next-token distribution (KL).
 //! - [`thresholded`]: thresholds in the loop: each layer's dense FFN trained, in order on the
 //!   student's own hidden states, under the TEAL thresholds it will run with.
+//! - [`teal_polish`]: every layer's dense FFN trained at once under its TEAL thresholds to match
+//!   the teacher's next-token distribution (KL), from the dense weights or a thresholded run.
 
 pub mod capture;
 mod error;
 pub mod finetune;
 pub mod partition;
 pub mod sequential;
+pub mod teal_polish;
 pub mod thresholded;
 pub mod train;
 
