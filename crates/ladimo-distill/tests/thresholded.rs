@@ -198,3 +198,46 @@ fn non_teal_policies_are_refused_by_name() {
         "wrote something"
     );
 }
+
+#[test]
+fn the_polish_under_thresholds_lowers_the_held_back_kl_and_keeps_the_model_shape() {
+    use ladimo_distill::teal_polish::{TealPolishConfig, dense_ffns, polish_thresholded};
+    // 1,280 tokens: 40 windows of 32, every 20th held back (2), 38 trained.
+    let (ckpt, mut model, tokens) = common::tiny("tiny-llama3", 1280);
+    let sparsity = teal_at(&mut model, &tokens[..512], 0.5);
+    let start = dense_ffns(&model).unwrap();
+    let cfg = TealPolishConfig {
+        epochs: 3,
+        batch_windows: 2,
+        lr: 1e-3,
+        // The tiny model's whole vocabulary: the loss is the exact KL the check measures.
+        teacher_top_k: 100_000,
+        ..Default::default()
+    };
+    let (ffns, report) = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens, 32, &cfg, |_, _, _| {}).unwrap();
+    assert_eq!(ffns.len(), model.layers.len());
+    assert_eq!((report.train_windows, report.val_windows), (38, 2));
+    assert_eq!(report.steps, 3 * 19);
+    assert!(report.val_kl_init > 0.0, "the thresholds change the model");
+    assert!(
+        report.val_kl < report.val_kl_init,
+        "held-back KL {} -> {}",
+        report.val_kl_init,
+        report.val_kl
+    );
+    // Weights changed, shapes did not.
+    let before = to_vec(start[0].gate_proj.weight.val());
+    let after = to_vec(ffns[0].gate_proj.weight.val());
+    assert_eq!(before.len(), after.len());
+    assert!(before.iter().zip(&after).any(|(a, b)| a != b));
+
+    // Only TEAL policies train; a wrong count of layers is refused.
+    let cats = vec![Sparsity::Cats { gate: 0.1 }; model.layers.len()];
+    let e = polish_thresholded(&ckpt, &model, &start, &cats, &tokens, 32, &cfg, |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("TEAL"), "{e}");
+    let e = polish_thresholded(&ckpt, &model, &start[..1], &sparsity, &tokens, 32, &cfg, |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("layers"), "{e}");
+    // Too few windows to hold one back.
+    let e = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens[..64], 32, &cfg, |_, _, _| {}).unwrap_err();
+    assert!(e.to_string().contains("too few"), "{e}");
+}
