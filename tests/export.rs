@@ -212,6 +212,18 @@ fn renormalized_uniform_top_k_with_shared_experts_exports_exactly_to_granitemoe_
     ) {
         assert!(r["rel_diff"].as_f64().unwrap() < 0.01, "{r}");
     }
+    // Q8_0 matrices: llama.cpp's perplexity within 1% of ladimo's f32 one.
+    let q8 = dir.path().join("gguf-q8");
+    let mut o = opts(Format::Gguf);
+    o.gguf_type = ladimo_io::gguf_write::GgmlType::Q8_0;
+    export(&ckpt, &model, &o, &q8).unwrap();
+    let g = q8.join("model.gguf");
+    if let Some(r) = script(
+        "check_gguf_export.py",
+        &[s(&src), s(&g), "--text", s(&text), "--tokens", "1024", "--seq-len", "128", "--threads", "2"],
+    ) {
+        assert!(r["rel_diff"].as_f64().unwrap() < 0.01, "Q8_0: {r}");
+    }
 }
 
 #[test]
