@@ -650,7 +650,11 @@ pub fn set_sparsity(model: &mut Transformer, layer: usize, sparsity: Option<Spar
             layer,
             msg: format!(
                 "activation sparsity applies to dense SwiGLU FFN and MoE layers only, not to {}",
-                model.layers.get(layer).map(|l| l.ffn.describe()).unwrap_or_else(|| "a missing layer".into())
+                model
+                    .layers
+                    .get(layer)
+                    .map(|l| l.ffn.describe())
+                    .unwrap_or_else(|| "a missing layer".into())
             ),
         })?
         .clone();
