@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, TensorData};
 use ladimo_io::{Checkpoint, HostTensor};
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{FeedForward, FfnError, Transformer};
+use ladimo_moe::export::{ExportOptions, Format, export};
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, Sparsity, abs_quantile, calibrate, set_sparsity};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy, moe_block};
@@ -226,6 +227,12 @@ fn thresholds_of_zero_give_the_plain_block_bit_for_bit() {
 /// The committed tiny Llama (2 layers, hidden 64, FFN 160) with its FFNs cut into 4 experts of
 /// 40 neurons (layer 1 also keeps 32 of them as a shared expert and routes 4 of 32), top-2.
 fn tiny_moe() -> (Transformer, Vec<u32>) {
+    let (_, model, tokens) = tiny_moe_ckpt();
+    (model, tokens)
+}
+
+/// [`tiny_moe`] and the checkpoint it was loaded from.
+fn tiny_moe_ckpt() -> (Checkpoint, Transformer, Vec<u32>) {
     let ckpt = Checkpoint::open(ladimo_tests::fixture("tiny-llama3")).unwrap();
     let device = ladimo_backend::device();
     let mut model = Transformer::from_checkpoint(&ckpt, &device).unwrap();
@@ -259,7 +266,7 @@ fn tiny_moe() -> (Transformer, Vec<u32>) {
         );
     }
     let tokens: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % 500 + 1).collect();
-    (model, tokens)
+    (ckpt, model, tokens)
 }
 
 fn windows(ids: &[u32]) -> Vec<&[u32]> {
@@ -338,7 +345,7 @@ fn calibrated_thresholds_zero_the_requested_share_over_the_experts_that_run() {
 
 #[test]
 fn a_policy_file_carries_teal_inside_moe_layers() {
-    let (mut model, ids) = tiny_moe();
+    let (ckpt, mut model, ids) = tiny_moe_ckpt();
     let w = windows(&ids);
     let layers = calibrate(&mut model, &w, Method::Teal, 0.5, |_, _| {}).unwrap();
     let file = PolicyFile {
@@ -381,6 +388,20 @@ fn a_policy_file_carries_teal_inside_moe_layers() {
         set_sparsity(&mut direct, l, Some(s.clone())).unwrap();
     }
     assert_eq!(to_vec(direct.forward(ids0.clone()).unwrap()), via_file);
+    // No export format carries the thresholds: every one refuses, naming the layers.
+    for format in Format::ALL {
+        let out = dir.path().join(format!("export-{format:?}"));
+        let err = export(&ckpt, &model, &ExportOptions::new(format), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer 0 has thresholds inside its MoE experts (TEAL")
+                && err.contains("layer 1 has thresholds")
+                && err.contains("--policy"),
+            "{format:?}: {err}"
+        );
+        assert!(!out.exists(), "{format:?}");
+    }
     let mut plain = file.clone();
     plain.layers.iter_mut().for_each(|l| l.sparsity = None);
     plain.apply(&mut model, &p).unwrap();
