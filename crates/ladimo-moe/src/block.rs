@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, RoutingPolicy, order_by_prob};
-use crate::sparsity::Sparsity;
+use crate::sparsity::{Sparsity, teal_saved};
 use crate::{HostFfn, MoeError};
 
 /// Called with each activation `h = silu(gate x) * up x` (`[tokens, neurons]`, before any
@@ -75,13 +75,6 @@ fn expert_activation(f: &DenseFfn, x: Tensor<2>, th: Option<f32>, observe: Optio
             (a.mask_fill(keep.bool_not(), 0.0), kept)
         }
     }
-}
-
-/// Of the `3 * hidden * inter` weights an expert with `inter` neurons has, what TEAL kept it from
-/// reading on `tokens` tokens: gate and up read `2 * inter` per kept `x` entry (`kept_x`, summed
-/// over the tokens), down `hidden` per kept `h` entry (`kept_h`, summed likewise).
-fn teal_saved(hidden: usize, inter: usize, tokens: usize, kept_x: f64, kept_h: f64) -> f64 {
-    (3 * hidden * inter * tokens) as f64 - 2.0 * inter as f64 * kept_x - hidden as f64 * kept_h
 }
 
 /// Up to this many tokens, [`MoeBlock::forward_tokens`] runs each token's experts directly (the

@@ -354,24 +354,31 @@ pub fn dense_ffn(model: &Transformer, layer: usize) -> Option<&DenseFfn> {
 }
 
 /// Counts of |v| in log-spaced bins: the bin of a positive f32 is its top 14 bits (exponent and 5
-/// mantissa bits: 32 bins per octave, monotonic in the value); zero (and -0) is bin 0.
+/// mantissa bits: 32 bins per octave, monotonic in the value); zero (and -0) is bin 0. What
+/// calibration takes its quantiles from, so memory does not grow with the text.
 #[derive(Debug, Clone)]
-struct Histogram {
+pub struct Histogram {
     counts: Vec<u64>,
     total: u64,
 }
 
 const HIST_SHIFT: u32 = 18;
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Histogram {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             counts: vec![0; 1 << (31 - HIST_SHIFT)],
             total: 0,
         }
     }
 
-    fn add(&mut self, values: &[f32]) {
+    pub fn add(&mut self, values: &[f32]) {
         for v in values {
             let bits = v.to_bits() & 0x7fff_ffff;
             // NaN and inf land in the top bins; they never become thresholds below them.
@@ -381,7 +388,7 @@ impl Histogram {
     }
 
     /// The threshold `t` under which a share `q` of the values lies (linear within a bin).
-    fn quantile(&self, q: f64) -> f32 {
+    pub fn quantile(&self, q: f64) -> f32 {
         let target = q * self.total as f64;
         if target <= 0.0 {
             return 0.0;
@@ -608,6 +615,13 @@ fn thresholds_of(r: &LayerRecord, d: Option<&DenseFfn>, method: Method, budget: 
             Sparsity::Static { keep }
         }
     }
+}
+
+/// Of the `3 * hidden * inter` weights an expert with `inter` neurons has, what TEAL kept it from
+/// reading on `tokens` tokens: gate and up read `2 * inter` per kept `x` entry (`kept_x`, summed
+/// over the tokens), down `hidden` per kept `h` entry (`kept_h`, summed likewise).
+pub fn teal_saved(hidden: usize, inter: usize, tokens: usize, kept_x: f64, kept_h: f64) -> f64 {
+    (3 * hidden * inter * tokens) as f64 - 2.0 * inter as f64 * kept_x - hidden as f64 * kept_h
 }
 
 /// The threshold under which a share `q` of `|values|` lies (the same log-spaced histogram as

@@ -122,7 +122,15 @@ impl Cost {
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => by_experts(s, c, lift(profile, s)),
+                            _ => match c.sparsity.as_ref().and_then(|_| plain_of(&l.candidates, c)) {
+                                // The probes vary the routing only: a thresholded candidate costs
+                                // its routing's interpolated ln-PPL plus the layer's ln-PPL per
+                                // unit of relative MSE times the error the thresholds add.
+                                Some(p) => {
+                                    by_experts(s, p, lift(profile, s)) + s.weight * (c.rel_mse - p.rel_mse).max(0.0)
+                                }
+                                None => by_experts(s, c, lift(profile, s)),
+                            },
                         })
                         .collect())
                 }
@@ -143,6 +151,11 @@ impl Cost {
 /// above the operating point have negative deltas; `lift` (see [`lift`]) raises the layer's curve
 /// so that its lowest probe is 0, which keeps that shape (a constant per layer does not change
 /// which policies the solver picks) and is added back in the prediction (`ppl_intercept`).
+/// The candidate with `c`'s routing policy and no thresholds.
+fn plain_of<'a>(candidates: &'a [CandidateCost], c: &CandidateCost) -> Option<&'a CandidateCost> {
+    candidates.iter().find(|p| p.policy == c.policy && p.is_plain())
+}
+
 fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64) -> f64 {
     let mut pts: Vec<(f64, f64, f64)> = s
         .probes
@@ -201,6 +214,14 @@ pub struct Solved {
     /// Predicted activated parameters per token (whole model and FFN).
     pub predicted_params: f64,
     pub predicted_ffn_params: f64,
+    /// Of the FFN saving (dense FFN parameters minus `predicted_ffn_params`), the part TEAL
+    /// thresholds inside the experts make (per token; the rest is experts not read). 0 when no
+    /// layer takes thresholds.
+    #[serde(default)]
+    pub predicted_threshold_saved: f64,
+    /// The dense FFN parameters per token over the profiled layers (what the saving is from).
+    #[serde(default)]
+    pub dense_ffn_params: f64,
     pub frontier: Vec<FrontierEntry>,
 }
 
@@ -361,7 +382,7 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             .map(|(l, c)| LayerPolicy {
                 layer: l.layer,
                 policy: Some(c.policy.clone()),
-                sparsity: None,
+                sparsity: c.sparsity.clone(),
             })
             .collect(),
     };
@@ -377,8 +398,21 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
         predicted_ppl_ratio: (slope * sol.cost + intercept).exp(),
         predicted_params: profile.non_ffn_params + ffn,
         predicted_ffn_params: ffn,
+        predicted_threshold_saved: chosen.iter().map(|c| c.threshold_saved).sum(),
+        dense_ffn_params: profile.dense_ffn_params(),
         frontier,
     })
+}
+
+impl Solved {
+    /// The predicted FFN saving per token against the dense FFN, split into `(experts not read,
+    /// thresholds)`; `None` when no layer takes thresholds (the saving is all experts not read).
+    pub fn ffn_saving_split(&self) -> Option<(f64, f64)> {
+        (self.predicted_threshold_saved > 0.0).then(|| {
+            let saved = self.dense_ffn_params - self.predicted_ffn_params;
+            (saved - self.predicted_threshold_saved, self.predicted_threshold_saved)
+        })
+    }
 }
 
 /// The uniform policy `policy` on every layer, as the solver would report it (for comparisons).
@@ -387,7 +421,7 @@ pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f
     let mut c = 0.0;
     let mut params = profile.non_ffn_params;
     for (l, costs) in profile.layers.iter().zip(&table) {
-        let i = l.candidates.iter().position(|x| &x.policy == policy)?;
+        let i = l.candidates.iter().position(|x| &x.policy == policy && x.is_plain())?;
         c += costs[i];
         params += l.candidates[i].active_params;
     }
@@ -408,7 +442,9 @@ mod tests {
             rel_mse_by_lang: Default::default(),
             mean_experts: k as f64,
             active_params: 0.0,
+            threshold_saved: 0.0,
             seconds_per_token: 0.0,
+            sparsity: None,
         }
     }
 
