@@ -122,15 +122,7 @@ impl Cost {
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => match c.sparsity.as_ref().and_then(|_| plain_of(&l.candidates, c)) {
-                                // The probes vary the routing only: a thresholded candidate costs
-                                // its routing's interpolated ln-PPL plus the layer's ln-PPL per
-                                // unit of relative MSE times the error the thresholds add.
-                                Some(p) => {
-                                    by_experts(s, p, lift(profile, s)) + s.weight * (c.rel_mse - p.rel_mse).max(0.0)
-                                }
-                                None => by_experts(s, c, lift(profile, s)),
-                            },
+                            _ => sensitivity_cost(s, &l.candidates, c, lift(profile, s)),
                         })
                         .collect())
                 }
@@ -151,9 +143,19 @@ impl Cost {
 /// above the operating point have negative deltas; `lift` (see [`lift`]) raises the layer's curve
 /// so that its lowest probe is 0, which keeps that shape (a constant per layer does not change
 /// which policies the solver picks) and is added back in the prediction (`ppl_intercept`).
-/// The candidate with `c`'s routing policy and no thresholds.
-fn plain_of<'a>(candidates: &'a [CandidateCost], c: &CandidateCost) -> Option<&'a CandidateCost> {
-    candidates.iter().find(|p| p.policy == c.policy && p.is_plain())
+/// The `Sensitivity` cost of candidate `c` among a layer's `candidates`. The probes vary the
+/// routing only, so a candidate with thresholds costs its routing's interpolated ln-PPL
+/// ([`by_experts`] on the candidate with the same policy and no thresholds) plus the layer's
+/// ln-PPL per unit of relative MSE (`s.weight`) times the error the thresholds add.
+fn sensitivity_cost(s: &LayerSensitivity, candidates: &[CandidateCost], c: &CandidateCost, lift: f64) -> f64 {
+    let plain = c
+        .sparsity
+        .as_ref()
+        .and_then(|_| candidates.iter().find(|p| p.policy == c.policy && p.is_plain()));
+    match plain {
+        Some(p) => by_experts(s, p, lift) + s.weight * (c.rel_mse - p.rel_mse).max(0.0),
+        None => by_experts(s, c, lift),
+    }
 }
 
 fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64) -> f64 {
@@ -473,5 +475,33 @@ mod tests {
         assert_eq!(by_experts(&s, &cand(8, 0.5), 0.0), 0.05);
         assert!((by_experts(&s, &cand(4, 0.4), 0.0) - 0.4).abs() < 1e-12);
         assert_eq!(by_experts(&s, &cand(4, 0.1), 0.0), 0.2);
+    }
+
+    #[test]
+    fn thresholds_cost_the_routing_plus_the_error_they_add() {
+        let probe = |k: usize, delta: f64, rel_mse: f64| SensitivityProbe {
+            policy: Policy::TopK { k },
+            rel_mse,
+            mean_experts: k as f64,
+            delta_ln_ppl: delta,
+            delta_ln_ppl_by_lang: Default::default(),
+        };
+        let s = LayerSensitivity {
+            layer: 0,
+            probes: vec![probe(5, 0.2, 0.2), probe(7, 0.05, 0.1)],
+            weight: 2.0,
+        };
+        let plain = cand(6, 0.15);
+        let teal = CandidateCost {
+            sparsity: Some(ladimo_moe::Sparsity::Teal { x: 0.1, h: 0.01 }),
+            threshold_saved: 100.0,
+            ..cand(6, 0.19)
+        };
+        let all = [plain.clone(), teal.clone()];
+        assert_eq!(sensitivity_cost(&s, &all, &plain, 0.0), by_experts(&s, &plain, 0.0));
+        // Same experts run, so by experts alone it would cost the same as the plain top-6.
+        assert_eq!(by_experts(&s, &teal, 0.0), by_experts(&s, &plain, 0.0));
+        let want = 0.125 + 2.0 * (0.19 - 0.15);
+        assert!((sensitivity_cost(&s, &all, &teal, 0.0) - want).abs() < 1e-12);
     }
 }
