@@ -71,7 +71,8 @@ fn expert_activation(f: &DenseFfn, x: Tensor<2>, th: Option<f32>, observe: Optio
         None => (a, 0.0),
         Some(th) => {
             let keep = a.clone().abs().greater_equal_elem(th);
-            let kept = to_vec(keep.clone().float().sum())[0] as f64;
+            // Per-row counts (at most the expert's neurons) are exact in f32; their sum may not be.
+            let kept = to_vec(keep.clone().float().sum_dim(1)).iter().map(|&v| v as f64).sum();
             (a.mask_fill(keep.bool_not(), 0.0), kept)
         }
     }
