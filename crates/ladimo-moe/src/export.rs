@@ -202,6 +202,21 @@ fn layers(model: &Transformer) -> Result<Vec<Layer<'_>>, String> {
         .collect()
 }
 
+/// For each MoE layer with TEAL thresholds inside its experts, a phrase naming it (what no
+/// format carries yet).
+fn thresholded_layers(layers: &[Layer]) -> Vec<String> {
+    layers
+        .iter()
+        .enumerate()
+        .filter_map(|(l, layer)| match layer {
+            Layer::Moe(b) => b
+                .sparsity()
+                .map(|s| format!("layer {l} has thresholds inside its MoE experts ({s})")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The largest number of experts a policy can run.
 fn max_k(p: &Policy) -> usize {
     match *p {
@@ -528,16 +543,7 @@ pub fn export(
     };
     // No format (ladimo's own included) carries thresholds inside MoE experts yet: refuse rather
     // than write a model that runs without them.
-    let thresholded: Vec<String> = layers
-        .iter()
-        .enumerate()
-        .filter_map(|(l, layer)| match layer {
-            Layer::Moe(b) => b
-                .sparsity()
-                .map(|s| format!("layer {l} has thresholds inside its MoE experts ({s})")),
-            _ => None,
-        })
-        .collect();
+    let thresholded = thresholded_layers(&layers);
     if !thresholded.is_empty() {
         return Err(ExportError::Cannot {
             format: opts.format,
@@ -1126,7 +1132,12 @@ pub fn best_stock_format(model: &Transformer) -> Result<Format, String> {
 /// `model` (`folder/granitemoe`; none when `folder` is itself a Mixtral checkpoint, or when no
 /// stock format is exact), and a sentence saying which in `folder/stock-export.txt`, returned.
 pub fn write_stock_beside(ckpt: &Checkpoint, model: &Transformer, folder: &Path) -> Result<String, ExportError> {
+    let thresholded = layers(model).map(|l| thresholded_layers(&l)).unwrap_or_default();
     let text = match best_stock_format(model) {
+        _ if !thresholded.is_empty() => format!(
+            "No export format carries TEAL thresholds inside MoE experts yet ({}); ladimo runs them with policy.toml.",
+            thresholded.join("; ")
+        ),
         Ok(Format::Mixtral) => "The checkpoint is itself a MixtralForCausalLM (transformers, vLLM).".to_string(),
         Ok(f) => {
             let r = export(ckpt, model, &ExportOptions::new(f), &folder.join(f.name()))?;

@@ -402,6 +402,15 @@ fn a_policy_file_carries_teal_inside_moe_layers() {
         );
         assert!(!out.exists(), "{format:?}");
     }
+    // Nor does convert's stock export beside the checkpoint: it says so and writes none.
+    let beside = dir.path().join("beside");
+    std::fs::create_dir(&beside).unwrap();
+    let said = ladimo_moe::export::write_stock_beside(&ckpt, &model, &beside).unwrap();
+    assert!(
+        said.contains("No export format carries TEAL thresholds") && said.contains("layer 1"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read_dir(&beside).unwrap().count(), 1, "only stock-export.txt");
     let mut plain = file.clone();
     plain.layers.iter_mut().for_each(|l| l.sparsity = None);
     plain.apply(&mut model, &p).unwrap();
