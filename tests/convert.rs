@@ -183,3 +183,44 @@ fn bad_input_is_a_clear_error_and_no_output() {
     assert!(e.contains("config.json"), "{e}");
     assert!(!out.exists(), "no output folder after a failed conversion");
 }
+
+#[test]
+fn stage_2_teal_candidates_meet_a_budget_routing_alone_cannot() {
+    // ci.toml: 4 routed experts of 36 neurons and 16 shared, so top-1 alone reads about a third
+    // of the FFN; a quarter needs thresholds inside the experts.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-teal");
+    let r = run(args(
+        &out,
+        &["stage2.teal_sparsities=[0.4, 0.7]", "stage2.budget.fraction=0.25"],
+    ))
+    .expect("convert");
+    let policy = std::fs::read_to_string(out.join("policy.toml")).unwrap();
+    assert!(policy.contains("Teal"), "{policy}");
+    let split = r
+        .solved
+        .ffn_saving
+        .expect("thresholds were chosen, so the saving is split");
+    eprintln!(
+        "{split:?}; measured FFN {} of {}",
+        r.moe.active_ffn_params, r.dense.active_ffn_params
+    );
+    assert!(
+        split.by_thresholds > 0.0 && split.by_experts_not_read > 0.0,
+        "{split:?}"
+    );
+    // The evaluation ran the thresholds (measured on held-out text, so near the budget, not at it).
+    assert!(
+        r.moe.active_ffn_params < 0.3 * r.dense.active_ffn_params,
+        "{} of {}",
+        r.moe.active_ffn_params,
+        r.dense.active_ffn_params
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("by experts not read") && md.contains("by TEAL thresholds"),
+        "{md}"
+    );
+    let stock = std::fs::read_to_string(out.join("stock-export.txt")).unwrap();
+    assert!(stock.contains("No export format carries TEAL thresholds"), "{stock}");
+}

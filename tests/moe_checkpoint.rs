@@ -531,3 +531,165 @@ fn sensitivity_around_the_moe_operating_point() {
     let so = old.sensitivity.unwrap();
     assert_eq!((so.context, so.context_offset()), (SensitivityContext::Dense, 0.0));
 }
+
+/// Per profiled layer, the dense teacher's FFN inputs and outputs on `texts` (windows of
+/// `seq_len`), as the profiler computes them.
+fn teacher_ffn(dense: &Transformer, seq_len: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut out = vec![(Vec::new(), Vec::new()); dense.layers.len()];
+    for (_, ids) in texts() {
+        for w in ids.chunks_exact(seq_len) {
+            let mut h = dense.embed(ids_tensor(w, 1, &dense.device));
+            for (l, layer) in dense.layers.iter().enumerate() {
+                let (h_attn, x) = layer.attention_part(h, &dense.rope, &mut None);
+                let y = layer.ffn.forward(x.clone()).unwrap();
+                h = layer.ffn_residual(h_attn, y.clone());
+                out[l].0.extend(to_vec(x));
+                out[l].1.extend(to_vec(y));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn teal_candidates_inside_experts_are_exact_and_the_solver_combines_them() {
+    use ladimo_model::FeedForward;
+    // Off by default: the default config does not even serialise the field (stage keys stay).
+    assert!(
+        !serde_json::to_string(&ProfileConfig::default())
+            .unwrap()
+            .contains("teal")
+    );
+    let (dense, mut moe) = tiny_moe(false);
+    let plain = profile_model(&mut moe, &dense, &texts(), &small_cfg(), "tiny", |_, _, _| {}).unwrap();
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(!json.contains("sparsity") && !json.contains("threshold_saved"));
+    let cfg = ProfileConfig {
+        teal_sparsities: vec![0.3, 0.6],
+        ..small_cfg()
+    };
+    let p = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
+    // The profiler restored the blocks.
+    assert!((0..2).all(|l| moe_block(&moe, l).unwrap().sparsity().is_none()));
+    let teacher = teacher_ffn(&dense, cfg.seq_len);
+    let h = dense.config.hidden_size;
+    for (lp, lp0) in p.layers.iter().zip(&plain.layers) {
+        // The plain candidates are those of a profile without thresholds; each top-k follows
+        // with two levels.
+        let plain_here: Vec<_> = lp.candidates.iter().filter(|c| c.is_plain()).collect();
+        assert_eq!(plain_here.len(), lp0.candidates.len());
+        for (a, b) in plain_here.iter().zip(&lp0.candidates) {
+            assert_eq!(
+                (&a.policy, a.rel_mse, a.active_params),
+                (&b.policy, b.rel_mse, b.active_params)
+            );
+        }
+        let teal: Vec<_> = lp.candidates.iter().filter(|c| !c.is_plain()).collect();
+        assert_eq!(teal.len(), 4 * 2, "layer {}", lp.layer);
+        let (x, y) = &teacher[lp.layer];
+        let n = x.len() / h;
+        let xt = burn::tensor::Tensor::<2>::from_data(burn::tensor::TensorData::new(x.clone(), [n, h]), &device());
+        for c in teal {
+            // The block itself, under the candidate's routing and thresholds, on the teacher's
+            // inputs: the profiled error and parameters read are its own.
+            let mut b = ladimo_moe::moe_block_mut(&mut moe, lp.layer).unwrap();
+            b.set_policy(c.policy.clone()).unwrap();
+            b.set_sparsity(c.sparsity.clone()).unwrap();
+            b.reset_stats();
+            let got = to_vec(b.forward_tokens(xt.clone()).unwrap());
+            let err: f64 = got.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let y2: f64 = y.iter().map(|v| (*v as f64).powi(2)).sum();
+            let what = format!("layer {} {} {:?}", lp.layer, c.policy, c.sparsity);
+            assert!(
+                (err / y2 - c.rel_mse).abs() <= 1e-4 * c.rel_mse,
+                "{what}: {} vs {}",
+                err / y2,
+                c.rel_mse
+            );
+            let active = b.active_params_per_token();
+            assert!(
+                (active - c.active_params).abs() <= 1e-9 * active,
+                "{what}: {active} vs {}",
+                c.active_params
+            );
+            let st = b.stats();
+            assert!(
+                (st.threshold_saved / n as f64 - c.threshold_saved).abs() <= 1e-9 * c.threshold_saved,
+                "{what}"
+            );
+            let same_k = lp0.candidates.iter().find(|p| p.policy == c.policy).unwrap();
+            assert!(
+                c.threshold_saved > 0.0 && c.active_params < same_k.active_params,
+                "{what}"
+            );
+            b = ladimo_moe::moe_block_mut(&mut moe, lp.layer).unwrap();
+            b.set_sparsity(None).unwrap();
+            b.set_policy(Policy::TopK { k: 4 }).unwrap();
+        }
+    }
+    // The solver picks among all candidates (brute force over the two layers agrees), writes the
+    // thresholds it chose into the policy file, and splits the FFN saving.
+    let mut picked_teal = false;
+    for frac in [0.3, 0.45, 0.6, 0.75, 0.9] {
+        let s = solve_profile(&p, &ffn_budget(frac), Cost::RelMse).unwrap();
+        let (l0, l1) = (&p.layers[0].candidates, &p.layers[1].candidates);
+        let best = l0
+            .iter()
+            .flat_map(|a| {
+                l1.iter()
+                    .map(move |b| (a.active_params + b.active_params, a.rel_mse + b.rel_mse))
+            })
+            .filter(|(w, _)| *w <= s.budget_value)
+            .map(|(_, c)| c)
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            (s.cost - best).abs() <= 1e-12 * best.max(1.0),
+            "{frac}: {} vs {best}",
+            s.cost
+        );
+        let saved_by_thresholds: f64 = s
+            .policies
+            .layers
+            .iter()
+            .zip(&p.layers)
+            .map(|(lpol, lp)| {
+                let c = lp
+                    .candidates
+                    .iter()
+                    .find(|c| Some(&c.policy) == lpol.policy.as_ref() && c.sparsity == lpol.sparsity)
+                    .expect("the file's choice is a candidate");
+                c.threshold_saved
+            })
+            .sum();
+        assert!((s.predicted_threshold_saved - saved_by_thresholds).abs() <= 1e-9 * s.dense_ffn_params);
+        match s.ffn_saving_split() {
+            Some((experts, thresholds)) => {
+                picked_teal = true;
+                assert_eq!(thresholds, saved_by_thresholds);
+                let total = s.dense_ffn_params - s.predicted_ffn_params;
+                assert!(
+                    (experts + thresholds - total).abs() <= 1e-9 * s.dense_ffn_params,
+                    "{frac}"
+                );
+            }
+            None => assert_eq!(saved_by_thresholds, 0.0),
+        }
+        s.policies.apply(&mut moe, Path::new("solved.toml")).unwrap();
+        for (lpol, l) in s.policies.layers.iter().zip(0..) {
+            assert_eq!(moe_block(&moe, l).unwrap().sparsity(), lpol.sparsity.as_ref());
+        }
+    }
+    assert!(
+        picked_teal,
+        "no budget chose thresholds: the test does not test the split"
+    );
+    // Shares outside (0, 1) are refused by name.
+    let bad = ProfileConfig {
+        teal_sparsities: vec![0.5, 1.5],
+        ..small_cfg()
+    };
+    let err = profile_model(&mut moe, &dense, &texts(), &bad, "tiny", |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("teal_sparsities: 1.5"), "{err}");
+}

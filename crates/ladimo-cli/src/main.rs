@@ -102,8 +102,9 @@ enum Cmd {
     Profile(stage2::ProfileArgs),
     /// Stage 2: choose one routing policy per layer under a budget (exact), write a policy file.
     Solve(stage2::SolveArgs),
-    /// Training-free activation sparsity (static, CATS, TEAL) on a dense model: calibrate
-    /// per-layer thresholds for an FFN budget, write a policy file.
+    /// Training-free activation sparsity (static, CATS, TEAL) on a dense model, or TEAL inside
+    /// an MoE model's experts: calibrate per-layer thresholds for an FFN budget, write a policy
+    /// file.
     Sparsify(sparsify::SparsifyArgs),
     /// A model in another format: mixtral, granitemoe (transformers, vLLM), hf-remote
     /// (transformers with trust_remote_code), gguf (llama.cpp), or ladimo's own.

@@ -1,6 +1,7 @@
 //! `ladimo sparsify`: calibrate a training-free activation-sparsity method (static pruning,
-//! CATS, TEAL) on a dense model and write its per-layer thresholds as a policy file that
-//! `perplexity`, `generate`, `eval` and `logits` take with `--policy`.
+//! CATS, TEAL) on a dense model, or TEAL on an MoE model (thresholds inside the experts that run
+//! under each MoE layer's current routing policy), and write its per-layer thresholds as a policy
+//! file that `perplexity`, `generate`, `eval` and `logits` take with `--policy`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ladimo_data::{Part, take_tokens};
+use ladimo_moe::moe_block;
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, calibrate};
 
@@ -15,7 +17,7 @@ use crate::{load, open};
 
 #[derive(Args)]
 pub struct SparsifyArgs {
-    /// A dense model (directory, .gguf, or a known name).
+    /// A dense model, or an MoE model for teal (directory, .gguf, or a known name).
     pub model: String,
     /// static, cats or teal.
     #[arg(long)]
@@ -92,7 +94,8 @@ pub fn sparsify(a: SparsifyArgs) -> Result<()> {
             .enumerate()
             .map(|(layer, s)| LayerPolicy {
                 layer,
-                policy: None,
+                // An MoE layer keeps the routing policy the thresholds were calibrated under.
+                policy: moe_block(&model, layer).map(|b| b.policy.clone()),
                 sparsity: Some(s),
             })
             .collect(),

@@ -107,7 +107,7 @@ fn print_profile(p: &Profile) {
         let topk: Vec<String> = l
             .candidates
             .iter()
-            .filter(|c| matches!(c.policy, ladimo_moe::Policy::TopK { .. }))
+            .filter(|c| matches!(c.policy, ladimo_moe::Policy::TopK { .. }) && c.is_plain())
             .map(|c| format!("{:.3}", c.rel_mse))
             .collect();
         println!(
@@ -214,6 +214,12 @@ pub fn solve(a: SolveArgs) -> Result<()> {
         "predicted: summed {:?} {:.4}, perplexity x{:.3} of dense, {:.0} activated parameters per token (FFN {:.0})",
         cost, s.cost, s.predicted_ppl_ratio, s.predicted_params, s.predicted_ffn_params
     );
+    if let Some((experts, thresholds)) = s.ffn_saving_split() {
+        println!(
+            "FFN saving per token: {experts:.0} by experts not read, {thresholds:.0} by TEAL thresholds inside the experts that run (of {:.0} dense)",
+            s.dense_ffn_params
+        );
+    }
     for lp in &s.policies.layers {
         print!("L{}: {lp}  ", lp.layer);
     }

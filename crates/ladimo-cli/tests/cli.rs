@@ -92,3 +92,104 @@ fn bad_input_exits_non_zero_with_the_file_named() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("/no/such/model"));
 }
+
+/// The "FFN N" of `perplexity`'s parameter line.
+fn ffn_active(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("active parameters"))
+        .expect("parameter line");
+    line.rsplit("FFN ").next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn sparsify_calibrates_teal_inside_an_moe_model_and_perplexity_applies_it() {
+    use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy, save_moe_checkpoint};
+    let src = ladimo_io::Checkpoint::open(PathBuf::from(fixture("tiny-llama3"))).unwrap();
+    let device = ladimo_backend::device();
+    // Both layers cut into 4 experts of 40 neurons, top-2.
+    let blocks: Vec<MoeBlock> = (0..2)
+        .map(|l| {
+            let dense = HostFfn::from_checkpoint(&src, l).unwrap();
+            let experts: Vec<HostFfn> = (0..4)
+                .map(|e| dense.select_neurons(&(e * 40..(e + 1) * 40).collect::<Vec<_>>()))
+                .collect();
+            let router = ladimo_io::HostTensor::new(
+                vec![4, 64],
+                (0..256)
+                    .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * (l + 1) as f32)
+                    .collect(),
+            );
+            let combine = Combine {
+                weights: CombineWeights::Renormalized,
+                scale: 1.0,
+            };
+            MoeBlock::new(&router, None, &experts, None, combine, Policy::TopK { k: 2 }, &device).unwrap()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let moe = dir.path().join("moe");
+    save_moe_checkpoint(&src, &blocks.iter().map(Some).collect::<Vec<_>>(), &moe).unwrap();
+    let moe = moe.to_str().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let text = text.to_str().unwrap();
+    let policy = dir.path().join("teal.toml");
+    let o = ladimo(&[
+        "sparsify",
+        moe,
+        "--method",
+        "teal",
+        "--budget",
+        "0.5",
+        "--text",
+        text,
+        "--tokens-per-file",
+        "400",
+        "--seq-len",
+        "32",
+        "--out",
+        policy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = std::fs::read_to_string(&policy).unwrap();
+    assert_eq!(file.matches("type = \"TopK\"").count(), 2, "{file}");
+    assert_eq!(file.matches("type = \"Teal\"").count(), 2, "{file}");
+    let ppl = |extra: &[&str]| {
+        let mut args = vec!["perplexity", moe, "--text", text, "--seq-len", "32"];
+        args.extend_from_slice(extra);
+        let o = ladimo(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let plain = ffn_active(&ppl(&[]));
+    let teal = ffn_active(&ppl(&["--policy", policy.to_str().unwrap()]));
+    // Top-2 of 4 reads about half the experts; TEAL at 0.5 about half of what they hold.
+    assert!(
+        teal < 0.75 * plain && teal > 0.25 * plain,
+        "FFN read with TEAL {teal}, without {plain}"
+    );
+    // Methods not built inside experts are refused, naming the layer and the method.
+    let o = ladimo(&[
+        "sparsify",
+        moe,
+        "--method",
+        "cats",
+        "--budget",
+        "0.5",
+        "--text",
+        text,
+        "--tokens-per-file",
+        "400",
+        "--seq-len",
+        "32",
+        "--out",
+        policy.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("layer 0: cats inside MoE experts"),
+        "{}",
+        stderr(&o)
+    );
+}

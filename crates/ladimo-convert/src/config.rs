@@ -117,7 +117,8 @@ impl Default for Stage1Config {
 pub struct Stage2Config {
     /// What to profile and how (`ladimo_profile::ProfileConfig`, its fields directly under
     /// `[stage2]`): tokens, seq_len, top_p_grid, tau_grid, latency_tokens, latency_repeats,
-    /// uniform_k, sensitivity_k, sensitivity_tokens, sensitivity_context.
+    /// uniform_k, sensitivity_k, sensitivity_tokens, sensitivity_context, teal_sparsities (off by
+    /// default: candidates with TEAL thresholds inside the experts).
     #[serde(flatten)]
     pub profile: ProfileConfig,
     /// What the chosen policies may activate (`ladimo_profile::Budget`): `of` = ffn-params,
@@ -266,6 +267,7 @@ impl ConvertConfig {
                 p.seq_len
             );
         }
+        p.check_teal().map_err(|e| anyhow::anyhow!("stage2.{e}"))?;
         if self.stage2.cost.is_ln_ppl() && !p.measures_sensitivity() {
             bail!(
                 "stage2.cost = {:?} needs stage2.sensitivity_k (the probes it is made of)",

@@ -48,7 +48,14 @@ pub(crate) fn evaluate(
         |_| Ok(None),
         |ev, _| {
             // The MoE model as a user loads it: from the exported folder.
-            let moe = ladimo_moe::checkpoint::load_model_from(&Checkpoint::open(fin)?, device)?;
+            let mut moe = ladimo_moe::checkpoint::load_model_from(&Checkpoint::open(fin)?, device)?;
+            // The checkpoint carries the routing; TEAL thresholds inside experts (stage 2 with
+            // `teal_sparsities`) live in policy.toml only.
+            for lp in &s2.solved.policies.layers {
+                if let Some(s) = &lp.sparsity {
+                    ladimo_moe::sparsity::set_sparsity(&mut moe, lp.layer, Some(s.clone()))?;
+                }
+            }
             measure(cfg, inputs, s2, &moe, ev, device)
         },
     )

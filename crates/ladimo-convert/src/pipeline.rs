@@ -291,6 +291,11 @@ fn solved_summary(s: &Solved) -> report::SolvedSummary {
         dense_value: s.dense_value,
         predicted_ppl_ratio: s.predicted_ppl_ratio,
         policies: s.policies.layers.iter().map(|l| (l.layer, l.to_string())).collect(),
+        ffn_saving: s.ffn_saving_split().map(|(experts, thresholds)| report::FfnSaving {
+            dense_ffn_params: s.dense_ffn_params,
+            by_experts_not_read: experts,
+            by_thresholds: thresholds,
+        }),
     }
 }
 

@@ -71,6 +71,18 @@ pub struct SolvedSummary {
     pub predicted_ppl_ratio: f64,
     /// (layer, policy).
     pub policies: Vec<(usize, String)>,
+    /// Predicted FFN parameters per token saved against the dense FFN, split into experts not
+    /// read and TEAL thresholds inside the experts that run; absent when no layer takes
+    /// thresholds (`stage2.teal_sparsities` off, or none chosen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_saving: Option<FfnSaving>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FfnSaving {
+    pub dense_ffn_params: f64,
+    pub by_experts_not_read: f64,
+    pub by_thresholds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -331,6 +343,17 @@ pub fn markdown(r: &Report) -> String {
         100.0 * sv.used / sv.dense_value,
         sv.predicted_ppl_ratio
     );
+    if let Some(f) = &sv.ffn_saving {
+        let _ = writeln!(
+            s,
+            "Predicted FFN saving per token: {:.4e} of {:.4e} dense FFN parameters by experts not read ({:.1}%), {:.4e} by TEAL thresholds inside the experts that run ({:.1}%).\n",
+            f.by_experts_not_read,
+            f.dense_ffn_params,
+            100.0 * f.by_experts_not_read / f.dense_ffn_params,
+            f.by_thresholds,
+            100.0 * f.by_thresholds / f.dense_ffn_params
+        );
+    }
     let _ = writeln!(s, "| layer | policy | stage-1 relative error |\n|---|---|---|");
     for (layer, p) in &sv.policies {
         let e = r.stage1_val_rel_error.get(*layer).copied().unwrap_or(f64::NAN);

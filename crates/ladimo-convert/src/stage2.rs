@@ -193,9 +193,11 @@ fn fixed(
     solved.cost = c;
     solved.predicted_params = params;
     solved.predicted_ffn_params = ffn;
+    solved.predicted_threshold_saved = 0.0;
     solved.policies.note = format!("fixed policy {policy} on every layer (stage2.fixed_policy)");
     for l in &mut solved.policies.layers {
         l.policy = Some(policy.clone());
+        l.sparsity = None;
     }
     Ok(solved)
 }

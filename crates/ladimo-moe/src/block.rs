@@ -1,4 +1,28 @@
-//! The MoE block: router, routed experts, optional shared experts, combine rule, sparse dispatch.
+//! The MoE block: router, routed experts, optional shared experts, combine rule, sparse dispatch,
+//! and optional TEAL thresholds inside the experts that run.
+//!
+//! **Parameters read.** Per token, with `R` the router's parameters, `S` the shared experts'
+//! and `P_e` routed expert `e`'s, the block reads `R + S + sum_{e chosen} P_e`
+//! ([`RoutingStats::routed_params`] sums the last term over tokens).
+//!
+//! **TEAL inside the experts** ([`MoeBlock::set_sparsity`], `Sparsity::Teal { x: t_x, h: t_h }`,
+//! see [`crate::sparsity`]). For one token with FFN input `x` (after the norm):
+//!
+//! 1. the router sees the *unthresholded* `x`, so the thresholds never change which experts run;
+//! 2. `x` is thresholded once, `x'_i = 0` where `|x_i| < t_x`; every expert that runs (the shared
+//!    experts and the chosen routed ones) skips columns `i` of its gate and up where `x'_i = 0`;
+//! 3. inside each expert `e` that runs, `h_e = silu(gate_e x') * (up_e x')`, then `h_{e,j} = 0`
+//!    where `|h_{e,j}| < t_h` (before the combine weight), and column `j` of `down_e` is not read;
+//! 4. `y = shared(h_s) + scale * sum_{e chosen} w_e * down_e h_e`, the combine rule unchanged.
+//!
+//! An expert with `f_e` neurons then reads `2 * f_e * kept_x + hidden * kept_h(e)` of its
+//! `3 * hidden * f_e` weights, so a token reads `R + sum_{e run} (2 f_e kept_x + hidden kept_h(e))`
+//! (the shared experts counted among the experts that run). [`RoutingStats::threshold_saved`]
+//! sums, over tokens, what the thresholds kept from being read; with thresholds of 0 nothing is
+//! zeroed and the output is the plain block's, bit for bit. The thresholds run on the burn path
+//! (masked dense products: the exact reference a sparse kernel must reproduce); the host kernel
+//! stores an expert's gate/up neuron-major and cannot skip input columns, so a block with
+//! thresholds does not take it.
 
 use std::sync::Mutex;
 
@@ -12,7 +36,47 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, RoutingPolicy, order_by_prob};
+use crate::sparsity::{Sparsity, teal_saved};
 use crate::{HostFfn, MoeError};
+
+/// Called with each activation `h = silu(gate x) * up x` (`[tokens, neurons]`, before any
+/// threshold) of every expert that runs: what calibration records.
+pub(crate) type Observe<'a> = dyn Fn(&Tensor<2>) + Sync + 'a;
+
+/// What one sparse dispatch produced.
+pub(crate) struct Dispatch {
+    pub out: Tensor<2>,
+    /// Tokens each routed expert received.
+    pub load: Vec<usize>,
+    /// Parameters of the experts that ran which TEAL thresholds kept from being read, summed over
+    /// the tokens (0 without thresholds).
+    pub saved: f64,
+}
+
+/// `x'_i = 0` where `|x_i| < tx` (`x: [tokens, hidden]`), and per token the entries kept.
+fn threshold_x(x: Tensor<2>, tx: f32) -> (Tensor<2>, Vec<f32>) {
+    let keep = x.clone().abs().greater_equal_elem(tx);
+    let kept = to_vec(keep.clone().float().sum_dim(1));
+    (x.mask_fill(keep.bool_not(), 0.0), kept)
+}
+
+/// An expert's activation on `x` (already thresholded), passed to `observe`, then with
+/// `h_j = 0` where `|h_j| < th`; and the number of entries kept (0 without `th`).
+fn expert_activation(f: &DenseFfn, x: Tensor<2>, th: Option<f32>, observe: Option<&Observe>) -> (Tensor<2>, f64) {
+    let a = f.activation(x);
+    if let Some(o) = observe {
+        o(&a);
+    }
+    match th {
+        None => (a, 0.0),
+        Some(th) => {
+            let keep = a.clone().abs().greater_equal_elem(th);
+            // Per-row counts (at most the expert's neurons) are exact in f32; their sum may not be.
+            let kept = to_vec(keep.clone().float().sum_dim(1)).iter().map(|&v| v as f64).sum();
+            (a.mask_fill(keep.bool_not(), 0.0), kept)
+        }
+    }
+}
 
 /// Up to this many tokens, [`MoeBlock::forward_tokens`] runs each token's experts directly (the
 /// decode path); above it, tokens are grouped per expert (gather, run, scatter-add).
@@ -92,6 +156,20 @@ impl MoeParams {
         policy: &Policy,
         x: Tensor<2>,
     ) -> Result<(Tensor<2>, Vec<usize>), MoeError> {
+        let d = self.forward_sparse_with(combine, policy, None, None, x)?;
+        Ok((d.out, d.load))
+    }
+
+    /// [`MoeParams::forward_sparse`] with TEAL thresholds `(t_x, t_h)` inside the experts that run
+    /// (the module header's rule), and `observe` called with every run expert's activation.
+    pub(crate) fn forward_sparse_with(
+        &self,
+        combine: &Combine,
+        policy: &Policy,
+        teal: Option<(f32, f32)>,
+        observe: Option<&Observe>,
+        x: Tensor<2>,
+    ) -> Result<Dispatch, MoeError> {
         let [n, h] = x.dims();
         let e = self.num_experts();
         let device = x.device();
@@ -121,8 +199,25 @@ impl MoeParams {
             Some(w) if combine.scale != 1.0 => Some(w.mul_scalar(combine.scale)),
             w => w,
         };
+        // The router saw the unthresholded x; every expert that runs sees x'.
+        let (x, kept_x) = match teal {
+            Some((tx, _)) => {
+                let (x, kept) = threshold_x(x, tx);
+                (x, Some(kept))
+            }
+            None => (x, None),
+        };
+        let th = teal.map(|t| t.1);
+        let mut saved = 0.0;
         let mut out = match &self.shared {
-            Some(s) => s.forward_any(x.clone()),
+            Some(s) => {
+                let (a, kept_h) = expert_activation(s, x.clone(), th, observe);
+                if let Some(k) = &kept_x {
+                    let kx = k.iter().map(|&v| v as f64).sum();
+                    saved += teal_saved(h, s.intermediate_size(), n, kx, kept_h);
+                }
+                s.down_proj.forward(a)
+            }
             None => Tensor::zeros([n, h], &device),
         };
         let load: Vec<usize> = groups.iter().map(Vec::len).collect();
@@ -131,7 +226,7 @@ impl MoeParams {
         // and scatters cost more than the small experts' matmuls once there are 16 experts.)
         let total: usize = load.iter().sum();
         if total == 0 {
-            return Ok((out, load));
+            return Ok(Dispatch { out, load, saved });
         }
         let mut rows = Vec::with_capacity(total);
         let mut flat = Vec::with_capacity(total);
@@ -141,29 +236,38 @@ impl MoeParams {
                 flat.push(t * e as i64 + i as i64);
             }
         }
+        // (expert, first row, rows, kept x entries of those rows) of every expert that got tokens.
+        let mut jobs = Vec::with_capacity(e);
+        let mut start = 0;
+        for (i, &m) in load.iter().enumerate() {
+            if m > 0 {
+                let kx = kept_x
+                    .as_ref()
+                    .map(|k| rows[start..start + m].iter().map(|&t| k[t as usize] as f64).sum())
+                    .unwrap_or(0.0);
+                jobs.push((i, start, m, kx));
+            }
+            start += m;
+        }
         let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [total]), &device);
         let xs = x.select(0, idx.clone());
         let ws = weights.map(|w| {
             let flat = Tensor::<1, Int>::from_data(TensorData::new(flat, [total]), &device);
             w.reshape([n * e, 1]).select(0, flat)
         });
-        // (expert, first row, rows) of every expert that got tokens.
-        let mut jobs = Vec::with_capacity(e);
-        let mut start = 0;
-        for (i, &m) in load.iter().enumerate() {
-            if m > 0 {
-                jobs.push((i, start, m));
-            }
-            start += m;
-        }
         // Experts are independent: run them on rayon's threads (the small expert matmuls do not
-        // keep every core busy on their own). `collect` keeps the experts' order.
-        let mut ys: Vec<Tensor<2>> = jobs
+        // keep every core busy on their own). `unzip` keeps the experts' order.
+        let (mut ys, saved_each): (Vec<Tensor<2>>, Vec<f64>) = jobs
             .par_iter()
-            .map(|&(i, start, m)| {
+            .map(|&(i, start, m, kx)| {
                 let expert = &self.experts[i];
-                let a = expert.activation(xs.clone().narrow(0, start, m));
-                match &ws {
+                let (a, kept_h) = expert_activation(expert, xs.clone().narrow(0, start, m), th, observe);
+                let saved = if th.is_some() {
+                    teal_saved(h, expert.intermediate_size(), m, kx, kept_h)
+                } else {
+                    0.0
+                };
+                let y = match &ws {
                     None if combine.scale == 1.0 => expert.down_proj.forward(a),
                     None => expert.down_proj.forward(a).mul_scalar(combine.scale),
                     Some(w) => {
@@ -177,9 +281,11 @@ impl MoeParams {
                             expert.down_proj.forward(a) * w
                         }
                     }
-                }
+                };
+                (y, saved)
             })
-            .collect();
+            .unzip();
+        saved += saved_each.iter().sum::<f64>();
         let y = if ys.len() == 1 {
             ys.pop().expect("one")
         } else {
@@ -187,7 +293,7 @@ impl MoeParams {
         };
         // `out` is uniquely owned, so the backend can add in place; repeated rows accumulate.
         out = out.select_assign(0, idx, y, IndexingUpdateOp::Add);
-        Ok((out, load))
+        Ok(Dispatch { out, load, saved })
     }
 }
 
@@ -212,6 +318,10 @@ pub struct RoutingStats {
     pub load: Vec<u64>,
     /// Sum over tokens of the routed-expert parameters that ran.
     pub routed_params: f64,
+    /// Sum over tokens of the parameters of the experts that ran (shared ones included) that TEAL
+    /// thresholds kept from being read (0 without thresholds). The block read
+    /// `tokens * (router + shared) + routed_params - threshold_saved` parameters.
+    pub threshold_saved: f64,
 }
 
 #[derive(Debug)]
@@ -221,6 +331,8 @@ pub struct MoeBlock {
     pub policy: Policy,
     stats: Mutex<RoutingStats>,
     expert_params: Vec<usize>,
+    /// TEAL thresholds inside the experts that run (the module header), if any.
+    sparsity: Option<Sparsity>,
     /// The host-side decode kernel ([`FeedForward::prepare_host`]).
     host: Option<MoeKernel>,
 }
@@ -339,6 +451,7 @@ impl MoeBlock {
                 ..Default::default()
             }),
             expert_params,
+            sparsity: None,
             host: None,
         }
     }
@@ -356,6 +469,48 @@ impl MoeBlock {
         policy.validate(self.num_experts())?;
         self.policy = policy;
         Ok(())
+    }
+
+    /// Whether `sparsity` can run inside an MoE block: TEAL with finite thresholds >= 0. Static
+    /// neuron sets and CATS are refused by name (not built inside experts).
+    pub fn check_sparsity(sparsity: &Sparsity) -> Result<(), MoeError> {
+        sparsity
+            .method()
+            .check_in_experts()
+            .and_then(|()| sparsity.check_thresholds())
+            .map_err(MoeError::Sparsity)
+    }
+
+    /// Set (or with `None` remove) TEAL thresholds inside the experts that run (the module
+    /// header's rule); refuses what [`MoeBlock::check_sparsity`] refuses, changing nothing.
+    pub fn set_sparsity(&mut self, sparsity: Option<Sparsity>) -> Result<(), MoeError> {
+        if let Some(s) = &sparsity {
+            Self::check_sparsity(s)?;
+        }
+        self.sparsity = sparsity;
+        Ok(())
+    }
+
+    pub fn sparsity(&self) -> Option<&Sparsity> {
+        self.sparsity.as_ref()
+    }
+
+    /// The TEAL thresholds `(t_x, t_h)`, if set.
+    fn teal(&self) -> Option<(f32, f32)> {
+        match self.sparsity {
+            Some(Sparsity::Teal { x, h }) => Some((x, h)),
+            _ => None,
+        }
+    }
+
+    /// The sparse dispatch of [`MoeBlock::forward_tokens`] (any number of tokens, no host
+    /// kernel, no statistics) under the block's routing policy but no thresholds, with `observe`
+    /// called on every run expert's activation: what calibration records.
+    pub(crate) fn forward_observed(&self, x: Tensor<2>, observe: &Observe) -> Result<Tensor<2>, MoeError> {
+        Ok(self
+            .params
+            .forward_sparse_with(&self.combine, &self.policy, None, Some(observe), x)?
+            .out)
     }
 
     pub fn stats(&self) -> RoutingStats {
@@ -427,38 +582,58 @@ impl MoeBlock {
     /// Sparse dispatch on flattened tokens `x: [tokens, hidden]`: each expert runs once, on the
     /// tokens routed to it, and the weighted outputs are scatter-added. Up to [`FEW_TOKENS`]
     /// tokens take the decode path instead (not differentiable in the router; training calls
-    /// [`MoeParams::forward_sparse`], which is).
+    /// [`MoeParams::forward_sparse`], which is). TEAL thresholds, if set, apply on both paths;
+    /// a block with thresholds never takes the host kernel (see the module header).
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let n = x.dims()[0];
-        if n <= KERNEL_TOKENS && self.host.is_some() {
+        if n <= KERNEL_TOKENS && self.host.is_some() && self.sparsity.is_none() {
             let [_, h] = x.dims();
             let device = x.device();
             let y = self.forward_kernel(&to_vec(x), n).expect("host kernel present")?;
             return Ok(Tensor::from_data(TensorData::new(y, [n, h]), &device));
         }
-        let (out, load) = if n <= FEW_TOKENS {
+        let d = if n <= FEW_TOKENS {
             self.forward_few(x)?
         } else {
-            self.params.forward_sparse(&self.combine, &self.policy, x)?
+            self.params
+                .forward_sparse_with(&self.combine, &self.policy, self.teal(), None, x)?
         };
-        self.record(&load, n);
-        Ok(out)
+        self.record(&d.load, n, d.saved);
+        Ok(d.out)
     }
 
     /// Decode-sized inputs: each token runs its chosen experts one after the other, weighted by
     /// host-side scalars. No gather, scatter or thread hand-off: at one token those cost more
     /// than the experts' matmuls. Not differentiable in the router (inference only).
-    fn forward_few(&self, x: Tensor<2>) -> Result<(Tensor<2>, Vec<usize>), MoeError> {
-        let [n, _] = x.dims();
+    fn forward_few(&self, x: Tensor<2>) -> Result<Dispatch, MoeError> {
+        let [n, hidden] = x.dims();
+        // The router sees the unthresholded x.
         let routes = self.route(&self.router_probs(x.clone())?);
+        let teal = self.teal();
         let mut load = vec![0; self.num_experts()];
+        let mut saved = 0.0;
         let mut rows = Vec::with_capacity(n);
         for (t, route) in routes.iter().enumerate() {
             let xt = if n == 1 { x.clone() } else { x.clone().narrow(0, t, 1) };
-            let mut y = self.params.shared.as_ref().map(|s| s.forward_any(xt.clone()));
+            let (xt, kept_x) = match teal {
+                Some((tx, _)) => {
+                    let (xt, kept) = threshold_x(xt, tx);
+                    (xt, kept[0] as f64)
+                }
+                None => (xt, 0.0),
+            };
+            let mut run = |f: &DenseFfn| match teal {
+                None => f.forward_any(xt.clone()),
+                Some((_, th)) => {
+                    let (a, kept_h) = expert_activation(f, xt.clone(), Some(th), None);
+                    saved += teal_saved(hidden, f.intermediate_size(), 1, kept_x, kept_h);
+                    f.down_proj.forward(a)
+                }
+            };
+            let mut y = self.params.shared.as_ref().map(&mut run);
             for &(i, w) in route {
                 load[i] += 1;
-                let e = self.params.experts[i].forward_any(xt.clone());
+                let e = run(&self.params.experts[i]);
                 let e = if w == 1.0 { e } else { e.mul_scalar(w) };
                 y = Some(match y {
                     Some(y) => y + e,
@@ -472,11 +647,12 @@ impl MoeBlock {
         } else {
             Tensor::cat(rows, 0)
         };
-        Ok((out, load))
+        Ok(Dispatch { out, load, saved })
     }
 
     /// Reference path: every expert runs on every token and unchosen outputs get weight 0. Exact
-    /// but costs the whole FFN; for tests, and for training where a dense graph is simpler.
+    /// but costs the whole FFN; for tests, and for training where a dense graph is simpler. It
+    /// ignores TEAL thresholds (the plain block's output).
     pub fn forward_dense(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let [n, _] = x.dims();
         let device = x.device();
@@ -502,7 +678,14 @@ impl MoeBlock {
     /// The decode path on the host kernel (`x: [n, hidden]`), when [`FeedForward::prepare_host`]
     /// has built it: router on the host, then only the chosen experts' neuron blocks (and the
     /// shared experts) are read. The same function as [`MoeBlock::forward_tokens`].
+    ///
+    /// `None` when the block has TEAL thresholds: the kernel stores each expert's gate and up
+    /// neuron-major (an expert is one contiguous run of rows), so it cannot skip the columns of
+    /// zeroed `x` entries; such a block runs on burn ([`MoeBlock::forward_tokens`]).
     pub fn forward_kernel(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, MoeError>> {
+        if self.sparsity.is_some() {
+            return None;
+        }
         let k = self.host.as_ref()?;
         let e = self.num_experts();
         let mut probs = vec![0f32; n * e];
@@ -541,13 +724,14 @@ impl MoeBlock {
             .collect();
         let mut y = vec![0f32; x.len()];
         k.ffn.forward(x, n, &ladimo_kernel::Selection::Blocks(&blocks), &mut y);
-        self.record(&load, n);
+        self.record(&load, n, 0.0);
         Some(Ok(y))
     }
 
-    fn record(&self, load: &[usize], tokens: usize) {
+    fn record(&self, load: &[usize], tokens: usize, saved: f64) {
         let mut s = self.stats.lock().unwrap();
         s.tokens += tokens as u64;
+        s.threshold_saved += saved;
         for (i, &l) in load.iter().enumerate() {
             s.load[i] += l as u64;
             s.routed_params += (l * self.expert_params[i]) as f64;
@@ -565,14 +749,15 @@ impl FeedForward for MoeBlock {
         self.router_params() + self.shared_params() + self.expert_params.iter().sum::<usize>()
     }
 
-    /// Router + shared experts + the routed-expert parameters that ran, averaged over every token
-    /// seen since the last reset (all routed experts when none has been seen).
+    /// Router + shared experts + the routed-expert parameters that ran, less what TEAL thresholds
+    /// kept from being read, averaged over every token seen since the last reset (all routed
+    /// experts when none has been seen).
     fn active_params_per_token(&self) -> f64 {
         let s = self.stats.lock().unwrap();
         let routed = if s.tokens == 0 {
             self.expert_params.iter().sum::<usize>() as f64
         } else {
-            s.routed_params / s.tokens as f64
+            (s.routed_params - s.threshold_saved) / s.tokens as f64
         };
         (self.router_params() + self.shared_params()) as f64 + routed
     }
@@ -604,8 +789,9 @@ impl FeedForward for MoeBlock {
             .as_ref()
             .map(|s| format!(" + shared {}", s.intermediate_size()))
             .unwrap_or_default();
+        let sparsity = self.sparsity.as_ref().map(|s| format!(", {s}")).unwrap_or_default();
         format!(
-            "moe {} experts{shared}, {}, {:?} x{}",
+            "moe {} experts{shared}, {}, {:?} x{}{sparsity}",
             self.num_experts(),
             self.policy,
             self.combine.weights,

@@ -10,6 +10,9 @@
 //! | `hf-remote` | transformers with `trust_remote_code` (`modeling_ladimo.py` in the folder) | everything: per-layer policies, top-p, confidence, Unit / Raw weights, router bias, dense and sparse (static, CATS, TEAL) layers |
 //! | `gguf` | llama.cpp: `llama` with `*_exps` tensors, or `granitemoe` with `*_shexp` | what `mixtral` / `granitemoe` carry; F16 or Q8_0 |
 //!
+//! No format carries TEAL thresholds inside MoE experts yet: a model with them is refused by
+//! every format, naming the layers (the thresholds stay in the policy file).
+//!
 //! Mixtral's rule (GraniteMoe's too, and llama.cpp's for both architectures): the router's top-k
 //! logits, softmax over those k. That is ladimo's `Renormalized` weights with one `TopK` in every
 //! layer. With `approximate`, a stock format also takes a model it cannot carry exactly, with
@@ -195,6 +198,21 @@ fn layers(model: &Transformer) -> Result<Vec<Layer<'_>>, String> {
             dense_ffn(model, l)
                 .map(Layer::Dense)
                 .ok_or_else(|| format!("layer {l}'s FFN is of a kind no export knows"))
+        })
+        .collect()
+}
+
+/// For each MoE layer with TEAL thresholds inside its experts, a phrase naming it (what no
+/// format carries yet).
+fn thresholded_layers(layers: &[Layer]) -> Vec<String> {
+    layers
+        .iter()
+        .enumerate()
+        .filter_map(|(l, layer)| match layer {
+            Layer::Moe(b) => b
+                .sparsity()
+                .map(|s| format!("layer {l} has thresholds inside its MoE experts ({s})")),
+            _ => None,
         })
         .collect()
 }
@@ -523,6 +541,18 @@ pub fn export(
         missing,
         suggestion: suggestion(opts.format, cfg, &layers),
     };
+    // No format (ladimo's own included) carries thresholds inside MoE experts yet: refuse rather
+    // than write a model that runs without them.
+    let thresholded = thresholded_layers(&layers);
+    if !thresholded.is_empty() {
+        return Err(ExportError::Cannot {
+            format: opts.format,
+            missing: thresholded,
+            suggestion: "no export format carries them yet: export without them (a policy file without \
+                         `sparsity` on MoE layers) and pass the policy file to ladimo with --policy"
+                .into(),
+        });
+    }
     match opts.format {
         Format::Ladimo => {
             if let Some(l) = layers.iter().position(|l| matches!(l, Layer::Sparse(..))) {
@@ -1102,7 +1132,12 @@ pub fn best_stock_format(model: &Transformer) -> Result<Format, String> {
 /// `model` (`folder/granitemoe`; none when `folder` is itself a Mixtral checkpoint, or when no
 /// stock format is exact), and a sentence saying which in `folder/stock-export.txt`, returned.
 pub fn write_stock_beside(ckpt: &Checkpoint, model: &Transformer, folder: &Path) -> Result<String, ExportError> {
+    let thresholded = layers(model).map(|l| thresholded_layers(&l)).unwrap_or_default();
     let text = match best_stock_format(model) {
+        _ if !thresholded.is_empty() => format!(
+            "No export format carries TEAL thresholds inside MoE experts yet ({}); ladimo runs them with policy.toml.",
+            thresholded.join("; ")
+        ),
         Ok(Format::Mixtral) => "The checkpoint is itself a MixtralForCausalLM (transformers, vLLM).".to_string(),
         Ok(f) => {
             let r = export(ckpt, model, &ExportOptions::new(f), &folder.join(f.name()))?;

@@ -1,6 +1,7 @@
-//! The policy file: per layer, the routing policy of an MoE layer or the activation sparsity of a
-//! dense one (TOML), as `ladimo solve` / `ladimo sparsify` write it and as `generate` /
-//! `perplexity` / `eval` / a converted checkpoint apply it.
+//! The policy file: per layer, the routing policy of an MoE layer (with, optionally, TEAL
+//! thresholds inside its experts) or the activation sparsity of a dense one (TOML), as
+//! `ladimo solve` / `ladimo sparsify` write it and as `generate` / `perplexity` / `eval` / a
+//! converted checkpoint apply it.
 //!
 //! ```toml
 //! model = "3f2a…"          # fingerprint of the model the policies were chosen for
@@ -9,7 +10,11 @@
 //! layer = 0
 //! policy = { type = "TopK", k = 6 }
 //! [[layers]]
-//! layer = 1                # a dense layer: TEAL thresholds (see `sparsity`)
+//! layer = 1                # an MoE layer: top-2, and TEAL inside the experts that run
+//! policy = { type = "TopK", k = 2 }
+//! sparsity = { type = "Teal", x = 0.02, h = 0.0031 }
+//! [[layers]]
+//! layer = 2                # a dense layer: TEAL thresholds (see `sparsity`)
 //! sparsity = { type = "Teal", x = 0.031, h = 0.0042 }
 //! ```
 
@@ -21,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{moe_block, moe_block_mut};
 use crate::sparsity::{SparseFfn, Sparsity, dense_ffn, set_sparsity};
-use crate::{MoeError, Policy, RoutingPolicy};
+use crate::{MoeBlock, MoeError, Policy, RoutingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,16 +46,18 @@ pub struct LayerPolicy {
     /// The routing policy: every MoE layer has one, a dense layer none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Policy>,
-    /// Activation sparsity of a dense layer (none: the layer runs as it is).
+    /// Activation sparsity of a dense layer, or TEAL inside an MoE layer's experts (see
+    /// [`crate::MoeBlock`]); none: the layer runs without thresholds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<Sparsity>,
 }
 
 impl std::fmt::Display for LayerPolicy {
-    /// The layer's routing policy, or its sparsity, or `dense`.
+    /// The layer's routing policy and sparsity, or `dense`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.policy, &self.sparsity) {
-            (Some(p), _) => write!(f, "{p}"),
+            (Some(p), Some(s)) => write!(f, "{p}, {s}"),
+            (Some(p), None) => write!(f, "{p}"),
             (None, Some(s)) => write!(f, "{s}"),
             (None, None) => write!(f, "dense"),
         }
@@ -120,11 +127,11 @@ impl PolicyFile {
         })
     }
 
-    /// Set every MoE layer's routing policy and every named dense layer's sparsity. Refuses
-    /// (changing nothing) a file made for another model, one that names a layer the model lacks
-    /// or twice, a routing policy for a dense layer or sparsity for an MoE layer, one that misses
-    /// an MoE layer's policy, and a policy or sparsity that does not fit its layer. `path` is for
-    /// the messages.
+    /// Set every MoE layer's routing policy and thresholds (none when the file gives none) and
+    /// every named dense layer's sparsity. Refuses (changing nothing) a file made for another
+    /// model, one that names a layer the model lacks or twice, a routing policy for a dense layer,
+    /// one that misses an MoE layer's policy, and a policy or sparsity that does not fit its layer
+    /// (inside MoE experts only TEAL runs). `path` is for the messages.
     pub fn apply(&self, model: &mut Transformer, path: &Path) -> Result<(), PolicyFileError> {
         let bad = |msg: String| PolicyFileError::Invalid {
             path: path.to_path_buf(),
@@ -145,20 +152,20 @@ impl PolicyFile {
                 return Err(bad(format!("names layer {} twice", lp.layer)));
             }
             match (moe_block(model, lp.layer), &lp.policy, &lp.sparsity) {
-                (Some(b), Some(p), None) => p.validate(b.num_experts()).map_err(|source| PolicyFileError::Policy {
-                    path: path.to_path_buf(),
-                    layer: lp.layer,
-                    source,
-                })?,
+                (Some(b), Some(p), s) => {
+                    let policy_err = |source| PolicyFileError::Policy {
+                        path: path.to_path_buf(),
+                        layer: lp.layer,
+                        source,
+                    };
+                    p.validate(b.num_experts()).map_err(policy_err)?;
+                    if let Some(s) = s {
+                        MoeBlock::check_sparsity(s).map_err(policy_err)?;
+                    }
+                }
                 (Some(_), None, _) => {
                     return Err(bad(format!(
                         "layer {} is an MoE layer but has no routing policy",
-                        lp.layer
-                    )));
-                }
-                (Some(_), Some(_), Some(_)) => {
-                    return Err(bad(format!(
-                        "layer {}: sparsity inside MoE experts is not supported yet (only dense layers take it)",
                         lp.layer
                     )));
                 }
@@ -188,6 +195,7 @@ impl PolicyFile {
             if let Some(p) = &lp.policy {
                 let b = moe_block_mut(model, lp.layer).expect("checked above");
                 b.set_policy(p.clone()).expect("validated above");
+                b.set_sparsity(lp.sparsity.clone()).expect("validated above");
             } else if dense_ffn(model, lp.layer).is_some() {
                 set_sparsity(model, lp.layer, lp.sparsity.clone()).expect("validated above");
             }

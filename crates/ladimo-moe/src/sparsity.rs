@@ -23,6 +23,14 @@
 //! inter` neurons with the largest mean `|h_j| * ||down_j||`. Quantiles come from log-spaced
 //! histograms (32 bins per octave, exact counts), so memory does not grow with the text.
 //! On held-out text the share read differs from `b` a little; [`SparseFfn`] measures it.
+//!
+//! **MoE layers** take TEAL only (static sets and CATS inside experts are refused by name): the
+//! router sees the unthresholded `x`, `x` is thresholded once for every expert that runs, and
+//! `h` inside each expert that runs (shared and chosen routed ones); the block header
+//! ([`crate::MoeBlock`]) gives the exact rule and count. Calibrating an MoE layer runs the block
+//! under its current routing policy, without thresholds, and takes the quantiles of its `x` and
+//! of `h` over the neurons of the experts that actually run (routed experts a token did not
+//! choose contribute nothing), so `b` is the share of the *run experts'* parameters read.
 
 use std::any::Any;
 use std::sync::Mutex;
@@ -32,6 +40,9 @@ use burn::tensor::Tensor;
 use ladimo_model::util::to_vec;
 use ladimo_model::{DenseFfn, FeedForward, FfnError, ModelError, Transformer};
 use serde::{Deserialize, Serialize};
+
+use crate::MoeBlock;
+use crate::checkpoint::{moe_block, moe_block_mut};
 
 /// One layer's activation sparsity, as saved in policy files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +66,29 @@ impl std::fmt::Display for Sparsity {
     }
 }
 
+impl Sparsity {
+    /// Refuses thresholds that are not finite and non-negative (static sets have none).
+    pub fn check_thresholds(&self) -> Result<(), String> {
+        let thresholds: &[f32] = match self {
+            Sparsity::Static { .. } => &[],
+            Sparsity::Cats { gate } => std::slice::from_ref(gate),
+            Sparsity::Teal { x, h } => &[*x, *h],
+        };
+        if thresholds.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
+            return Err(format!("{self}: thresholds must be finite and >= 0"));
+        }
+        Ok(())
+    }
+
+    pub fn method(&self) -> Method {
+        match self {
+            Sparsity::Static { .. } => Method::Static,
+            Sparsity::Cats { .. } => Method::Cats,
+            Sparsity::Teal { .. } => Method::Teal,
+        }
+    }
+}
+
 /// The training-free methods [`calibrate`] knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +106,17 @@ impl Method {
             Method::Static => "static",
             Method::Cats => "cats",
             Method::Teal => "teal",
+        }
+    }
+
+    /// Refuses, by name, a method not built inside MoE experts (all but TEAL).
+    pub fn check_in_experts(self) -> Result<(), String> {
+        match self {
+            Method::Teal => Ok(()),
+            m => Err(format!(
+                "{} inside MoE experts is not supported (only teal is)",
+                m.name()
+            )),
         }
     }
 
@@ -141,14 +186,7 @@ impl SparseFfn {
     /// of range, repeated or unsorted.
     pub fn new(dense: &DenseFfn, sparsity: Sparsity) -> Result<Self, String> {
         let inter = dense.intermediate_size();
-        let thresholds: &[f32] = match &sparsity {
-            Sparsity::Static { .. } => &[],
-            Sparsity::Cats { gate } => std::slice::from_ref(gate),
-            Sparsity::Teal { x, h } => &[*x, *h],
-        };
-        if thresholds.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
-            return Err(format!("{sparsity}: thresholds must be finite and >= 0"));
-        }
+        sparsity.check_thresholds()?;
         let ffn = match &sparsity {
             Sparsity::Static { keep } => {
                 if keep.is_empty() {
@@ -316,24 +354,31 @@ pub fn dense_ffn(model: &Transformer, layer: usize) -> Option<&DenseFfn> {
 }
 
 /// Counts of |v| in log-spaced bins: the bin of a positive f32 is its top 14 bits (exponent and 5
-/// mantissa bits: 32 bins per octave, monotonic in the value); zero (and -0) is bin 0.
+/// mantissa bits: 32 bins per octave, monotonic in the value); zero (and -0) is bin 0. What
+/// calibration takes its quantiles from, so memory does not grow with the text.
 #[derive(Debug, Clone)]
-struct Histogram {
+pub struct Histogram {
     counts: Vec<u64>,
     total: u64,
 }
 
 const HIST_SHIFT: u32 = 18;
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Histogram {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             counts: vec![0; 1 << (31 - HIST_SHIFT)],
             total: 0,
         }
     }
 
-    fn add(&mut self, values: &[f32]) {
+    pub fn add(&mut self, values: &[f32]) {
         for v in values {
             let bits = v.to_bits() & 0x7fff_ffff;
             // NaN and inf land in the top bins; they never become thresholds below them.
@@ -343,7 +388,7 @@ impl Histogram {
     }
 
     /// The threshold `t` under which a share `q` of the values lies (linear within a bin).
-    fn quantile(&self, q: f64) -> f32 {
+    pub fn quantile(&self, q: f64) -> f32 {
         let target = q * self.total as f64;
         if target <= 0.0 {
             return 0.0;
@@ -412,9 +457,41 @@ impl FeedForward for Recorder {
     }
 }
 
+/// An MoE block (a copy sharing the weights) that runs under its routing policy without
+/// thresholds and records its `x` and the activations of the experts that run.
+#[derive(Debug)]
+struct MoeRecorder {
+    block: MoeBlock,
+    record: Mutex<LayerRecord>,
+}
+
+impl FeedForward for MoeRecorder {
+    fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, FfnError> {
+        let [b, s, hid] = x.dims();
+        let x = x.reshape([b * s, hid]);
+        let xs = to_vec(x.clone());
+        self.record.lock().unwrap().x.add(&xs);
+        let observe = |a: &Tensor<2>| {
+            let v = to_vec(a.clone());
+            self.record.lock().unwrap().h.add(&v);
+        };
+        Ok(self.block.forward_observed(x, &observe)?.reshape([b, s, hid]))
+    }
+    fn total_params(&self) -> usize {
+        self.block.total_params()
+    }
+    fn active_params_per_token(&self) -> f64 {
+        self.block.active_params_per_token()
+    }
+    fn describe(&self) -> String {
+        format!("{} (recording activations)", self.block.describe())
+    }
+}
+
 /// Per layer, the sparsity of `method` that reads `budget` of the FFN on `windows` (calibration
-/// token windows, each scored as one sequence). Every layer must be a dense FFN. The model's FFNs
-/// are restored before returning. `progress(done, total)` after each window.
+/// token windows, each scored as one sequence). Every layer must be a dense SwiGLU FFN or, for
+/// TEAL, an MoE block (then `budget` is the share of the run experts' parameters read). The
+/// model's FFNs are restored before returning. `progress(done, total)` after each window.
 pub fn calibrate(
     model: &mut Transformer,
     windows: &[&[u32]],
@@ -439,30 +516,48 @@ pub fn calibrate_budgets(
         .map(|&b| method.sparsity_for(b))
         .collect::<Result<Vec<_>, _>>()?;
     let n = model.layers.len();
+    // Per layer its dense FFN, or None for an MoE block.
     let mut dense = Vec::with_capacity(n);
     for l in 0..n {
-        let d = dense_ffn(model, l).ok_or_else(|| SparsityError::Layer {
-            layer: l,
-            msg: "is not a dense FFN (activation sparsity calibrates dense SwiGLU FFNs)".into(),
-        })?;
-        dense.push(d.clone());
+        let layer_err = |msg: String| SparsityError::Layer { layer: l, msg };
+        if let Some(d) = dense_ffn(model, l) {
+            dense.push(Some(d.clone()));
+        } else if moe_block(model, l).is_some() {
+            method.check_in_experts().map_err(layer_err)?;
+            dense.push(None);
+        } else {
+            return Err(layer_err(format!(
+                "is neither a dense SwiGLU FFN nor an MoE block ({}), so {} cannot calibrate it",
+                model.layers[l].ffn.describe(),
+                method.name()
+            )));
+        }
     }
+    let record = |inter: usize| {
+        Mutex::new(LayerRecord {
+            x: Histogram::new(),
+            a: Histogram::new(),
+            h: Histogram::new(),
+            sum_abs_h: vec![0.0; inter],
+        })
+    };
     let originals: Vec<Box<dyn FeedForward>> = (0..n)
         .map(|l| {
-            let inter = dense[l].intermediate_size();
-            std::mem::replace(
-                &mut model.layers[l].ffn,
-                Box::new(Recorder {
-                    ffn: dense[l].clone(),
+            let recorder: Box<dyn FeedForward> = match &dense[l] {
+                Some(d) => Box::new(Recorder {
+                    ffn: d.clone(),
                     method,
-                    record: Mutex::new(LayerRecord {
-                        x: Histogram::new(),
-                        a: Histogram::new(),
-                        h: Histogram::new(),
-                        sum_abs_h: vec![0.0; inter],
-                    }),
+                    record: record(d.intermediate_size()),
                 }),
-            )
+                None => {
+                    let b = moe_block(model, l).expect("checked above");
+                    Box::new(MoeRecorder {
+                        block: MoeBlock::from_params(b.params.clone(), b.combine, b.policy.clone()),
+                        record: record(0),
+                    })
+                }
+            };
+            std::mem::replace(&mut model.layers[l].ffn, recorder)
         })
         .collect();
     let mut run = || -> Result<(), SparsityError> {
@@ -478,8 +573,11 @@ pub fn calibrate_budgets(
     for (l, orig) in originals.into_iter().enumerate() {
         let rec = std::mem::replace(&mut model.layers[l].ffn, orig);
         let rec: Box<dyn Any> = rec;
-        let rec = rec.downcast::<Recorder>().expect("installed above");
-        records.push(rec.record.into_inner().unwrap());
+        let record = match rec.downcast::<Recorder>() {
+            Ok(r) => r.record,
+            Err(rec) => rec.downcast::<MoeRecorder>().expect("installed above").record,
+        };
+        records.push(record.into_inner().unwrap());
     }
     ran?;
     Ok(budgets
@@ -489,14 +587,15 @@ pub fn calibrate_budgets(
             records
                 .iter()
                 .zip(&dense)
-                .map(|(r, d)| thresholds_of(r, d, method, budget, s))
+                .map(|(r, d)| thresholds_of(r, d.as_ref(), method, budget, s))
                 .collect()
         })
         .collect())
 }
 
 /// One layer's sparsity from what it recorded: zero a share `s` of the entries (budget `budget`).
-fn thresholds_of(r: &LayerRecord, d: &DenseFfn, method: Method, budget: f64, s: f64) -> Sparsity {
+/// `d` is the layer's dense FFN (None for an MoE block, which only TEAL calibrates).
+fn thresholds_of(r: &LayerRecord, d: Option<&DenseFfn>, method: Method, budget: f64, s: f64) -> Sparsity {
     match method {
         Method::Teal => Sparsity::Teal {
             x: r.x.quantile(s),
@@ -504,6 +603,7 @@ fn thresholds_of(r: &LayerRecord, d: &DenseFfn, method: Method, budget: f64, s: 
         },
         Method::Cats => Sparsity::Cats { gate: r.a.quantile(s) },
         Method::Static => {
+            let d = d.expect("static calibrates dense layers only (checked before running)");
             let inter = d.intermediate_size();
             let keep_n = ((budget * inter as f64).round() as usize).clamp(1, inter);
             let norms = row_norms(d.down_proj.weight.val());
@@ -515,6 +615,13 @@ fn thresholds_of(r: &LayerRecord, d: &DenseFfn, method: Method, budget: f64, s: 
             Sparsity::Static { keep }
         }
     }
+}
+
+/// Of the `3 * hidden * inter` weights an expert with `inter` neurons has, what TEAL kept it from
+/// reading on `tokens` tokens: gate and up read `2 * inter` per kept `x` entry (`kept_x`, summed
+/// over the tokens), down `hidden` per kept `h` entry (`kept_h`, summed likewise).
+pub fn teal_saved(hidden: usize, inter: usize, tokens: usize, kept_x: f64, kept_h: f64) -> f64 {
+    (3 * hidden * inter * tokens) as f64 - 2.0 * inter as f64 * kept_x - hidden as f64 * kept_h
 }
 
 /// The threshold under which a share `q` of `|values|` lies (the same log-spaced histogram as
@@ -544,13 +651,25 @@ fn row_norms(w: Tensor<2>) -> Vec<f64> {
 }
 
 /// Replace layer `layer`'s dense FFN by one with `sparsity` (or back to the plain dense FFN with
-/// `None`).
+/// `None`); on an MoE layer, set TEAL thresholds inside its experts ([`MoeBlock::set_sparsity`]).
 pub fn set_sparsity(model: &mut Transformer, layer: usize, sparsity: Option<Sparsity>) -> Result<(), SparsityError> {
+    if let Some(b) = moe_block_mut(model, layer) {
+        return b.set_sparsity(sparsity).map_err(|e| SparsityError::Layer {
+            layer,
+            msg: e.to_string(),
+        });
+    }
     let dense = dense_ffn(model, layer)
         .ok_or_else(|| SparsityError::Layer {
             layer,
-            msg: "activation sparsity applies to dense FFN layers only (thresholds inside experts are not built yet)"
-                .into(),
+            msg: format!(
+                "activation sparsity applies to dense SwiGLU FFN and MoE layers only, not to {}",
+                model
+                    .layers
+                    .get(layer)
+                    .map(|l| l.ffn.describe())
+                    .unwrap_or_else(|| "a missing layer".into())
+            ),
         })?
         .clone();
     model.layers[layer].ffn = match sparsity {

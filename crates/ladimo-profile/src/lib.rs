@@ -11,7 +11,9 @@
 //!        -> a policy file (TOML, ladimo_moe::PolicyFile) + the whole Pareto frontier
 //! ```
 //! [`teal_alloc`] does the same over TEAL thresholds on a dense model: per-layer budgets under a
-//! global one.
+//! global one. With `ProfileConfig::teal_sparsities` (off by default), each MoE layer's
+//! candidates also include every top-k with TEAL thresholds inside the experts that run, so the
+//! solver combines expert routing and thresholds per layer.
 //!
 //! The profile carries the MoE model's fingerprint, so a profile of another model is refused.
 
@@ -28,6 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ladimo_moe::Policy;
+use ladimo_moe::Sparsity;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,10 @@ pub const HIST_BINS: usize = 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateCost {
     pub policy: Policy,
+    /// TEAL thresholds inside the experts that run, with the routing policy (only with
+    /// `ProfileConfig::teal_sparsities`; absent: the policy alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<Sparsity>,
     /// `||moe(x) - ffn(x)||^2 / ||ffn(x)||^2` over all profiled tokens (all languages).
     pub rel_mse: f64,
     /// `||moe(x) - ffn(x)||^2 / ||h||^2`, h the residual stream after the layer: the error as a
@@ -86,10 +93,27 @@ pub struct CandidateCost {
     pub rel_mse_by_lang: BTreeMap<String, f64>,
     /// Mean number of routed experts run per token.
     pub mean_experts: f64,
-    /// Mean FFN parameters activated per token (router + shared + routed experts that ran).
+    /// Mean FFN parameters activated per token (router + shared + routed experts that ran, less
+    /// what the thresholds kept from being read).
     pub active_params: f64,
+    /// Mean parameters per token of the experts that ran which the thresholds kept from being
+    /// read (0 without thresholds): the part of the FFN saving due to thresholds, the rest being
+    /// experts not read.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub threshold_saved: f64,
     /// Measured time of the block per token (median of repeats; seconds).
     pub seconds_per_token: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+impl CandidateCost {
+    /// The routing policy alone (no thresholds).
+    pub fn is_plain(&self) -> bool {
+        self.sparsity.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,7 +52,7 @@ pub fn write_plots(profile: &Profile, dir: &Path, solved: Option<&Solved>) -> Re
             points: l
                 .candidates
                 .iter()
-                .filter(|c| matches!(c.policy, Policy::TopK { .. }) && c.rel_mse > 0.0)
+                .filter(|c| matches!(c.policy, Policy::TopK { .. }) && c.is_plain() && c.rel_mse > 0.0)
                 .map(|c| (c.mean_experts, c.rel_mse))
                 .collect(),
         })

@@ -8,6 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use ladimo_model::perplexity::perplexity;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{ModelError, Transformer};
+use ladimo_moe::sparsity::{Histogram, Sparsity, teal_saved};
 use ladimo_moe::{MoeBlock, Policy, moe_block, moe_block_mut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,12 @@ pub struct ProfileConfig {
     /// student inputs, whose blocks are tuned to each other). See [`crate::SensitivityContext`].
     #[arg(long, value_enum, default_value_t = ProfileConfig::default().sensitivity_context)]
     pub sensitivity_context: SensitivityContext,
+    /// Candidates with TEAL inside the experts (empty, the default: none): every top-k also with
+    /// thresholds that zero these shares (each in (0, 1)) of the layer's x and of h over the
+    /// experts that run, calibrated per layer on the profiled tokens. See [`profile_model`].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub teal_sparsities: Vec<f64>,
 }
 
 fn chunk_tokens() -> usize {
@@ -84,6 +91,7 @@ impl Default for ProfileConfig {
             sensitivity_k: None,
             sensitivity_tokens: 2048,
             sensitivity_context: SensitivityContext::Dense,
+            teal_sparsities: Vec::new(),
         }
     }
 }
@@ -104,6 +112,14 @@ impl ProfileConfig {
     pub fn sensitivity_ks(&self, n: usize) -> Vec<usize> {
         let ks = self.sensitivity_k.clone().unwrap_or_else(|| probe_ks(n));
         ks.into_iter().filter(|&k| k >= 1 && k <= n).collect()
+    }
+
+    /// Refuses TEAL shares outside (0, 1).
+    pub fn check_teal(&self) -> Result<(), String> {
+        match self.teal_sparsities.iter().find(|s| !(**s > 0.0 && **s < 1.0)) {
+            Some(s) => Err(format!("teal_sparsities: {s} is not a share in (0, 1)")),
+            None => Ok(()),
+        }
     }
 
     /// Whether the layer sensitivity is measured at all (`sensitivity_k` is not empty).
@@ -247,6 +263,76 @@ struct Acc {
     err_by_lang: Vec<f64>,
     experts: f64,
     params: f64,
+    /// Parameters the thresholds kept from being read (shared experts included).
+    saved: f64,
+}
+
+/// Per share in `cfg.teal_sparsities`, layer thresholds `(t_x, t_h)`: that share of `|x|` over
+/// the profiled tokens, and of `|h|` over the neurons of the experts that run under the block's
+/// loaded policy (shared ones included): the rule of `ladimo_moe::sparsity::calibrate`, on the
+/// teacher's inputs.
+fn teal_levels(block: &MoeBlock, xs: &[f32], h: usize, cfg: &ProfileConfig) -> Result<Vec<(f32, f32)>, ProfileError> {
+    if cfg.teal_sparsities.is_empty() {
+        return Ok(Vec::new());
+    }
+    let device = block.params.router.weight.device();
+    let (mut hx, mut hh) = (Histogram::new(), Histogram::new());
+    hx.add(xs);
+    let n_tok = xs.len() / h;
+    for start in (0..n_tok).step_by(cfg.chunk_tokens) {
+        let m = cfg.chunk_tokens.min(n_tok - start);
+        let x = Tensor::<2>::from_data(
+            TensorData::new(xs[start * h..(start + m) * h].to_vec(), [m, h]),
+            &device,
+        );
+        let mut groups = vec![Vec::new(); block.num_experts()];
+        for (t, r) in block.route(&block.router_probs(x.clone())?).iter().enumerate() {
+            for &(i, _) in r {
+                groups[i].push(t as i64);
+            }
+        }
+        if let Some(s) = &block.params.shared {
+            hh.add(&to_vec(s.activation(x.clone())));
+        }
+        for (i, g) in groups.into_iter().enumerate() {
+            if !g.is_empty() {
+                let n = g.len();
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(g, [n]), &device);
+                hh.add(&to_vec(block.params.experts[i].activation(x.clone().select(0, idx))));
+            }
+        }
+    }
+    Ok(cfg
+        .teal_sparsities
+        .iter()
+        .map(|&s| (hx.quantile(s), hh.quantile(s)))
+        .collect())
+}
+
+/// Every expert's output on a chunk under one TEAL level, with the entries each kept.
+struct LevelOutputs {
+    /// Per token, the `x` entries kept.
+    kept_x: Vec<f32>,
+    /// Per routed expert: outputs `[m, hidden]` and, per token, the `h` entries kept.
+    experts: Vec<(Vec<f32>, Vec<f32>)>,
+    shared: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+fn level_outputs(block: &MoeBlock, x: Tensor<2>, (tx, th): (f32, f32)) -> LevelOutputs {
+    let keep_x = x.clone().abs().greater_equal_elem(tx);
+    let kept_x = to_vec(keep_x.clone().float().sum_dim(1));
+    let x = x.mask_fill(keep_x.bool_not(), 0.0);
+    let run = |f: &ladimo_model::DenseFfn| {
+        let a = f.activation(x.clone());
+        let keep = a.clone().abs().greater_equal_elem(th);
+        let kept = to_vec(keep.clone().float().sum_dim(1));
+        (to_vec(f.down_proj.forward(a.mask_fill(keep.bool_not(), 0.0))), kept)
+    };
+    LevelOutputs {
+        kept_x,
+        experts: block.params.experts.iter().map(run).collect(),
+        shared: block.params.shared.as_ref().map(run),
+    }
 }
 
 /// Profile every MoE layer of `moe` against the dense teacher `dense` on `texts` (language tag,
@@ -276,6 +362,7 @@ pub fn profile_model(
             cfg.seq_len
         )));
     }
+    cfg.check_teal().map_err(ProfileError::Invalid)?;
     let moe_layers: Vec<usize> = (0..moe.layers.len()).filter(|&l| moe_block(moe, l).is_some()).collect();
     if moe_layers.is_empty() {
         return Err(ProfileError::Invalid("the model has no MoE layer to profile".into()));
@@ -291,7 +378,14 @@ pub fn profile_model(
         let d = &data[l];
         let block = moe_block(moe, l).expect("MoE layer");
         let e = block.num_experts();
-        let cands = candidates(e, cfg);
+        let levels = teal_levels(block, &d.x, h, cfg)?;
+        // The policies as they are, then every top-k with each TEAL level.
+        let mut cands: Vec<(Policy, Option<usize>)> = candidates(e, cfg).into_iter().map(|p| (p, None)).collect();
+        for k in 1..=e {
+            cands.extend((0..levels.len()).map(|li| (Policy::TopK { k }, Some(li))));
+        }
+        let inters: Vec<usize> = block.params.experts.iter().map(|f| f.intermediate_size()).collect();
+        let shared_inter = block.params.shared.as_ref().map(|s| s.intermediate_size());
         let mut accs = vec![
             Acc {
                 err_by_lang: vec![0.0; n_lang],
@@ -317,6 +411,7 @@ pub fn profile_model(
                 .map(|ex| to_vec(ex.forward_any(x.clone())))
                 .collect();
             let shared = block.params.shared.as_ref().map(|s| to_vec(s.forward_any(x.clone())));
+            let level_outs: Vec<LevelOutputs> = levels.iter().map(|&t| level_outputs(block, x.clone(), t)).collect();
             for t in 0..m {
                 let yt = &ys[t * h..(t + 1) * h];
                 let n2: f64 = yt.iter().map(|&v| (v as f64) * (v as f64)).sum();
@@ -332,26 +427,44 @@ pub fn profile_model(
             }
             routing_stats(&probs, e, &mut all);
             let expert_params = block.expert_params();
-            cands.par_iter().zip(accs.par_iter_mut()).for_each(|(policy, acc)| {
-                let routes = block.route_with(policy, &probs);
-                let mut out = vec![0f32; h];
-                for (t, r) in routes.iter().enumerate() {
-                    match &shared {
-                        Some(s) => out.copy_from_slice(&s[t * h..(t + 1) * h]),
-                        None => out.fill(0.0),
+            cands
+                .par_iter()
+                .zip(accs.par_iter_mut())
+                .for_each(|((policy, level), acc)| {
+                    let routes = block.route_with(policy, &probs);
+                    let lv = level.map(|li| &level_outs[li]);
+                    let shared_out = match lv {
+                        Some(lv) => lv.shared.as_ref().map(|s| &s.0),
+                        None => shared.as_ref(),
+                    };
+                    let mut out = vec![0f32; h];
+                    for (t, r) in routes.iter().enumerate() {
+                        match shared_out {
+                            Some(s) => out.copy_from_slice(&s[t * h..(t + 1) * h]),
+                            None => out.fill(0.0),
+                        }
+                        let kept_x = lv.map_or(0.0, |lv| lv.kept_x[t] as f64);
+                        if let (Some(si), Some((_, kept_h))) = (shared_inter, lv.and_then(|lv| lv.shared.as_ref())) {
+                            acc.saved += teal_saved(h, si, 1, kept_x, kept_h[t] as f64);
+                        }
+                        for &(ex, w) in r {
+                            let o = match lv {
+                                Some(lv) => &lv.experts[ex].0[t * h..(t + 1) * h],
+                                None => &outs[ex][t * h..(t + 1) * h],
+                            };
+                            out.iter_mut().zip(o).for_each(|(a, &b)| *a += w * b);
+                            acc.params += expert_params[ex] as f64;
+                            if let Some(lv) = lv {
+                                acc.saved += teal_saved(h, inters[ex], 1, kept_x, lv.experts[ex].1[t] as f64);
+                            }
+                        }
+                        acc.experts += r.len() as f64;
+                        let yt = &ys[t * h..(t + 1) * h];
+                        let err: f64 = out.iter().zip(yt).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+                        acc.err += err;
+                        acc.err_by_lang[lang_of[start + t]] += err;
                     }
-                    for &(ex, w) in r {
-                        let o = &outs[ex][t * h..(t + 1) * h];
-                        out.iter_mut().zip(o).for_each(|(a, &b)| *a += w * b);
-                        acc.params += expert_params[ex] as f64;
-                    }
-                    acc.experts += r.len() as f64;
-                    let yt = &ys[t * h..(t + 1) * h];
-                    let err: f64 = out.iter().zip(yt).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
-                    acc.err += err;
-                    acc.err_by_lang[lang_of[start + t]] += err;
-                }
-            });
+                });
         }
         let mut routing = BTreeMap::new();
         for (lang, mut dist) in dists.into_iter().enumerate() {
@@ -376,10 +489,18 @@ pub fn profile_model(
         let expert_params = block.expert_params().to_vec();
         let dense_params = dense_ffn.total_params();
         let original = block.policy.clone();
+        let original_sparsity = block.sparsity().cloned();
         let mut costs = Vec::with_capacity(cands.len());
-        for (policy, acc) in cands.iter().zip(&accs) {
+        for ((policy, level), acc) in cands.iter().zip(&accs) {
+            let sparsity = level.map(|li| Sparsity::Teal {
+                x: levels[li].0,
+                h: levels[li].1,
+            });
             let b: &mut MoeBlock = moe_block_mut(moe, l).expect("MoE layer");
             b.set_policy(policy.clone())?;
+            // Thresholds run on burn's masked path (the host kernel cannot skip x columns), so
+            // their measured time does not credit what they save.
+            b.set_sparsity(sparsity.clone())?;
             let b: &MoeBlock = b;
             let secs = ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
                 let y = b.forward_tokens(x_lat.clone())?;
@@ -389,6 +510,7 @@ pub fn profile_model(
             let nt = n_tok as f64;
             costs.push(CandidateCost {
                 policy: policy.clone(),
+                sparsity,
                 rel_mse: acc.err / y2.max(1e-30),
                 resid_mse: acc.err / resid2.max(1e-30),
                 rel_mse_by_lang: texts
@@ -397,12 +519,14 @@ pub fn profile_model(
                     .map(|(i, (lang, _))| (lang.clone(), acc.err_by_lang[i] / y2_lang[i].max(1e-30)))
                     .collect(),
                 mean_experts: acc.experts / nt,
-                active_params: fixed as f64 + acc.params / nt,
+                active_params: fixed as f64 + (acc.params - acc.saved) / nt,
+                threshold_saved: acc.saved / nt,
                 seconds_per_token: secs / lat_n as f64,
             });
         }
         let b = moe_block_mut(moe, l).expect("MoE layer");
         b.set_policy(original)?;
+        b.set_sparsity(original_sparsity)?;
         b.reset_stats();
         layers.push(LayerProfile {
             layer: l,
@@ -432,9 +556,13 @@ pub fn profile_model(
         let policy = Policy::TopK { k };
         let (mut s_rel, mut s_res) = (0.0, 0.0);
         for lp in &layers {
-            let c = lp.candidates.iter().find(|c| c.policy == policy).ok_or_else(|| {
-                ProfileError::Invalid(format!("uniform top-{k} is not a candidate of layer {}", lp.layer))
-            })?;
+            let c = lp
+                .candidates
+                .iter()
+                .find(|c| c.policy == policy && c.is_plain())
+                .ok_or_else(|| {
+                    ProfileError::Invalid(format!("uniform top-{k} is not a candidate of layer {}", lp.layer))
+                })?;
             s_rel += c.rel_mse;
             s_res += c.resid_mse;
             moe_block_mut(moe, lp.layer).unwrap().set_policy(policy.clone())?;
@@ -610,7 +738,7 @@ pub fn add_sensitivity(
             let cand = lp
                 .candidates
                 .iter()
-                .find(|c| c.policy == policy)
+                .find(|c| c.policy == policy && c.is_plain())
                 .ok_or_else(|| ProfileError::Invalid(format!("probe {policy} is not a candidate of layer {l}")))?;
             moe_block_mut(moe, l).expect("MoE layer").set_policy(policy.clone())?;
             let mut nll = vec![0f64; n_lang];

@@ -122,7 +122,7 @@ impl Cost {
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => by_experts(s, c, lift(profile, s)),
+                            _ => sensitivity_cost(s, &l.candidates, c, lift(profile, s)),
                         })
                         .collect())
                 }
@@ -143,6 +143,21 @@ impl Cost {
 /// above the operating point have negative deltas; `lift` (see [`lift`]) raises the layer's curve
 /// so that its lowest probe is 0, which keeps that shape (a constant per layer does not change
 /// which policies the solver picks) and is added back in the prediction (`ppl_intercept`).
+/// The `Sensitivity` cost of candidate `c` among a layer's `candidates`. The probes vary the
+/// routing only, so a candidate with thresholds costs its routing's interpolated ln-PPL
+/// ([`by_experts`] on the candidate with the same policy and no thresholds) plus the layer's
+/// ln-PPL per unit of relative MSE (`s.weight`) times the error the thresholds add.
+fn sensitivity_cost(s: &LayerSensitivity, candidates: &[CandidateCost], c: &CandidateCost, lift: f64) -> f64 {
+    let plain = c
+        .sparsity
+        .as_ref()
+        .and_then(|_| candidates.iter().find(|p| p.policy == c.policy && p.is_plain()));
+    match plain {
+        Some(p) => by_experts(s, p, lift) + s.weight * (c.rel_mse - p.rel_mse).max(0.0),
+        None => by_experts(s, c, lift),
+    }
+}
+
 fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64) -> f64 {
     let mut pts: Vec<(f64, f64, f64)> = s
         .probes
@@ -201,6 +216,14 @@ pub struct Solved {
     /// Predicted activated parameters per token (whole model and FFN).
     pub predicted_params: f64,
     pub predicted_ffn_params: f64,
+    /// Of the FFN saving (dense FFN parameters minus `predicted_ffn_params`), the part TEAL
+    /// thresholds inside the experts make (per token; the rest is experts not read). 0 when no
+    /// layer takes thresholds.
+    #[serde(default)]
+    pub predicted_threshold_saved: f64,
+    /// The dense FFN parameters per token over the profiled layers (what the saving is from).
+    #[serde(default)]
+    pub dense_ffn_params: f64,
     pub frontier: Vec<FrontierEntry>,
 }
 
@@ -361,7 +384,7 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
             .map(|(l, c)| LayerPolicy {
                 layer: l.layer,
                 policy: Some(c.policy.clone()),
-                sparsity: None,
+                sparsity: c.sparsity.clone(),
             })
             .collect(),
     };
@@ -377,8 +400,21 @@ pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<S
         predicted_ppl_ratio: (slope * sol.cost + intercept).exp(),
         predicted_params: profile.non_ffn_params + ffn,
         predicted_ffn_params: ffn,
+        predicted_threshold_saved: chosen.iter().map(|c| c.threshold_saved).sum(),
+        dense_ffn_params: profile.dense_ffn_params(),
         frontier,
     })
+}
+
+impl Solved {
+    /// The predicted FFN saving per token against the dense FFN, split into `(experts not read,
+    /// thresholds)`; `None` when no layer takes thresholds (the saving is all experts not read).
+    pub fn ffn_saving_split(&self) -> Option<(f64, f64)> {
+        (self.predicted_threshold_saved > 0.0).then(|| {
+            let saved = self.dense_ffn_params - self.predicted_ffn_params;
+            (saved - self.predicted_threshold_saved, self.predicted_threshold_saved)
+        })
+    }
 }
 
 /// The uniform policy `policy` on every layer, as the solver would report it (for comparisons).
@@ -387,7 +423,7 @@ pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f
     let mut c = 0.0;
     let mut params = profile.non_ffn_params;
     for (l, costs) in profile.layers.iter().zip(&table) {
-        let i = l.candidates.iter().position(|x| &x.policy == policy)?;
+        let i = l.candidates.iter().position(|x| &x.policy == policy && x.is_plain())?;
         c += costs[i];
         params += l.candidates[i].active_params;
     }
@@ -408,7 +444,9 @@ mod tests {
             rel_mse_by_lang: Default::default(),
             mean_experts: k as f64,
             active_params: 0.0,
+            threshold_saved: 0.0,
             seconds_per_token: 0.0,
+            sparsity: None,
         }
     }
 
@@ -437,5 +475,33 @@ mod tests {
         assert_eq!(by_experts(&s, &cand(8, 0.5), 0.0), 0.05);
         assert!((by_experts(&s, &cand(4, 0.4), 0.0) - 0.4).abs() < 1e-12);
         assert_eq!(by_experts(&s, &cand(4, 0.1), 0.0), 0.2);
+    }
+
+    #[test]
+    fn thresholds_cost_the_routing_plus_the_error_they_add() {
+        let probe = |k: usize, delta: f64, rel_mse: f64| SensitivityProbe {
+            policy: Policy::TopK { k },
+            rel_mse,
+            mean_experts: k as f64,
+            delta_ln_ppl: delta,
+            delta_ln_ppl_by_lang: Default::default(),
+        };
+        let s = LayerSensitivity {
+            layer: 0,
+            probes: vec![probe(5, 0.2, 0.2), probe(7, 0.05, 0.1)],
+            weight: 2.0,
+        };
+        let plain = cand(6, 0.15);
+        let teal = CandidateCost {
+            sparsity: Some(ladimo_moe::Sparsity::Teal { x: 0.1, h: 0.01 }),
+            threshold_saved: 100.0,
+            ..cand(6, 0.19)
+        };
+        let all = [plain.clone(), teal.clone()];
+        assert_eq!(sensitivity_cost(&s, &all, &plain, 0.0), by_experts(&s, &plain, 0.0));
+        // Same experts run, so by experts alone it would cost the same as the plain top-6.
+        assert_eq!(by_experts(&s, &teal, 0.0), by_experts(&s, &plain, 0.0));
+        let want = 0.125 + 2.0 * (0.19 - 0.15);
+        assert!((sensitivity_cost(&s, &all, &teal, 0.0) - want).abs() < 1e-12);
     }
 }
