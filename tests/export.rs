@@ -220,7 +220,18 @@ fn renormalized_uniform_top_k_with_shared_experts_exports_exactly_to_granitemoe_
     let g = q8.join("model.gguf");
     if let Some(r) = script(
         "check_gguf_export.py",
-        &[s(&src), s(&g), "--text", s(&text), "--tokens", "1024", "--seq-len", "128", "--threads", "2"],
+        &[
+            s(&src),
+            s(&g),
+            "--text",
+            s(&text),
+            "--tokens",
+            "1024",
+            "--seq-len",
+            "128",
+            "--threads",
+            "2",
+        ],
     ) {
         assert!(r["rel_diff"].as_f64().unwrap() < 0.01, "Q8_0: {r}");
     }

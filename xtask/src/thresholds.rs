@@ -238,7 +238,20 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let mut model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device())?;
     let n_layers = model.layers.len();
     let t = Instant::now();
-    let dense = score(&model, &held, a.seq_len)?;
+    // The dense scores depend only on the held-out ids: kept in --work for the next run.
+    let held_key = fnv(&held.iter().flat_map(|(_, ids)| ids.iter().copied()).collect::<Vec<_>>());
+    let dense_file = a.work.join(format!("dense-{held_key:08x}-seq{}.json", a.seq_len));
+    let dense: Vec<(String, f64, f64)> = match std::fs::read(&dense_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(d) => d,
+        None => {
+            let d = score(&model, &held, a.seq_len)?;
+            write_json(&dense_file, &d)?;
+            d
+        }
+    };
     eprintln!(
         "dense: {} ({:.0} s)",
         dense
