@@ -170,6 +170,24 @@ pub fn finished_finetune(dir: &Path) -> Option<FinetuneReport> {
     serde_json::from_str(&std::fs::read_to_string(report_file(dir)).ok()?).ok()
 }
 
+/// Attention, norms and the final norm of `student` take no gradient: only the FFN blocks train
+/// (the embeddings get no optimiser step either).
+pub(crate) fn freeze_all_but_ffns(student: &mut Transformer) {
+    for layer in &mut student.layers {
+        let a = &mut layer.self_attn;
+        for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+            *lin = lin.clone().no_grad();
+        }
+        for norm in [&mut layer.input_layernorm, &mut layer.post_attention_layernorm] {
+            *norm = norm.clone().no_grad();
+        }
+        for norm in [&mut layer.post_norm1, &mut layer.post_norm2].into_iter().flatten() {
+            *norm = norm.clone().no_grad();
+        }
+    }
+    student.norm = student.norm.clone().no_grad();
+}
+
 fn moe_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
     let ffn: &mut dyn Any = model.layers[layer].ffn.as_mut();
     ffn.downcast_mut::<MoeBlock>().expect("every layer holds an MoE block")
@@ -496,19 +514,7 @@ pub fn finetune(
             .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
         Ok(Box::new(block))
     })?;
-    for layer in &mut student.layers {
-        let a = &mut layer.self_attn;
-        for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-            *lin = lin.clone().no_grad();
-        }
-        for norm in [&mut layer.input_layernorm, &mut layer.post_attention_layernorm] {
-            *norm = norm.clone().no_grad();
-        }
-        for norm in [&mut layer.post_norm1, &mut layer.post_norm2].into_iter().flatten() {
-            *norm = norm.clone().no_grad();
-        }
-    }
-    student.norm = student.norm.clone().no_grad();
+    freeze_all_but_ffns(&mut student);
     if cfg.train_router {
         for l in 0..n_layers {
             let block = moe_mut(&mut student, l);

@@ -191,19 +191,7 @@ pub fn polish_thresholded(
             th,
         }))
     })?;
-    for layer in &mut student.layers {
-        let a = &mut layer.self_attn;
-        for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-            *lin = lin.clone().no_grad();
-        }
-        for norm in [&mut layer.input_layernorm, &mut layer.post_attention_layernorm] {
-            *norm = norm.clone().no_grad();
-        }
-        for norm in [&mut layer.post_norm1, &mut layer.post_norm2].into_iter().flatten() {
-            *norm = norm.clone().no_grad();
-        }
-    }
-    student.norm = student.norm.clone().no_grad();
+    crate::finetune::freeze_all_but_ffns(&mut student);
 
     // The held-back KL on a copy without autodiff (the teacher's device, the current weights).
     let val_kl = |student: &mut Transformer| -> Result<f64, DistillError> {
