@@ -60,13 +60,9 @@ pub struct ThresholdsArgs {
     epochs: usize,
     #[arg(long, default_value_t = 0.0)]
     residual_correction: f64,
-    /// Polish: passes over the training tokens, peak learning rate, the teacher's top K.
-    #[arg(long, default_value_t = 1)]
-    polish_epochs: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    polish_lr: f64,
-    #[arg(long, default_value_t = 128)]
-    polish_top_k: usize,
+    /// Polish: passes over the training tokens, peak learning rate, the teacher's top K, ...
+    #[command(flatten)]
+    polish: TealPolishConfig,
     /// Held-out tokens per language (the head of the held-out files).
     #[arg(long, default_value_t = 16_384)]
     heldout_tokens: usize,
@@ -350,12 +346,7 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                         (dense_ffns(&trained)?, s)
                     };
                     set_all(&mut model, &vec![None; n_layers])?;
-                    let cfg = TealPolishConfig {
-                        epochs: a.polish_epochs,
-                        lr: a.polish_lr,
-                        teacher_top_k: a.polish_top_k,
-                        ..Default::default()
-                    };
+                    let cfg = a.polish.clone();
                     let (ffns, rep) = polish_thresholded(
                         &ckpt,
                         &model,

@@ -193,3 +193,106 @@ fn sparsify_calibrates_teal_inside_an_moe_model_and_perplexity_applies_it() {
         stderr(&o)
     );
 }
+
+#[test]
+fn sparsify_polish_writes_a_dense_model_folder_whose_policy_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-llama3");
+    // Varied text: 20 windows at least for the held-back KL.
+    let words = [
+        "river", "stone", "light", "quiet", "seven", "letters", "under", "the", "old", "bridge",
+    ];
+    let text: String = (0..3000usize)
+        .map(|i| format!("{} ", words[(i * 7 + i / 3) % words.len()]))
+        .collect();
+    let text_file = dir.path().join("t.txt");
+    std::fs::write(&text_file, text).unwrap();
+    let text_file = text_file.to_str().unwrap();
+    let out = dir.path().join("polished");
+    let args = |method: &'static str| -> Vec<String> {
+        [
+            "sparsify",
+            &model,
+            "--method",
+            method,
+            "--budget",
+            "0.5",
+            "--text",
+            text_file,
+            "--tokens-per-file",
+            "400",
+            "--seq-len",
+            "32",
+            "--polish",
+            "--train-tokens",
+            "1024",
+            "--polish-lr",
+            "1e-3",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: &[String]| ladimo(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // Only TEAL is polished.
+    let o = run(&args("cats"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("TEAL thresholds only"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    let o = run(&args("teal"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "policy.toml",
+        "polish.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(
+        !dir.path().join("polished.work").exists(),
+        "the work folder stays behind"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("polish.json")).unwrap()).unwrap();
+    let (before, after) = (
+        record["polish"]["val_kl_init"].as_f64().unwrap(),
+        record["polish"]["val_kl"].as_f64().unwrap(),
+    );
+    assert!(after < before, "held-back KL {before} -> {after}");
+    // A dense Llama to stock loaders: no ladimo section, the source's architecture.
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(
+        config.contains("LlamaForCausalLM") && !config.contains("\"ladimo\""),
+        "{config}"
+    );
+    // The policy applies to the folder and reads about half the FFN.
+    let ppl = |extra: &[&str]| {
+        let mut a = vec![
+            "perplexity",
+            out.to_str().unwrap(),
+            "--text",
+            text_file,
+            "--seq-len",
+            "32",
+        ];
+        a.extend_from_slice(extra);
+        let o = ladimo(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        ffn_active(&String::from_utf8_lossy(&o.stdout))
+    };
+    let policy = out.join("policy.toml");
+    let (plain, teal) = (ppl(&[]), ppl(&["--policy", policy.to_str().unwrap()]));
+    assert!(
+        teal < 0.7 * plain && teal > 0.3 * plain,
+        "FFN read with TEAL {teal}, without {plain}"
+    );
+    // An existing folder is not overwritten.
+    let o = run(&args("teal"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}

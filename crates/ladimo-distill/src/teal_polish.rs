@@ -37,22 +37,32 @@ use crate::DistillError;
 use crate::finetune::TeacherTopK;
 use crate::train::warmup_cosine;
 
-/// Settings of the polish under thresholds. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Settings of the polish under thresholds: the one definition. Every field has a default
+/// ([`TealPolishConfig::default`]); `ladimo sparsify --polish` and `cargo xtask thresholds` take
+/// them as `--polish-*` flags (clap), config files as TOML (serde).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TealPolishConfig {
     /// Passes over the training windows.
+    #[arg(long = "polish-epochs", default_value_t = TealPolishConfig::default().epochs)]
     pub epochs: usize,
     /// Windows per optimiser step.
+    #[arg(long = "polish-batch-windows", default_value_t = TealPolishConfig::default().batch_windows)]
     pub batch_windows: usize,
     /// AdamW peak learning rate, warm-up share, cosine decay to `lr * min_lr_frac`.
+    #[arg(long = "polish-lr", default_value_t = TealPolishConfig::default().lr)]
     pub lr: f64,
+    #[arg(long = "polish-warmup-frac", default_value_t = TealPolishConfig::default().warmup_frac)]
     pub warmup_frac: f64,
+    #[arg(long = "polish-min-lr-frac", default_value_t = TealPolishConfig::default().min_lr_frac)]
     pub min_lr_frac: f64,
+    #[arg(long = "polish-weight-decay", default_value_t = TealPolishConfig::default().weight_decay)]
     pub weight_decay: f32,
     /// The teacher's K most likely next tokens per position make the loss (plus one bucket for
     /// the rest), computed once before the first step.
+    #[arg(long = "polish-top-k", default_value_t = TealPolishConfig::default().teacher_top_k)]
     pub teacher_top_k: usize,
+    #[arg(long = "polish-seed", default_value_t = TealPolishConfig::default().seed)]
     pub seed: u64,
 }
 

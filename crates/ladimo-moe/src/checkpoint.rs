@@ -210,21 +210,7 @@ pub fn save_moe_checkpoint(
             .collect(),
     };
 
-    // config.json: the source's own (keeps fields we do not model) or one made from GGUF metadata.
-    let mut config: Value = match source.format {
-        ladimo_io::Format::HuggingFace => {
-            let p = source.path.join("config.json");
-            let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
-                path: p.clone(),
-                msg: e.to_string(),
-            })?
-        }
-        ladimo_io::Format::Gguf => cfg.to_hf_json().map_err(|msg| CheckpointError::Format {
-            path: source.path.clone(),
-            msg,
-        })?,
-    };
+    let mut config = source_config(source)?;
     if why.is_none() {
         let first = blocks[0].expect("every layer is MoE when Mixtral-exact");
         let Policy::TopK { k } = first.policy else {
@@ -287,20 +273,91 @@ pub fn save_moe_checkpoint(
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     ladimo_io::write_safetensors(&st, &tensors, Some(meta))?;
     drop(tensors);
+    write_config_and_tokenizer(source, &config, tmp)?;
+    dir.commit()?;
+    Ok(section)
+}
+
+/// The source's `config.json` (keeps fields we do not model), or one made from GGUF metadata.
+fn source_config(source: &Checkpoint) -> Result<Value, CheckpointError> {
+    match source.format {
+        ladimo_io::Format::HuggingFace => {
+            let p = source.path.join("config.json");
+            let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+                path: p.clone(),
+                msg: e.to_string(),
+            })
+        }
+        ladimo_io::Format::Gguf => source.config.to_hf_json().map_err(|msg| CheckpointError::Format {
+            path: source.path.clone(),
+            msg,
+        }),
+    }
+}
+
+/// `config.json`, `tokenizer.json` and `tokenizer_config.json` (with the chat template) in `dir`.
+fn write_config_and_tokenizer(source: &Checkpoint, config: &Value, dir: &Path) -> Result<(), CheckpointError> {
     let write = |file: &str, text: String| -> Result<(), CheckpointError> {
-        let p = tmp.join(file);
+        let p = dir.join(file);
         std::fs::write(&p, text).map_err(io(&p))
     };
-    write("config.json", serde_json::to_string_pretty(&config).unwrap())?;
+    write("config.json", serde_json::to_string_pretty(config).unwrap())?;
     let tok = source.tokenizer()?;
     write("tokenizer.json", tok.to_json()?)?;
     let mut tok_cfg = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"});
     if let Some(t) = &tok.chat_template {
         tok_cfg["chat_template"] = t.clone().into();
     }
-    write("tokenizer_config.json", serde_json::to_string_pretty(&tok_cfg).unwrap())?;
-    dir.commit()?;
-    Ok(section)
+    write("tokenizer_config.json", serde_json::to_string_pretty(&tok_cfg).unwrap())
+}
+
+/// Write the dense model `source` with every layer's FFN replaced by `ffns` (one per layer, e.g.
+/// FFNs trained under activation sparsity) into the existing folder `dir`, which the caller
+/// publishes whole (see [`ladimo_io::atomic::AtomicDir`]). `config.json` is the source's own, so
+/// transformers, vLLM and ladimo read the folder as the dense model it is; tensors are f32.
+pub fn write_dense_checkpoint(source: &Checkpoint, ffns: &[HostFfn], dir: &Path) -> Result<(), CheckpointError> {
+    let cfg = &source.config;
+    if ffns.len() != cfg.num_layers || cfg.mlp_bias {
+        return Err(CheckpointError::Format {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "{} FFNs given for a model of {} layers{}",
+                ffns.len(),
+                cfg.num_layers,
+                if cfg.mlp_bias {
+                    " with FFN biases (not supported)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    let mut config = source_config(source)?;
+    config["torch_dtype"] = "float32".into();
+    config["dtype"] = "float32".into();
+    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for info in source.weights.infos() {
+        if !info.name.contains(".mlp.") {
+            tensors.insert(info.name.clone(), source.weights.load(&info.name)?);
+        }
+    }
+    for (l, f) in ffns.iter().enumerate() {
+        f.check(cfg.hidden_size, &format!("layer {l}'s FFN"))
+            .map_err(|source| CheckpointError::Block {
+                path: dir.to_path_buf(),
+                layer: l,
+                source,
+            })?;
+        let p = format!("model.layers.{l}.mlp");
+        tensors.insert(format!("{p}.gate_proj.weight"), f.gate.clone());
+        tensors.insert(format!("{p}.up_proj.weight"), f.up.clone());
+        tensors.insert(format!("{p}.down_proj.weight"), f.down.clone());
+    }
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    ladimo_io::write_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+    drop(tensors);
+    write_config_and_tokenizer(source, &config, dir)
 }
 
 /// A checkpoint folder's `config.json`, parsed (`None` for a GGUF file).

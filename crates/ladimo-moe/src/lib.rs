@@ -28,7 +28,9 @@ pub mod policy_file;
 pub mod sparsity;
 
 pub use block::{Combine, CombineWeights, FEW_TOKENS, MoeBlock, MoeParams, RoutingStats};
-pub use checkpoint::{CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint};
+pub use checkpoint::{
+    CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint, write_dense_checkpoint,
+};
 pub use error::MoeError;
 pub use host::HostFfn;
 pub use policy::{Policy, RoutingPolicy};
