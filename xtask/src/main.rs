@@ -17,6 +17,7 @@ mod bench;
 mod decode;
 mod frontier;
 mod fuzz;
+mod heldout;
 mod thresholds;
 
 use anyhow::Result;
@@ -45,6 +46,9 @@ enum Cmd {
     /// TEAL's levers on a dense model: per-layer budgets (allocation) and thresholds in the loop of
     /// layer-wise training, against uniform TEAL at the same FFN budgets, per held-out language.
     Thresholds(Box<thresholds::ThresholdsArgs>),
+    /// Held-out perplexity (en, en-ood, ko) of models side by side, each with its own policy file
+    /// (`--model DIR:POLICY`), the first the reference.
+    Heldout(heldout::HeldoutArgs),
     /// Benchmarks; they print figures and ratios, they assert nothing.
     Bench {
         #[command(subcommand)]
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Frontier(a) => frontier::frontier(a),
         Cmd::Thresholds(a) => thresholds::thresholds(*a),
+        Cmd::Heldout(a) => heldout::heldout(a),
         Cmd::Fetch { what: Fetch::Data } => {
             let ds = ladimo_data::fetch_data()?;
             println!("{}", ds.describe());

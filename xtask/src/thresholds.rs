@@ -86,7 +86,11 @@ struct Row {
 }
 
 /// Held-out perplexity and FFN share read per language, the model as it is.
-fn score(model: &Transformer, held: &[(String, Vec<u32>)], seq_len: usize) -> Result<Vec<(String, f64, f64)>> {
+pub(crate) fn score(
+    model: &Transformer,
+    held: &[(String, Vec<u32>)],
+    seq_len: usize,
+) -> Result<Vec<(String, f64, f64)>> {
     let mut out = Vec::new();
     for (tag, ids) in held {
         for l in &model.layers {
