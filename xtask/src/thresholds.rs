@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ladimo_distill::teal_polish::{TealPolishConfig, dense_ffns, polish_thresholded};
+use ladimo_distill::teal_polish::{PolishProgress, TealPolishConfig, dense_ffns, polish_thresholded};
 use ladimo_distill::thresholded::{ThresholdTrainConfig, apply_run, run_thresholded};
 use ladimo_model::Transformer;
 use ladimo_moe::sparsity::{Method, Sparsity, calibrate, set_sparsity};
@@ -359,8 +359,13 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
                         &train_ids,
                         a.seq_len,
                         &cfg,
-                        |s, n, kl| {
-                            eprint!("\r{method} at {budget}: step {s}/{n} KL {kl:.4}   ");
+                        |p| match p {
+                            PolishProgress::Teacher { done, total } => {
+                                eprint!("\r{method} at {budget}: teacher window {done}/{total}   ")
+                            }
+                            PolishProgress::Step { step, total, kl } => {
+                                eprint!("\r{method} at {budget}: step {step}/{total} KL {kl:.4}   ")
+                            }
                         },
                     )?;
                     eprintln!(

@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ladimo_data::{Part, take_tokens};
-use ladimo_distill::teal_polish::{TealPolishConfig, TealPolishReport, dense_ffns, polish_thresholded};
+use ladimo_distill::teal_polish::{PolishProgress, TealPolishConfig, TealPolishReport, dense_ffns, polish_thresholded};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_moe::checkpoint::linear_host_weight;
@@ -243,13 +243,21 @@ fn polish(
                 &train_ids,
                 a.seq_len,
                 &a.polish_cfg,
-                |s, n, kl| {
-                    eprint!(
-                        "\rpolish under TEAL {:.1}%: step {s}/{n}, KL {kl:.4}   ",
-                        100.0 * a.budget
-                    );
-                    if s == n {
-                        eprintln!();
+                |p| match p {
+                    PolishProgress::Teacher { done, total } => {
+                        eprint!("\rthe dense model's top next tokens: window {done}/{total}   ");
+                        if done == total {
+                            eprintln!();
+                        }
+                    }
+                    PolishProgress::Step { step, total, kl } => {
+                        eprint!(
+                            "\rpolish under TEAL {:.1}%: step {step}/{total}, KL {kl:.4}   ",
+                            100.0 * a.budget
+                        );
+                        if step == total {
+                            eprintln!();
+                        }
                     }
                 },
             )?;

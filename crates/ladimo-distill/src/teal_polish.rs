@@ -96,6 +96,15 @@ pub struct TealPolishReport {
     pub seconds: f64,
 }
 
+/// Where the polish is, for a progress display (the library draws none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PolishProgress {
+    /// The teacher's top K computed for `done` of `total` training windows (before step 1).
+    Teacher { done: usize, total: usize },
+    /// Optimiser step `step` of `total` done, at training KL `kl`.
+    Step { step: usize, total: usize, kl: f64 },
+}
+
 /// A dense FFN under fixed TEAL thresholds, differentiable ([`teal_forward`]): the student's
 /// layers while it trains.
 #[derive(Debug)]
@@ -133,7 +142,7 @@ fn teal_layer(model: &mut Transformer, layer: usize) -> &mut TealTrainFfn {
 /// Polish `start` (one dense FFN per layer, on any device, e.g. the dense weights or a
 /// layer-wise thresholded run) under `sparsity` (TEAL thresholds per layer) against `teacher`
 /// (the dense model) on `tokens`, cut into whole windows of `seq_len`. Returns the trained FFNs
-/// (on the teacher's device) and the report. `progress(step, total, kl)`.
+/// (on the teacher's device) and the report; `progress` hears of the teacher pass and each step.
 #[allow(clippy::too_many_arguments)]
 pub fn polish_thresholded(
     ckpt: &Checkpoint,
@@ -143,7 +152,7 @@ pub fn polish_thresholded(
     tokens: &[u32],
     seq_len: usize,
     cfg: &TealPolishConfig,
-    mut progress: impl FnMut(usize, usize, f64),
+    mut progress: impl FnMut(PolishProgress),
 ) -> Result<(Vec<DenseFfn>, TealPolishReport), DistillError> {
     let t0 = Instant::now();
     let n_layers = teacher.layers.len();
@@ -235,7 +244,9 @@ pub fn polish_thresholded(
         s
     };
     let used: Vec<usize> = (0..train.len()).collect();
-    let cache = TeacherTopK::new(teacher, &train, &used, cfg.teacher_top_k, |_, _| {})?;
+    let cache = TeacherTopK::new(teacher, &train, &used, cfg.teacher_top_k, |done, total| {
+        progress(PolishProgress::Teacher { done, total })
+    })?;
     let mut optims: Vec<_> = (0..n_layers)
         .map(|_| AdamWConfig::new().with_weight_decay(cfg.weight_decay).init())
         .collect();
@@ -260,7 +271,11 @@ pub fn polish_thresholded(
         if (step + 1) % 5 == 0 || step + 1 == total {
             loss_curve.push((step + 1, value));
         }
-        progress(step + 1, total, value);
+        progress(PolishProgress::Step {
+            step: step + 1,
+            total,
+            kl: value,
+        });
     }
     let val_kl_after = val_kl(&mut student)?;
     tracing::info!(val_kl_init, val_kl = val_kl_after, "polish under thresholds: KL after");

@@ -214,7 +214,7 @@ fn the_polish_under_thresholds_lowers_the_held_back_kl_and_keeps_the_model_shape
         teacher_top_k: 100_000,
         ..Default::default()
     };
-    let (ffns, report) = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens, 32, &cfg, |_, _, _| {}).unwrap();
+    let (ffns, report) = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens, 32, &cfg, |_| {}).unwrap();
     assert_eq!(ffns.len(), model.layers.len());
     assert_eq!((report.train_windows, report.val_windows), (38, 2));
     assert_eq!(report.steps, 3 * 19);
@@ -233,11 +233,11 @@ fn the_polish_under_thresholds_lowers_the_held_back_kl_and_keeps_the_model_shape
 
     // Only TEAL policies train; a wrong count of layers is refused.
     let cats = vec![Sparsity::Cats { gate: 0.1 }; model.layers.len()];
-    let e = polish_thresholded(&ckpt, &model, &start, &cats, &tokens, 32, &cfg, |_, _, _| {}).unwrap_err();
+    let e = polish_thresholded(&ckpt, &model, &start, &cats, &tokens, 32, &cfg, |_| {}).unwrap_err();
     assert!(e.to_string().contains("TEAL"), "{e}");
-    let e = polish_thresholded(&ckpt, &model, &start[..1], &sparsity, &tokens, 32, &cfg, |_, _, _| {}).unwrap_err();
+    let e = polish_thresholded(&ckpt, &model, &start[..1], &sparsity, &tokens, 32, &cfg, |_| {}).unwrap_err();
     assert!(e.to_string().contains("layers"), "{e}");
     // Too few windows to hold one back.
-    let e = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens[..64], 32, &cfg, |_, _, _| {}).unwrap_err();
+    let e = polish_thresholded(&ckpt, &model, &start, &sparsity, &tokens[..64], 32, &cfg, |_| {}).unwrap_err();
     assert!(e.to_string().contains("too few"), "{e}");
 }
