@@ -127,3 +127,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (duplicate argument ids from flattened settings structs,
+    /// defaults that do not parse, ...), which otherwise fail only when the command runs.
+    #[test]
+    fn the_command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

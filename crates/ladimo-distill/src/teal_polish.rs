@@ -39,30 +39,31 @@ use crate::train::warmup_cosine;
 
 /// Settings of the polish under thresholds: the one definition. Every field has a default
 /// ([`TealPolishConfig::default`]); `ladimo sparsify --polish` and `cargo xtask thresholds` take
-/// them as `--polish-*` flags (clap), config files as TOML (serde).
+/// them as `--polish-*` flags (clap), config files as TOML (serde). The clap ids are `polish_*`, so the flags can sit beside a
+/// command's own `--epochs` or `--lr`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TealPolishConfig {
     /// Passes over the training windows.
-    #[arg(long = "polish-epochs", default_value_t = TealPolishConfig::default().epochs)]
+    #[arg(id = "polish_epochs", long = "polish-epochs", default_value_t = TealPolishConfig::default().epochs)]
     pub epochs: usize,
     /// Windows per optimiser step.
-    #[arg(long = "polish-batch-windows", default_value_t = TealPolishConfig::default().batch_windows)]
+    #[arg(id = "polish_batch_windows", long = "polish-batch-windows", default_value_t = TealPolishConfig::default().batch_windows)]
     pub batch_windows: usize,
     /// AdamW peak learning rate, warm-up share, cosine decay to `lr * min_lr_frac`.
-    #[arg(long = "polish-lr", default_value_t = TealPolishConfig::default().lr)]
+    #[arg(id = "polish_lr", long = "polish-lr", default_value_t = TealPolishConfig::default().lr)]
     pub lr: f64,
-    #[arg(long = "polish-warmup-frac", default_value_t = TealPolishConfig::default().warmup_frac)]
+    #[arg(id = "polish_warmup_frac", long = "polish-warmup-frac", default_value_t = TealPolishConfig::default().warmup_frac)]
     pub warmup_frac: f64,
-    #[arg(long = "polish-min-lr-frac", default_value_t = TealPolishConfig::default().min_lr_frac)]
+    #[arg(id = "polish_min_lr_frac", long = "polish-min-lr-frac", default_value_t = TealPolishConfig::default().min_lr_frac)]
     pub min_lr_frac: f64,
-    #[arg(long = "polish-weight-decay", default_value_t = TealPolishConfig::default().weight_decay)]
+    #[arg(id = "polish_weight_decay", long = "polish-weight-decay", default_value_t = TealPolishConfig::default().weight_decay)]
     pub weight_decay: f32,
     /// The teacher's K most likely next tokens per position make the loss (plus one bucket for
     /// the rest), computed once before the first step.
-    #[arg(long = "polish-top-k", default_value_t = TealPolishConfig::default().teacher_top_k)]
+    #[arg(id = "polish_top_k", long = "polish-top-k", default_value_t = TealPolishConfig::default().teacher_top_k)]
     pub teacher_top_k: usize,
-    #[arg(long = "polish-seed", default_value_t = TealPolishConfig::default().seed)]
+    #[arg(id = "polish_seed", long = "polish-seed", default_value_t = TealPolishConfig::default().seed)]
     pub seed: u64,
 }
 
