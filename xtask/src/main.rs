@@ -13,6 +13,9 @@
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
 mod backends;
+// The `ladimo` binary's terminal bars: the one place that draws progress (see that file).
+#[path = "../../crates/ladimo-cli/src/bars.rs"]
+mod bars;
 mod bench;
 mod decode;
 mod frontier;
@@ -107,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
             let on = ladimo_convert::Compute {
                 device: &device,
                 backend: ladimo_backend::name(),
+                progress: &bars::Bars,
             };
             ladimo_convert::run(a, &on).map(|_| ())
         }

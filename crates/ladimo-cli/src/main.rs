@@ -4,6 +4,7 @@
 //! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
+mod bars;
 mod eval;
 mod export;
 mod sparsify;
@@ -171,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             let on = ladimo_convert::Compute {
                 device: &device,
                 backend: ladimo_backend::name(),
+                progress: &bars::Bars,
             };
             ladimo_convert::run(a, &on).map(|_| ())
         }
