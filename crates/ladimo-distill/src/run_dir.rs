@@ -21,6 +21,7 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ladimo_model::Transformer;
 use ladimo_moe::{MoeBlock, Policy};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -43,19 +44,27 @@ pub fn save_layer(dir: &Path, block: &MoeBlock, report: &LayerReport) -> Result<
     std::fs::create_dir_all(dir).map_err(|e| DistillError::io(dir, e))?;
     ladimo_moe::block_file::save_block(&block_path(dir, report.layer), block)
         .map_err(|e| DistillError::Invalid(e.to_string()))?;
-    ladimo_io::atomic::write_atomic(
-        &report_path(dir, report.layer),
-        &serde_json::to_vec_pretty(report).unwrap(),
-    )?;
-    Ok(())
+    write_report(&report_path(dir, report.layer), report)
 }
 
 /// A finished layer's report, if the layer is complete in `dir`.
 pub fn finished(dir: &Path, layer: usize) -> Option<LayerReport> {
-    if !block_path(dir, layer).exists() {
+    read_finished(&block_path(dir, layer), &report_path(dir, layer))
+}
+
+/// Write a layer's report (pretty JSON) through a temporary name, after the weights it vouches
+/// for: a layer whose report is there is complete (also for [`thresholded`](crate::thresholded)).
+pub(crate) fn write_report(path: &Path, report: &impl Serialize) -> Result<(), DistillError> {
+    ladimo_io::atomic::write_atomic(path, &serde_json::to_vec_pretty(report).unwrap())?;
+    Ok(())
+}
+
+/// The report at `report` when the `weights` it vouches for are there too (else `None`).
+pub(crate) fn read_finished<R: DeserializeOwned>(weights: &Path, report: &Path) -> Option<R> {
+    if !weights.exists() {
         return None;
     }
-    serde_json::from_str(&std::fs::read_to_string(report_path(dir, layer)).ok()?).ok()
+    serde_json::from_str(&std::fs::read_to_string(report).ok()?).ok()
 }
 
 /// Load a saved block with `policy` (validated against its experts), combined as the run's

@@ -5,6 +5,9 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use ladimo_model::ModelError;
 use ladimo_model::util::to_vec;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 
 use crate::DistillError;
 
@@ -35,4 +38,17 @@ pub(crate) fn put(data: &mut [f32], w: usize, t: Tensor<3>) {
 /// An FFN's error in layer `layer`, as ours.
 pub(crate) fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
     move |source| ModelError::Ffn { layer, source }.into()
+}
+
+/// The batches of one layer's training, in order: in every epoch the `train_n` training tokens
+/// shuffled (the generator seeded by `seed` and the layer) and cut into whole batches of `batch`.
+pub(crate) fn batch_schedule(train_n: usize, batch: usize, epochs: usize, seed: u64, layer: usize) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
+    let mut order: Vec<usize> = (0..train_n).collect();
+    let mut schedule = Vec::new();
+    for _ in 0..epochs {
+        order.shuffle(&mut rng);
+        schedule.extend(order.chunks_exact(batch).map(<[usize]>::to_vec));
+    }
+    schedule
 }

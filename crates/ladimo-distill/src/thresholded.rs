@@ -35,13 +35,11 @@ use ladimo_model::{DenseFfn, FeedForward, Transformer};
 use ladimo_moe::HostFfn;
 use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::sparsity::{SparseFfn, Sparsity, abs_quantile, dense_ffn, teal_forward};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
-use crate::stream::{ffn_err, put, rows, window};
+use crate::run_dir::{read_finished, write_report};
+use crate::stream::{batch_schedule, ffn_err, put, rows, window};
 use crate::train::warmup_cosine;
 
 /// How each layer is trained under its thresholds. Every field has a default.
@@ -199,34 +197,29 @@ pub fn train_thresholded_layer(
     let steps_per_epoch = train_n / cfg.batch_tokens;
     let total = steps_per_epoch * cfg.epochs;
     let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay).init();
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
-    let mut order: Vec<usize> = (0..train_n).collect();
     let mut curve = Vec::new();
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        for batch in order.chunks_exact(cfg.batch_tokens) {
-            let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
-            let (next, value) = threshold_step(
-                params,
-                &mut optim,
-                (tx, th),
-                rows(x, hidden, batch, &ad),
-                rows(y, hidden, batch, &ad),
-                lr,
-            );
-            params = next;
-            if !value.is_finite() {
-                return Err(DistillError::Invalid(format!(
-                    "layer {layer}: loss became {value} at step {step}"
-                )));
-            }
-            if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-                curve.push((step, value));
-            }
-            step += 1;
-            progress(step, total, value);
+    for batch in &batch_schedule(train_n, cfg.batch_tokens, cfg.epochs, cfg.seed, layer) {
+        let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
+        let (next, value) = threshold_step(
+            params,
+            &mut optim,
+            (tx, th),
+            rows(x, hidden, batch, &ad),
+            rows(y, hidden, batch, &ad),
+            lr,
+        );
+        params = next;
+        if !value.is_finite() {
+            return Err(DistillError::Invalid(format!(
+                "layer {layer}: loss became {value} at step {step}"
+            )));
         }
+        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
+            curve.push((step, value));
+        }
+        step += 1;
+        progress(step, total, value);
     }
     let trained = params.valid();
     // Keep the budget: the h threshold that keeps the same share on the trained weights.
@@ -268,19 +261,12 @@ pub fn save_thresholded(dir: &Path, ffn: &DenseFfn, report: &ThresholdLayerRepor
     t.insert("down_proj.weight".into(), linear_host_weight(&ffn.down_proj));
     ladimo_io::write_safetensors(&weights_path(dir, report.layer), &t, None)
         .map_err(|e| DistillError::Invalid(e.to_string()))?;
-    ladimo_io::atomic::write_atomic(
-        &report_path(dir, report.layer),
-        &serde_json::to_vec_pretty(report).unwrap(),
-    )?;
-    Ok(())
+    write_report(&report_path(dir, report.layer), report)
 }
 
 /// A finished layer's report, if its weights and report are both in `dir`.
 pub fn finished(dir: &Path, layer: usize) -> Option<ThresholdLayerReport> {
-    if !weights_path(dir, layer).exists() {
-        return None;
-    }
-    serde_json::from_str(&std::fs::read_to_string(report_path(dir, layer)).ok()?).ok()
+    read_finished(&weights_path(dir, layer), &report_path(dir, layer))
 }
 
 /// Load a finished layer: its trained FFN on `device` and its thresholds.

@@ -16,9 +16,6 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use ladimo_model::util::to_vec;
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy, RoutingPolicy};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -26,7 +23,7 @@ use crate::partition::{
     ActivationSample, Partition, build_partition, calibrate_router, router_from_partition, strategy_by_name,
 };
 use crate::run_dir::{finished, save_layer, write_summary};
-use crate::stream::rows;
+use crate::stream::{batch_schedule, rows};
 
 /// How each layer is cut and trained. Every field has a default; unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,33 +297,28 @@ pub fn train_layer(
     let steps_per_epoch = train_n / cfg.batch_tokens;
     let total = steps_per_epoch * cfg.epochs;
     let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay).init();
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
-    let mut order: Vec<usize> = (0..train_n).collect();
     let mut curve = Vec::new();
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        for batch in order.chunks_exact(cfg.batch_tokens) {
-            let xb = rows(x, hidden, batch, &ad);
-            let yb = rows(y, hidden, batch, &ad);
-            let policy = match step % (1 + cfg.also_train_with.len()) {
-                0 => &cfg.train_policy,
-                i => &cfg.also_train_with[i - 1],
-            };
-            let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
-            params = next;
-            if !value.is_finite() {
-                return Err(DistillError::Invalid(format!(
-                    "layer {layer}: loss became {value} at step {step}"
-                )));
-            }
-            if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-                curve.push((step, value));
-                tracing::debug!(layer, step, loss = value, "train");
-            }
-            step += 1;
-            progress(step, total, value);
+    for batch in &batch_schedule(train_n, cfg.batch_tokens, cfg.epochs, cfg.seed, layer) {
+        let xb = rows(x, hidden, batch, &ad);
+        let yb = rows(y, hidden, batch, &ad);
+        let policy = match step % (1 + cfg.also_train_with.len()) {
+            0 => &cfg.train_policy,
+            i => &cfg.also_train_with[i - 1],
+        };
+        let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
+        params = next;
+        if !value.is_finite() {
+            return Err(DistillError::Invalid(format!(
+                "layer {layer}: loss became {value} at step {step}"
+            )));
         }
+        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
+            curve.push((step, value));
+            tracing::debug!(layer, step, loss = value, "train");
+        }
+        step += 1;
+        progress(step, total, value);
     }
     let params = params.valid();
     let val_rel_error = rel_error(&params, cfg, x, y, hidden, &val_idx, device)?;

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use ladimo_io::HostTensor;
 
-use crate::checkpoint::{CheckpointError, put_block, take_block, unscaled_host_weights};
+use crate::checkpoint::{CheckpointError, build_block, put_block, take_block, unscaled_host_weights};
 use crate::{Combine, MoeBlock, Policy};
 
 /// The tensors' prefix in a block file: a checkpoint layer's block without the layer's path.
@@ -46,7 +46,7 @@ pub fn load_block(path: &Path, policy: Policy, device: &Device) -> Result<MoeBlo
         .get(COMBINE_KEY)
         .ok_or_else(|| format(format!("no `{COMBINE_KEY}` in the metadata: not an MoE block file")))
         .and_then(|c| serde_json::from_str(c).map_err(|e| format(format!("`{COMBINE_KEY}`: {e}"))))?;
-    let (router, bias, experts, shared) = take_block(
+    let weights = take_block(
         PREFIX,
         |n| tensors.contains_key(n),
         |n| {
@@ -56,14 +56,5 @@ pub fn load_block(path: &Path, policy: Policy, device: &Device) -> Result<MoeBlo
                 .ok_or_else(|| format(format!("no tensor `{n}`")))
         },
     )?;
-    MoeBlock::new(
-        &router,
-        bias.as_ref(),
-        &experts,
-        shared.as_ref(),
-        combine,
-        policy,
-        device,
-    )
-    .map_err(|e| format(e.to_string()))
+    build_block(weights, combine, policy, device).map_err(|e| format(e.to_string()))
 }

@@ -140,6 +140,25 @@ pub(crate) fn take_block<E>(
     Ok((load(&format!("{p}.gate.weight"))?, bias, experts, shared))
 }
 
+/// The block made of host weights `w` (as [`take_block`] reads them), on `device`.
+pub(crate) fn build_block(
+    w: BlockHostWeights,
+    combine: Combine,
+    policy: Policy,
+    device: &Device,
+) -> Result<MoeBlock, MoeError> {
+    let (router, bias, experts, shared) = w;
+    MoeBlock::new(
+        &router,
+        bias.as_ref(),
+        &experts,
+        shared.as_ref(),
+        combine,
+        policy,
+        device,
+    )
+}
+
 /// A linear layer's weight on the host in PyTorch layout `[out, in]` (burn stores `[in, out]`).
 pub fn linear_host_weight(l: &burn::nn::Linear) -> HostTensor {
     let w = l.weight.val();
@@ -422,20 +441,12 @@ pub fn load_model_from(ckpt: &Checkpoint, device: &Device) -> Result<Transformer
                 )));
             }
         };
-        let (router, bias, experts, shared) = take_block(
+        let weights = take_block(
             &p,
             |n| names.contains(n),
             |n| -> Result<HostTensor, ModelError> { Ok(ckpt.weights.load(n)?) },
         )?;
-        match MoeBlock::new(
-            &router,
-            bias.as_ref(),
-            &experts,
-            shared.as_ref(),
-            combine,
-            policy,
-            device,
-        ) {
+        match build_block(weights, combine, policy, device) {
             Ok(b) => Ok(Box::new(b) as Box<dyn FeedForward>),
             Err(source) => {
                 let msg = source.to_string();
