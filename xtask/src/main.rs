@@ -106,13 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.config.is_none() {
                 a.config = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"));
             }
-            let device = ladimo_backend::device();
-            let on = ladimo_convert::Compute {
-                device: &device,
-                backend: ladimo_backend::name(),
-                progress: &bars::Bars,
-            };
-            ladimo_convert::run(a, &on).map(|_| ())
+            bars::convert(a)
         }
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::GpuCheck { args } => {

@@ -1,8 +1,21 @@
-//! Terminal progress bars for the pipeline's [`Progress`] reports, drawn on standard error. The
-//! libraries only say how far they got; the binaries draw (`cargo xtask` includes this file too).
+//! Terminal progress bars for the pipeline's [`Progress`] reports, drawn on standard error, and
+//! the conversion run with them ([`convert`]). The libraries only say how far they got; the
+//! binaries draw (`cargo xtask` includes this file too).
 
 use indicatif::{ProgressBar, ProgressStyle};
 use ladimo_convert::{Progress, Tracker};
+
+/// `ladimo convert` and `cargo xtask convert`: the whole pipeline on this binary's backend, with
+/// bars.
+pub fn convert(a: ladimo_convert::ConvertArgs) -> anyhow::Result<()> {
+    let device = ladimo_backend::device();
+    let on = ladimo_convert::Compute {
+        device: &device,
+        backend: ladimo_backend::name(),
+        progress: &Bars,
+    };
+    ladimo_convert::run(a, &on).map(|_| ())
+}
 
 /// Draws every reported task as a bar of its own.
 pub struct Bars;

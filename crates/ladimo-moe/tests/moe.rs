@@ -6,7 +6,7 @@ use ladimo_io::{Checkpoint, HostTensor};
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{FeedForward, Transformer};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeError, Policy};
-use ladimo_tests::smol;
+use ladimo_tests::{rel_err, smol};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -16,20 +16,7 @@ const TEXT: &str = "It was a truth universally acknowledged that a single man in
 
 /// The real input of layer `layer`'s FFN on TEXT: `[tokens, hidden]`.
 fn ffn_input(layer: usize) -> Tensor<2> {
-    let s = smol();
-    let ids = s.ckpt.tokenizer().unwrap().encode(TEXT).unwrap();
-    let mut h = s.model.embed(ids_tensor(&ids, 1, &s.model.device));
-    for l in &s.model.layers[..layer] {
-        h = l.forward(h, &s.model.rope, &mut None).unwrap();
-    }
-    let (_, x) = s.model.layers[layer].attention_part(h, &s.model.rope, &mut None);
-    let [b, t, d] = x.dims();
-    x.reshape([b * t, d])
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    ladimo_tests::max_abs_diff(got, want) / scale
+    ladimo_tests::smol_ffn_input(TEXT, layer)
 }
 
 fn random_router(n: usize, h: usize, seed: u64) -> HostTensor {
