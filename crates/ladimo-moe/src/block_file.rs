@@ -23,13 +23,13 @@ const COMBINE_KEY: &str = "ladimo.combine";
 pub fn save_block(path: &Path, block: &MoeBlock) -> Result<(), CheckpointError> {
     let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
     put_block(&mut tensors, PREFIX, unscaled_host_weights(block));
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (
-            COMBINE_KEY.to_string(),
-            serde_json::to_string(&block.combine).expect("a combine rule serialises"),
-        ),
-    ]);
+    // One metadata entry only: safetensors writes the metadata map in its (random) iteration
+    // order, and a block file must be the same bytes every time it is written (resumed runs are
+    // checked against uninterrupted ones byte for byte).
+    let meta = HashMap::from([(
+        COMBINE_KEY.to_string(),
+        serde_json::to_string(&block.combine).expect("a combine rule serialises"),
+    )]);
     ladimo_io::write_safetensors(path, &tensors, Some(meta))?;
     Ok(())
 }
