@@ -322,3 +322,52 @@ fn a_model_mixing_moe_and_dense_layers_runs_perplexity_and_generation() {
         r.perplexity, before.ffn_active, after.ffn_active
     );
 }
+
+#[test]
+fn a_block_file_reads_back_the_block_bit_for_bit_with_its_combine_rule() {
+    let s = smol();
+    let device = &s.model.device;
+    let dense = HostFfn::from_checkpoint(&s.ckpt, 3).unwrap();
+    let f = dense.intermediate_size();
+    let parts = contiguous(f - 64, 4);
+    let experts: Vec<HostFfn> = parts.iter().map(|p| dense.select_neurons(p)).collect();
+    let shared = dense.select_neurons(&((f - 64)..f).collect::<Vec<_>>());
+    let router = random_router(4, dense.hidden_size(), 7);
+    // A scale other than 1: a block file keeps it as it is (a checkpoint folds it into w2).
+    let combine = Combine {
+        weights: CombineWeights::Renormalized,
+        scale: 1.5,
+    };
+    let block = MoeBlock::new(
+        &router,
+        None,
+        &experts,
+        Some(&shared),
+        combine,
+        Policy::TopK { k: 2 },
+        device,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.moe.safetensors"),
+        dir.path().join("b.moe.safetensors"),
+    );
+    ladimo_moe::block_file::save_block(&a, &block).unwrap();
+    let back = ladimo_moe::block_file::load_block(&a, Policy::TopK { k: 3 }, device).unwrap();
+    assert_eq!(back.combine, combine);
+    assert_eq!(back.policy, Policy::TopK { k: 3 }, "the reader gives the policy");
+    assert_eq!(back.num_experts(), 4);
+    ladimo_moe::block_file::save_block(&b, &back).unwrap();
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "read back bit for bit"
+    );
+    // Not a block file: refused, naming the file.
+    let dense_file = dir.path().join("dense.safetensors");
+    let t = std::collections::BTreeMap::from([("w".to_string(), router.clone())]);
+    ladimo_io::write_safetensors(&dense_file, &t, None).unwrap();
+    let e = ladimo_moe::block_file::load_block(&dense_file, Policy::TopK { k: 2 }, device).unwrap_err();
+    assert!(e.to_string().contains("dense.safetensors"), "{e}");
+}
