@@ -13,6 +13,7 @@ fn run(a: ConvertArgs) -> anyhow::Result<Report> {
         &Compute {
             device: &device,
             backend: ladimo_backend::name(),
+            progress: &ladimo_convert::Silent,
         },
     )
 }

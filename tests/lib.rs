@@ -82,6 +82,25 @@ pub fn smol() -> &'static Smol {
     })
 }
 
+/// The real input of SmolLM2's layer `layer` FFN on `text` ([`smol`]): `[tokens, hidden]`.
+pub fn smol_ffn_input(text: &str, layer: usize) -> burn::tensor::Tensor<2> {
+    let s = smol();
+    let ids = s.ckpt.tokenizer().unwrap().encode(text).unwrap();
+    let mut h = s.model.embed(ladimo_model::util::ids_tensor(&ids, 1, &s.model.device));
+    for l in &s.model.layers[..layer] {
+        h = l.forward(h, &s.model.rope, &mut None).unwrap();
+    }
+    let (_, x) = s.model.layers[layer].attention_part(h, &s.model.rope, &mut None);
+    let [b, t, d] = x.dims();
+    x.reshape([b * t, d])
+}
+
+/// The largest absolute difference relative to the largest magnitude in `want`.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    max_abs_diff(got, want) / scale
+}
+
 /// Largest absolute difference between two slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

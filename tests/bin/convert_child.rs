@@ -19,6 +19,7 @@ fn main() {
     let on = ladimo_convert::Compute {
         device: &device,
         backend: ladimo_backend::name(),
+        progress: &ladimo_convert::Silent,
     };
     if let Err(e) = ladimo_convert::run(Cli::parse().args, &on) {
         eprintln!("error: {}", ladimo_convert::error_message(&e));

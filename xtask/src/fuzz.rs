@@ -141,8 +141,6 @@ pub fn run(a: FuzzArgs) -> Result<()> {
 fn save(out: &std::path::Path, target: &str, case: u64, bytes: &[u8]) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
     let path = out.join(format!("{target}-{case:016x}.bin"));
-    let tmp = path.with_extension("bin.part");
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename", path.display()))?;
+    ladimo_io::atomic::write_atomic(&path, bytes)?;
     Ok(path)
 }

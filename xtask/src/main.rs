@@ -13,6 +13,9 @@
 //! - `gpu-check`: scripts/gpu_check.sh (build with cuda or wgpu, parity tests, benchmarks on a GPU).
 
 mod backends;
+// The `ladimo` binary's terminal bars: the one place that draws progress (see that file).
+#[path = "../../crates/ladimo-cli/src/bars.rs"]
+mod bars;
 mod bench;
 mod decode;
 mod frontier;
@@ -108,12 +111,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.config.is_none() {
                 a.config = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml"));
             }
-            let device = ladimo_backend::device();
-            let on = ladimo_convert::Compute {
-                device: &device,
-                backend: ladimo_backend::name(),
-            };
-            ladimo_convert::run(a, &on).map(|_| ())
+            bars::convert(a)
         }
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::GpuCheck { args } => {

@@ -103,10 +103,9 @@ pub(crate) fn score(
     Ok(out)
 }
 
-/// FNV-1a of token ids: names a training run by its inputs.
-fn fnv(ids: &[u32]) -> u32 {
-    ids.iter()
-        .fold(0x811c_9dc5u32, |h, &t| (h ^ t).wrapping_mul(0x0100_0193))
+/// The key of token ids: names a training run (and a cached dense score) by its inputs.
+fn ids_key(ids: &[u32]) -> String {
+    ladimo_io::hash::content_hash([ladimo_convert::step::ids_bytes(ids).as_slice()])
 }
 
 fn set_all(model: &mut Transformer, s: &[Option<Sparsity>]) -> Result<()> {
@@ -117,13 +116,10 @@ fn set_all(model: &mut Transformer, s: &[Option<Sparsity>]) -> Result<()> {
 }
 
 fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
-    }
-    let tmp = path.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+    Ok(ladimo_io::atomic::write_atomic(
+        path,
+        serde_json::to_string_pretty(v)?.as_bytes(),
+    )?)
 }
 
 /// `loop`: every layer's dense FFN trained in order under `start` (reused from `--work` when a
@@ -144,9 +140,9 @@ fn train_loop(
         ..Default::default()
     };
     let dir = a.work.join(format!(
-        "{method}-{budget}-{}tok-{:08x}-lr{}-e{}-c{}",
+        "{method}-{budget}-{}tok-{}-lr{}-e{}-c{}",
         a.train_tokens,
-        fnv(train_ids),
+        ids_key(train_ids),
         a.lr,
         a.epochs,
         a.residual_correction
@@ -239,8 +235,8 @@ pub fn thresholds(a: ThresholdsArgs) -> Result<()> {
     let n_layers = model.layers.len();
     let t = Instant::now();
     // The dense scores depend only on the held-out ids: kept in --work for the next run.
-    let held_key = fnv(&held.iter().flat_map(|(_, ids)| ids.iter().copied()).collect::<Vec<_>>());
-    let dense_file = a.work.join(format!("dense-{held_key:08x}-seq{}.json", a.seq_len));
+    let held_key = ids_key(&held.iter().flat_map(|(_, ids)| ids.iter().copied()).collect::<Vec<_>>());
+    let dense_file = a.work.join(format!("dense-{held_key}-seq{}.json", a.seq_len));
     let dense: Vec<(String, f64, f64)> = match std::fs::read(&dense_file)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())

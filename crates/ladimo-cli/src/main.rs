@@ -4,6 +4,7 @@
 //! MODEL is a Hugging Face directory, a `.gguf` file, or the name of a known model
 //! (`smollm2-135m`), which is fetched into the cache on first use.
 
+mod bars;
 mod eval;
 mod export;
 mod sparsify;
@@ -166,14 +167,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => inspect(&open(&model)?),
         Cmd::Profile(a) => stage2::profile(a),
-        Cmd::Convert(a) => {
-            let device = ladimo_backend::device();
-            let on = ladimo_convert::Compute {
-                device: &device,
-                backend: ladimo_backend::name(),
-            };
-            ladimo_convert::run(a, &on).map(|_| ())
-        }
+        Cmd::Convert(a) => bars::convert(a),
         Cmd::Eval(a) => eval::eval(a),
         Cmd::Export(a) => export::run(a),
         Cmd::Logits {

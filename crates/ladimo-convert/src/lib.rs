@@ -10,14 +10,17 @@
 //! - [`evaluate`]: zero-shot scoring, held-out perplexity and tokens/s, dense vs MoE.
 //! - [`report`]: `report.json` and `report.md`.
 //!
-//! The caller picks the device ([`Compute`]); this crate never depends on a backend.
+//! - [`progress`]: how far the long steps have got, told to the caller's [`Progress`].
+//!
+//! The caller picks the device and how progress is shown ([`Compute`]); this crate never depends
+//! on a backend, and draws nothing itself.
 
 pub mod config;
 pub mod evaluate;
 mod measure;
 pub mod pause;
 pub mod pipeline;
-mod progress;
+pub mod progress;
 pub mod report;
 mod stage1;
 mod stage2;
@@ -30,6 +33,7 @@ use clap::Args;
 
 pub use config::ConvertConfig;
 pub use pipeline::{Compute, Paths, convert};
+pub use progress::{Progress, Silent, Tracker};
 pub use report::Report;
 
 /// The message a command prints for `e`: its text and its causes' joined by ": ", leaving out a

@@ -7,7 +7,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::tensor::Device;
 use ladimo_data::Task;
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
@@ -15,8 +14,7 @@ use ladimo_model::perplexity::perplexity;
 
 use crate::config::ConvertConfig;
 use crate::evaluate::{self, BaselineRow, TaskResult, write_json};
-use crate::pipeline::Inputs;
-use crate::progress::bar;
+use crate::pipeline::{Compute, Inputs};
 use crate::report::{LangPpl, ModelSide, StageTime, TaskRow};
 use crate::stage2::Stage2;
 use crate::step::{Step, step_key};
@@ -38,7 +36,7 @@ pub(crate) fn evaluate(
     fin: &Path,
     work: &Path,
     times: &mut Vec<StageTime>,
-    device: &Device,
+    on: &Compute,
 ) -> Result<Measured> {
     let policy_text = std::fs::read(fin.join("policy.toml")).unwrap_or_default();
     let key = step_key("eval", &[s2.key.as_bytes(), &policy_text], &cfg.eval)?;
@@ -48,7 +46,7 @@ pub(crate) fn evaluate(
         |_| Ok(None),
         |ev, _| {
             // The MoE model as a user loads it: from the exported folder.
-            let mut moe = ladimo_moe::checkpoint::load_model_from(&Checkpoint::open(fin)?, device)?;
+            let mut moe = ladimo_moe::checkpoint::load_model_from(&Checkpoint::open(fin)?, on.device)?;
             // The checkpoint carries the routing; TEAL thresholds inside experts (stage 2 with
             // `teal_sparsities`) live in policy.toml only.
             for lp in &s2.solved.policies.layers {
@@ -56,7 +54,7 @@ pub(crate) fn evaluate(
                     ladimo_moe::sparsity::set_sparsity(&mut moe, lp.layer, Some(s.clone()))?;
                 }
             }
-            measure(cfg, inputs, s2, &moe, ev, device)
+            measure(cfg, inputs, s2, &moe, ev, on)
         },
     )
 }
@@ -67,7 +65,7 @@ fn measure(
     s2: &Stage2,
     moe: &Transformer,
     ev: &Path,
-    device: &Device,
+    on: &Compute,
 ) -> Result<Measured> {
     let (dense, tok) = (&inputs.dense, inputs.tokenizer()?);
     let mut ppl = Vec::new();
@@ -79,13 +77,13 @@ fn measure(
         let row: LangPpl = match std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
             Some(r) => r,
             None => {
-                let pb = bar(
+                let pb = on.progress.start(
                     ids.len().div_ceil(cfg.eval.seq_len) * 2,
                     &format!("4/4 eval: perplexity {}", set.tag),
                 );
-                let d = perplexity(dense, &ids, cfg.eval.seq_len, |i, _| pb.set_position(i as u64))?;
+                let d = perplexity(dense, &ids, cfg.eval.seq_len, |i, _| pb.set_position(i))?;
                 reset_stats(moe);
-                let m = perplexity(moe, &ids, cfg.eval.seq_len, |i, n| pb.set_position((n + i) as u64))?;
+                let m = perplexity(moe, &ids, cfg.eval.seq_len, |i, n| pb.set_position(n + i))?;
                 pb.finish();
                 let r = LangPpl {
                     tag: set.tag.clone(),
@@ -145,13 +143,13 @@ fn measure(
             None => {
                 let m = match &mut base_model {
                     Some(m) => m,
-                    None => base_model.insert(Transformer::from_checkpoint(&inputs.ckpt, device)?),
+                    None => base_model.insert(Transformer::from_checkpoint(&inputs.ckpt, on.device)?),
                 };
-                let pb = bar(1, &format!("4/4 eval: baseline {}", method.name()));
+                let pb = on.progress.start(1, &format!("4/4 eval: baseline {}", method.name()));
                 let score_tasks = |m: &Transformer| -> Result<Vec<evaluate::BaselineTask>> {
                     let mut out = Vec::new();
                     for (task, items) in &task_items {
-                        pb.set_message(format!("4/4 eval: baseline {} on {task}", method.name()));
+                        pb.set_label(&format!("4/4 eval: baseline {} on {task}", method.name()));
                         let r = evaluate::score_task(m, tok, *task, items, |_, _| {})?;
                         out.push(evaluate::BaselineTask {
                             task: task.name().into(),
@@ -171,8 +169,8 @@ fn measure(
                     cfg.eval.seq_len,
                     tasks,
                     |d, t| {
-                        pb.set_length(t as u64);
-                        pb.set_position(d as u64);
+                        pb.set_len(t);
+                        pb.set_position(d);
                     },
                 )?;
                 pb.finish();
@@ -193,8 +191,8 @@ fn measure(
             if let Some(r) = evaluate::read_cached(file).filter(|r| r.items == items.len()) {
                 return Ok(r);
             }
-            let pb = bar(items.len(), &format!("4/4 eval: {task} ({who})"));
-            let r = evaluate::score_task(m, tok, task, items, |d, _| pb.set_position(d as u64))?;
+            let pb = on.progress.start(items.len(), &format!("4/4 eval: {task} ({who})"));
+            let r = evaluate::score_task(m, tok, task, items, |d, _| pb.set_position(d))?;
             pb.finish();
             write_json(file, &vec![r.clone()])?;
             Ok(r)
@@ -209,7 +207,7 @@ fn measure(
         None => inputs.heldout_ids(&inputs.held_sets[0], cfg.eval.prefill_tokens, "eval.prefill_tokens")?,
     };
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
-    let pb = bar(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
+    let pb = on.progress.start(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
     let ((dp, dd), (mp, md)) = evaluate::speed_side_by_side(
         dense,
         moe,

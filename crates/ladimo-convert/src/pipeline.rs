@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use ladimo_data::{Part, take_tokens};
 use ladimo_io::Checkpoint;
+use ladimo_io::hash::content_hash;
 use ladimo_model::Transformer;
 use ladimo_moe::moe_block;
 use ladimo_profile::{Solved, write_plots};
@@ -36,7 +37,6 @@ use crate::pause::pause_point;
 use crate::report::{self, Report, StageTime};
 use crate::stage1::Stage1;
 use crate::stage2::Stage2;
-use crate::step::hash;
 use crate::{measure, stage1, stage2};
 
 /// Where a conversion writes.
@@ -55,6 +55,9 @@ pub struct Compute<'a> {
     pub device: &'a Device,
     /// The backend's name, for the report.
     pub backend: &'a str,
+    /// Told how far each long step has got (the binaries draw bars; [`Silent`](crate::Silent)
+    /// shows nothing).
+    pub progress: &'a dyn crate::Progress,
 }
 
 /// Run the whole conversion; returns the report (also written to `paths.out`).
@@ -84,13 +87,13 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths, on: &Compu
 
     // Stage 1: experts cut from every FFN and distilled layer by layer, then (when configured)
     // polished end to end; every later step loads the blocks from `s1.blocks`.
-    let s1 = stage1::distil(cfg, &inputs, work, &mut times, on.device)?;
-    let s1 = stage1::polish(cfg, &inputs, s1, work, &mut times)?;
+    let s1 = stage1::distil(cfg, &inputs, work, &mut times, on)?;
+    let s1 = stage1::polish(cfg, &inputs, s1, work, &mut times, on)?;
     let mut moe = stage1::load_model(&inputs, &s1, &cfg.stage1.train, on.device)?;
 
     // Stage 2: profile the routers and every candidate policy (and the layers' sensitivity),
     // then solve for one policy per layer within the budget; the policies are applied to `moe`.
-    let profiled = stage2::profile(cfg, &inputs, &s1, &mut moe, work, &mut times, on.backend)?;
+    let profiled = stage2::profile(cfg, &inputs, &s1, &mut moe, work, &mut times, on)?;
     let s2 = stage2::solve(cfg, profiled, &mut moe, work)?;
 
     // Export: the MoE checkpoint under the chosen policies, in work/final.
@@ -98,7 +101,7 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths, on: &Compu
     let section = export(cfg, &inputs, moe, &s2, &fin, &mut times)?;
 
     // Evaluate the exported folder, reloaded as a user loads it, against the dense model.
-    let measured = measure::evaluate(cfg, &inputs, &s2, &fin, work, &mut times, on.device)?;
+    let measured = measure::evaluate(cfg, &inputs, &s2, &fin, work, &mut times, on)?;
 
     // The report beside the checkpoint, then the whole folder moved to OUT in one rename.
     let ctx = ReportInputs {
@@ -317,12 +320,12 @@ pub fn weights_digest(path: &Path) -> Result<String> {
     }
     let sums = files
         .iter()
-        .map(|f| ladimo_io::fetch::sha256_file(f))
+        .map(|f| ladimo_io::hash::sha256_file(f))
         .collect::<Result<Vec<_>, _>>()?;
     if files.len() == 1 {
         return Ok(sums[0][..16].to_string());
     }
-    Ok(hash(sums.iter().map(|s| s.as_bytes())))
+    Ok(content_hash(sums.iter().map(|s| s.as_bytes())))
 }
 
 /// Resolved text sets: (tag, files, share), and the packages the default ones came from.

@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
-use ladimo_distill::finetune::{FinetuneReport, finetune, finished_finetune, progress_bar};
-use ladimo_distill::train::{Inputs as TrainInputs, LayerReport, TrainConfig, finished, load_layer_block, run_layers};
+use ladimo_distill::finetune::{FinetuneReport, finetune};
+use ladimo_distill::run_dir::{finished, finished_finetune, load_layer_block};
+use ladimo_distill::train::{Inputs as TrainInputs, LayerReport, TrainConfig, run_layers};
 use ladimo_model::Transformer;
 
 use crate::config::ConvertConfig;
-use crate::pipeline::Inputs;
-use crate::progress::bar;
+use crate::pipeline::{Compute, Inputs};
 use crate::report::StageTime;
 use crate::step::{Step, ids_bytes, step_key};
 
@@ -33,8 +33,9 @@ pub(crate) fn distil(
     inputs: &Inputs,
     work: &Path,
     times: &mut Vec<StageTime>,
-    device: &Device,
+    on: &Compute,
 ) -> Result<Stage1> {
+    let device = on.device;
     let train = &cfg.stage1.train;
     let n_layers = inputs.ckpt.config.num_layers;
     let key = step_key(
@@ -50,32 +51,34 @@ pub(crate) fn distil(
         |s1, times| {
             let t = Instant::now();
             if train.inputs == TrainInputs::Teacher {
-                let pb = bar(inputs.calib.len() / cfg.stage1.seq_len, "1/4 stage 1: capture");
+                let pb = on
+                    .progress
+                    .start(inputs.calib.len() / cfg.stage1.seq_len, "1/4 stage 1: capture");
                 let meta = ladimo_distill::capture::capture(
                     &inputs.dense,
                     &inputs.calib,
                     cfg.stage1.seq_len,
                     0..n_layers,
                     &cap,
-                    |d, _| pb.set_position(d as u64),
+                    |d, _| pb.set_position(d),
                 )?;
                 pb.finish();
                 tracing::info!("capture: {} tokens in {:.0} s", meta.tokens, meta.seconds);
                 times.push(StageTime::now("stage 1: capture", t.elapsed().as_secs_f64()));
             }
-            let overall = bar(n_layers, "1/4 stage 1: layers");
-            let layer_bar = bar(1, "layer");
+            let overall = on.progress.start(n_layers, "1/4 stage 1: layers");
+            let layer_bar = on.progress.start(1, "layer");
             let already = (0..n_layers)
                 .filter(|&l| finished(s1, l).is_some_and(|r| r.config == *train))
                 .count();
-            overall.set_position(already as u64);
+            overall.set_position(already);
             let show = |l: usize, s: usize, total: usize, loss: f64| {
                 if s == 1 {
                     crate::pause::pause_point(&format!("stage1-layer{l}"));
                 }
-                layer_bar.set_length(total as u64);
-                layer_bar.set_position(s as u64);
-                layer_bar.set_message(format!("layer {l} loss {loss:.2e}"));
+                layer_bar.set_len(total);
+                layer_bar.set_position(s);
+                layer_bar.set_label(&format!("layer {l} loss {loss:.2e}"));
                 if s == total {
                     overall.inc(1);
                 }
@@ -101,7 +104,7 @@ pub(crate) fn distil(
                     show,
                 )?,
             };
-            layer_bar.finish_and_clear();
+            layer_bar.clear();
             overall.finish();
             times.push(StageTime::now("stage 1: distillation", t_train.elapsed().as_secs_f64()));
             if !cfg.stage1.keep_capture && cap.exists() {
@@ -130,6 +133,7 @@ pub(crate) fn polish(
     s1: Stage1,
     work: &Path,
     times: &mut Vec<StageTime>,
+    on: &Compute,
 ) -> Result<Stage1> {
     let ft = &cfg.stage1.finetune;
     if ft.epochs == 0 {
@@ -141,7 +145,8 @@ pub(crate) fn polish(
         times,
         |dir| Ok(finished_finetune(dir)),
         |dir, _| {
-            let pb = bar(1, "1/4 stage 1: polish");
+            let label = "1/4 stage 1: polish";
+            let pb = on.progress.start(1, label);
             let r = finetune(
                 &inputs.ckpt,
                 &inputs.dense,
@@ -150,7 +155,11 @@ pub(crate) fn polish(
                 &inputs.calib,
                 cfg.stage1.seq_len,
                 ft,
-                progress_bar(&pb, "1/4 stage 1: polish"),
+                |step, total, kl| {
+                    pb.set_len(total);
+                    pb.set_position(step);
+                    pb.set_label(&format!("{label}, KL {kl:.3}"));
+                },
             )?;
             pb.finish();
             tracing::info!(

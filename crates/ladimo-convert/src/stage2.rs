@@ -6,14 +6,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use indicatif::ProgressBar;
 use ladimo_data::{Part, take_tokens};
 use ladimo_model::Transformer;
 use ladimo_profile::{Budget, Profile, ProfileConfig, Solved, profile_model, solve_profile};
 
 use crate::config::ConvertConfig;
-use crate::pipeline::Inputs;
-use crate::progress::bar;
+use crate::pipeline::{Compute, Inputs};
+use crate::progress::Tracker;
 use crate::report::StageTime;
 use crate::stage1::Stage1;
 use crate::step::{Step, ids_bytes, step_key};
@@ -45,7 +44,7 @@ pub(crate) fn profile(
     moe: &mut Transformer,
     work: &Path,
     times: &mut Vec<StageTime>,
-    backend: &str,
+    on: &Compute,
 ) -> Result<Profiled> {
     let s2cfg = &cfg.stage2;
     let mut texts = Vec::new();
@@ -76,23 +75,26 @@ pub(crate) fn profile(
                 sensitivity_k: Some(vec![]),
                 ..s2cfg.profile.clone()
             };
-            let mut pb: Option<(String, ProgressBar)> = None;
+            let mut pb: Option<(String, Box<dyn Tracker + '_>)> = None;
             let mut p = profile_model(moe, &inputs.dense, &texts, &pcfg, &cfg.model, |stage, d, total| {
                 crate::pause::pause_point("stage2-profile");
                 if pb.as_ref().is_none_or(|(s, _)| s != stage) {
                     if let Some((_, b)) = pb.take() {
                         b.finish();
                     }
-                    pb = Some((stage.to_string(), bar(total, &format!("2/4 stage 2: {stage}"))));
+                    pb = Some((
+                        stage.to_string(),
+                        on.progress.start(total, &format!("2/4 stage 2: {stage}")),
+                    ));
                 }
                 if let Some((_, b)) = &pb {
-                    b.set_position(d as u64);
+                    b.set_position(d);
                 }
             })?;
             if let Some((_, b)) = pb {
                 b.finish();
             }
-            p.backend = backend.to_string();
+            p.backend = on.backend.to_string();
             p.write(&profile_path)?;
             Ok(p)
         },
@@ -110,7 +112,7 @@ pub(crate) fn profile(
             times,
             |_| Ok(have.then_some(())),
             |_, _| {
-                let mut pb: Option<ProgressBar> = None;
+                let mut pb: Option<Box<dyn Tracker + '_>> = None;
                 ladimo_profile::add_sensitivity(
                     &mut profile,
                     moe,
@@ -118,8 +120,8 @@ pub(crate) fn profile(
                     &texts,
                     &s2cfg.profile,
                     |_, d, total| {
-                        let b = pb.get_or_insert_with(|| bar(total, "2/4 stage 2: sensitivity"));
-                        b.set_position(d as u64);
+                        let b = pb.get_or_insert_with(|| on.progress.start(total, "2/4 stage 2: sensitivity"));
+                        b.set_position(d);
                     },
                 )?;
                 if let Some(b) = pb {

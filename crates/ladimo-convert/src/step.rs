@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use ladimo_io::hash::content_hash;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::write_json;
@@ -63,18 +64,7 @@ pub fn key_of_value(step: &str, parts: &[&[u8]], mut value: serde_json::Value) -
         }
     }
     let settings = serde_json::to_vec(&value)?;
-    Ok(hash(parts.iter().copied().chain([settings.as_slice()])))
-}
-
-/// The first 8 bytes of sha256 over `parts`, each preceded by its length, in hex.
-pub fn hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    Ok(content_hash(parts.iter().copied().chain([settings.as_slice()])))
 }
 
 /// Token ids as bytes, for a key.

@@ -6,7 +6,6 @@ use std::process::{Command, Stdio};
 
 pub(crate) use ladimo_io::registry::{Pin, Registry};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::{DataSet, DataSource, html, rdata};
@@ -320,11 +319,11 @@ pub fn data_dir() -> PathBuf {
 
 /// ladimo-io's streaming sha256, with its error mapped into ours (the file is named either way).
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    ladimo_io::fetch::sha256_file(path).map_err(|e| from_io_error(path, e))
+    ladimo_io::hash::sha256_file(path).map_err(|e| from_io_error(path, e))
 }
 
 pub(crate) fn sha256_bytes(b: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(b))
+    ladimo_io::hash::sha256_hex(b)
 }
 
 /// `ladimo_io::atomic::write_atomic`, with its error in ours (the file is named either way).
@@ -614,6 +613,8 @@ pub(crate) fn ensure_package(dir: &Path, pin: &Pin, previous: Option<&PackageRec
         let _ = std::fs::remove_file(p);
     }
     let dest = pkg_dir.join(got.file.file_name().unwrap());
+    // A complete, checked download moved out of its temporary folder (not a write: nothing to
+    // pass through ladimo_io::atomic).
     std::fs::rename(&got.file, &dest).map_err(|e| Error::io(&dest, e))?;
     Ok(record(pin, &got.version, rel(&dest), got.sha256, bytes, got.pinned))
 }

@@ -123,6 +123,8 @@ pub fn capture(
         }
         progress(w + 1, windows);
     }
+    // Renamed by hand, not through ladimo_io::atomic: the streams of every layer are written side
+    // by side, window after window, and each is renamed only when all windows are in.
     for (tmp, mut wr) in writers {
         wr.flush().map_err(|e| DistillError::io(&tmp, e))?;
         wr.get_ref().sync_all().map_err(|e| DistillError::io(&tmp, e))?;

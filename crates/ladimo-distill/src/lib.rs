@@ -10,10 +10,14 @@
 //!   k-means on weight rows, co-activation clustering) and pick always-on shared neurons.
 //! - [`capture`]: the teacher's per-layer FFN inputs and outputs, bounded memory, on disk.
 //! - [`train`]: distil one layer's MoE block; a run covers a range of layers and resumes.
+//! - [`run_dir`]: a run folder: the per-layer blocks (ladimo-moe's block file) and reports, what
+//!   is finished, summaries, the polish's checkpoint to resume from.
 //! - [`sequential`]: the same, layer by layer in order on the partly converted model's own hidden
 //!   states (`inputs = "student"`), optionally aiming each block at the teacher's residual stream.
 //! - [`finetune`]: an optional end-to-end polish after the layer-wise pass: every block's experts
 //!   trained at once to match the teacher's next-token distribution (KL).
+//! - [`teacher_topk`]: the teacher's side of the polishes' KL, whole or from its top K next
+//!   tokens computed once (and kept in a run folder).
 //! - [`thresholded`]: thresholds in the loop: each layer's dense FFN trained, in order on the
 //!   student's own hidden states, under the TEAL thresholds it will run with.
 //! - [`teal_polish`]: every layer's dense FFN trained at once under its TEAL thresholds to match
@@ -23,7 +27,10 @@ pub mod capture;
 mod error;
 pub mod finetune;
 pub mod partition;
+pub mod run_dir;
 pub mod sequential;
+mod stream;
+pub mod teacher_topk;
 pub mod teal_polish;
 pub mod thresholded;
 pub mod train;

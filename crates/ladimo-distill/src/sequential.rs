@@ -29,31 +29,14 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::{Tensor, TensorData};
-use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::util::ids_tensor;
 use ladimo_model::{FeedForward, ModelError, Transformer};
 use ladimo_moe::HostFfn;
 
 use crate::DistillError;
-use crate::train::{Inputs, LayerReport, TrainConfig, finished, load_layer_block, save_layer, train_layer};
-
-/// Window `w` of a host `[tokens, hidden]` stream, as a `[1, seq_len, hidden]` tensor.
-fn window(data: &[f32], w: usize, seq_len: usize, hidden: usize, device: &burn::tensor::Device) -> Tensor<3> {
-    let n = seq_len * hidden;
-    Tensor::from_data(
-        TensorData::new(data[w * n..(w + 1) * n].to_vec(), [1, seq_len, hidden]),
-        device,
-    )
-}
-
-fn put(data: &mut [f32], w: usize, t: Tensor<3>) {
-    let v = to_vec(t);
-    data[w * v.len()..(w + 1) * v.len()].copy_from_slice(&v);
-}
-
-fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
-    move |source| ModelError::Ffn { layer, source }.into()
-}
+use crate::run_dir::{finished, load_layer_block, save_layer, write_summary};
+use crate::stream::{ffn_err, put, window};
+use crate::train::{Inputs, LayerReport, TrainConfig, train_layer};
 
 /// Train layers `layers` in order on the student's hidden states (see the module doc), writing
 /// to `out_dir` like `train::run_layers`. `model` is the dense teacher; `tokens` are cut into
@@ -61,7 +44,7 @@ fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
 ///
 /// With `teacher_top_k = K > 0`, a run that ends at the last layer with `residual_correction >
 /// 0` (so that it carries the teacher's stream) also writes the teacher's top K next tokens on
-/// every window ([`finetune::write_teacher_top_k`](crate::finetune::write_teacher_top_k)): a
+/// every window ([`teacher_topk::write_teacher_top_k`](crate::teacher_topk::write_teacher_top_k)): a
 /// polish with `teacher_top_k = K` then reads them instead of running the teacher. 0: none.
 #[allow(clippy::too_many_arguments)]
 pub fn run_layers_sequential(
@@ -120,7 +103,7 @@ pub fn run_layers_sequential(
         .collect();
     if let Some(reports) = done {
         tracing::info!("layers {layers:?} already finished");
-        crate::train::write_summary(out_dir, &reports)?;
+        write_summary(out_dir, &reports)?;
         return Ok(reports);
     }
     let device = &model.device;
@@ -205,9 +188,10 @@ pub fn run_layers_sequential(
         match &h_t {
             Some(h_t) => {
                 let used = &tokens[..windows * seq_len];
-                let secs = crate::finetune::write_teacher_top_k(model, used, seq_len, teacher_top_k, out_dir, |w| {
-                    window(h_t, w, seq_len, hidden, device)
-                })?;
+                let secs =
+                    crate::teacher_topk::write_teacher_top_k(model, used, seq_len, teacher_top_k, out_dir, |w| {
+                        window(h_t, w, seq_len, hidden, device)
+                    })?;
                 tracing::info!(
                     seconds = secs,
                     "the teacher's top {teacher_top_k} written for the polish"
@@ -216,6 +200,6 @@ pub fn run_layers_sequential(
             None => tracing::info!("residual_correction = 0 carries no teacher stream: the polish runs the teacher"),
         }
     }
-    crate::train::write_summary(out_dir, &reports)?;
+    write_summary(out_dir, &reports)?;
     Ok(reports)
 }

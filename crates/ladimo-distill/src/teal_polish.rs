@@ -34,7 +34,7 @@ use ladimo_moe::sparsity::{Sparsity, dense_ffn, teal_forward};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
-use crate::finetune::TeacherTopK;
+use crate::teacher_topk::{TeacherTopK, kl};
 use crate::train::warmup_cosine;
 
 /// Settings of the polish under thresholds: the one definition. Every field has a default
@@ -225,7 +225,7 @@ pub fn polish_thresholded(
         })?;
         let mut sum = 0.0;
         for w in &val {
-            sum += to_vec(crate::finetune::kl(teacher, &plain, w, 1)?)[0] as f64;
+            sum += to_vec(kl(teacher, &plain, w, 1)?)[0] as f64;
         }
         Ok(sum / val.len() as f64)
     };

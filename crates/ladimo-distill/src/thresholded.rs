@@ -28,19 +28,18 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use ladimo_io::HostTensor;
 use ladimo_model::util::{ids_tensor, to_vec};
-use ladimo_model::{DenseFfn, FeedForward, ModelError, Transformer};
+use ladimo_model::{DenseFfn, FeedForward, Transformer};
 use ladimo_moe::HostFfn;
 use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::sparsity::{SparseFfn, Sparsity, abs_quantile, dense_ffn, teal_forward};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
+use crate::run_dir::{read_finished, write_report};
+use crate::stream::{batch_schedule, ffn_err, put, rows, window};
 use crate::train::warmup_cosine;
 
 /// How each layer is trained under its thresholds. Every field has a default.
@@ -111,15 +110,6 @@ fn teal_of(s: &Sparsity, layer: usize) -> Result<(f32, f32), DistillError> {
             "layer {layer}: thresholds in the loop train TEAL policies only, not {other}"
         ))),
     }
-}
-
-/// Rows `idx` of a `[tokens, hidden]` host matrix, as a device tensor.
-fn rows(data: &[f32], hidden: usize, idx: &[usize], device: &Device) -> Tensor<2> {
-    let mut v = Vec::with_capacity(idx.len() * hidden);
-    for &i in idx {
-        v.extend_from_slice(&data[i * hidden..(i + 1) * hidden]);
-    }
-    Tensor::from_data(TensorData::new(v, [idx.len(), hidden]), device)
 }
 
 /// `||teal(ffn)(x) - y|| / ||y||` over tokens `idx`, in batches.
@@ -207,34 +197,29 @@ pub fn train_thresholded_layer(
     let steps_per_epoch = train_n / cfg.batch_tokens;
     let total = steps_per_epoch * cfg.epochs;
     let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay).init();
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
-    let mut order: Vec<usize> = (0..train_n).collect();
     let mut curve = Vec::new();
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        for batch in order.chunks_exact(cfg.batch_tokens) {
-            let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
-            let (next, value) = threshold_step(
-                params,
-                &mut optim,
-                (tx, th),
-                rows(x, hidden, batch, &ad),
-                rows(y, hidden, batch, &ad),
-                lr,
-            );
-            params = next;
-            if !value.is_finite() {
-                return Err(DistillError::Invalid(format!(
-                    "layer {layer}: loss became {value} at step {step}"
-                )));
-            }
-            if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-                curve.push((step, value));
-            }
-            step += 1;
-            progress(step, total, value);
+    for batch in &batch_schedule(train_n, cfg.batch_tokens, cfg.epochs, cfg.seed, layer) {
+        let lr = warmup_cosine(cfg.lr, cfg.warmup_frac, cfg.min_lr_frac, step, total);
+        let (next, value) = threshold_step(
+            params,
+            &mut optim,
+            (tx, th),
+            rows(x, hidden, batch, &ad),
+            rows(y, hidden, batch, &ad),
+            lr,
+        );
+        params = next;
+        if !value.is_finite() {
+            return Err(DistillError::Invalid(format!(
+                "layer {layer}: loss became {value} at step {step}"
+            )));
         }
+        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
+            curve.push((step, value));
+        }
+        step += 1;
+        progress(step, total, value);
     }
     let trained = params.valid();
     // Keep the budget: the h threshold that keeps the same share on the trained weights.
@@ -276,18 +261,12 @@ pub fn save_thresholded(dir: &Path, ffn: &DenseFfn, report: &ThresholdLayerRepor
     t.insert("down_proj.weight".into(), linear_host_weight(&ffn.down_proj));
     ladimo_io::write_safetensors(&weights_path(dir, report.layer), &t, None)
         .map_err(|e| DistillError::Invalid(e.to_string()))?;
-    let rp = report_path(dir, report.layer);
-    let tmp = rp.with_extension("json.part");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(report).unwrap()).map_err(|e| DistillError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &rp).map_err(|e| DistillError::io(&rp, e))
+    write_report(&report_path(dir, report.layer), report)
 }
 
 /// A finished layer's report, if its weights and report are both in `dir`.
 pub fn finished(dir: &Path, layer: usize) -> Option<ThresholdLayerReport> {
-    if !weights_path(dir, layer).exists() {
-        return None;
-    }
-    serde_json::from_str(&std::fs::read_to_string(report_path(dir, layer)).ok()?).ok()
+    read_finished(&weights_path(dir, layer), &report_path(dir, layer))
 }
 
 /// Load a finished layer: its trained FFN on `device` and its thresholds.
@@ -295,19 +274,10 @@ pub fn load_thresholded(dir: &Path, layer: usize, device: &Device) -> Result<(De
     let report = finished(dir, layer)
         .ok_or_else(|| DistillError::Invalid(format!("{}: layer {layer} is not finished", dir.display())))?;
     let path = weights_path(dir, layer);
-    let bytes = std::fs::read(&path).map_err(|e| DistillError::io(&path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| DistillError::Invalid(format!("{}: {e}", path.display())))?;
-    let get = |name: &str| -> Result<HostTensor, DistillError> {
-        let t = st
-            .tensor(name)
-            .map_err(|e| DistillError::Invalid(format!("{}: {name}: {e}", path.display())))?;
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Ok(HostTensor::new(t.shape().to_vec(), v))
+    let (mut t, _) = ladimo_io::read_safetensors(&path)?;
+    let mut get = |name: &str| -> Result<HostTensor, DistillError> {
+        t.remove(name)
+            .ok_or_else(|| DistillError::Invalid(format!("{}: no tensor `{name}`", path.display())))
     };
     let ffn = HostFfn {
         gate: get("gate_proj.weight")?,
@@ -326,23 +296,6 @@ pub fn apply_run(model: &mut Transformer, dir: &Path) -> Result<(), DistillError
         model.layers[l].ffn = Box::new(sparse);
     }
     Ok(())
-}
-
-fn window(data: &[f32], w: usize, seq_len: usize, hidden: usize, device: &Device) -> Tensor<3> {
-    let n = seq_len * hidden;
-    Tensor::from_data(
-        TensorData::new(data[w * n..(w + 1) * n].to_vec(), [1, seq_len, hidden]),
-        device,
-    )
-}
-
-fn put(data: &mut [f32], w: usize, t: Tensor<3>) {
-    let v = to_vec(t);
-    data[w * v.len()..(w + 1) * v.len()].copy_from_slice(&v);
-}
-
-fn ffn_err(layer: usize) -> impl Fn(ladimo_model::FfnError) -> DistillError {
-    move |source| ModelError::Ffn { layer, source }.into()
 }
 
 /// Train every layer of `model` (the dense teacher; its layers must be dense FFNs) in order under

@@ -4,30 +4,26 @@
 //! from the partition, then train router and experts with AdamW (linear warm-up, cosine decay) to
 //! minimise `MSE(moe(x), y)` (optionally plus `w * (1 - cos)`) under the training routing policy.
 //! The last `val_frac` of the captured tokens are held back to report the relative error
-//! `||moe(x) - y|| / ||y||` before and after training. Each finished layer is written to
-//! `layerNNN.moe.safetensors` + `layerNNN.json` (temporary names, then renamed); a run skips
+//! `||moe(x) - y|| / ||y||` before and after training. Each finished layer is written to the run
+//! folder ([`run_dir`](crate::run_dir): `layerNNN.moe.safetensors` + `layerNNN.json`); a run skips
 //! layers already finished, so a killed run resumes and ends with the same result.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
-use ladimo_io::HostTensor;
+use burn::tensor::{Device, Tensor};
 use ladimo_model::util::to_vec;
-use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy, RoutingPolicy};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
 use crate::partition::{
     ActivationSample, Partition, build_partition, calibrate_router, router_from_partition, strategy_by_name,
 };
+use crate::run_dir::{finished, save_layer, write_summary};
+use crate::stream::{batch_schedule, rows};
 
 /// How each layer is cut and trained. Every field has a default; unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,15 +163,6 @@ pub(crate) fn warmup_cosine(lr: f64, warmup_frac: f64, min_lr_frac: f64, step: u
     min + (lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
-/// Rows `idx` of a `[tokens, hidden]` host matrix, as a device tensor.
-fn rows(data: &[f32], hidden: usize, idx: &[usize], device: &Device) -> Tensor<2> {
-    let mut v = Vec::with_capacity(idx.len() * hidden);
-    for &i in idx {
-        v.extend_from_slice(&data[i * hidden..(i + 1) * hidden]);
-    }
-    Tensor::from_data(TensorData::new(v, [idx.len(), hidden]), device)
-}
-
 /// `||moe(x) - y|| / ||y||` over the given tokens, in batches.
 fn rel_error(
     params: &MoeParams,
@@ -310,33 +297,28 @@ pub fn train_layer(
     let steps_per_epoch = train_n / cfg.batch_tokens;
     let total = steps_per_epoch * cfg.epochs;
     let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay).init();
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9));
-    let mut order: Vec<usize> = (0..train_n).collect();
     let mut curve = Vec::new();
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        for batch in order.chunks_exact(cfg.batch_tokens) {
-            let xb = rows(x, hidden, batch, &ad);
-            let yb = rows(y, hidden, batch, &ad);
-            let policy = match step % (1 + cfg.also_train_with.len()) {
-                0 => &cfg.train_policy,
-                i => &cfg.also_train_with[i - 1],
-            };
-            let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
-            params = next;
-            if !value.is_finite() {
-                return Err(DistillError::Invalid(format!(
-                    "layer {layer}: loss became {value} at step {step}"
-                )));
-            }
-            if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-                curve.push((step, value));
-                tracing::debug!(layer, step, loss = value, "train");
-            }
-            step += 1;
-            progress(step, total, value);
+    for batch in &batch_schedule(train_n, cfg.batch_tokens, cfg.epochs, cfg.seed, layer) {
+        let xb = rows(x, hidden, batch, &ad);
+        let yb = rows(y, hidden, batch, &ad);
+        let policy = match step % (1 + cfg.also_train_with.len()) {
+            0 => &cfg.train_policy,
+            i => &cfg.also_train_with[i - 1],
+        };
+        let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
+        params = next;
+        if !value.is_finite() {
+            return Err(DistillError::Invalid(format!(
+                "layer {layer}: loss became {value} at step {step}"
+            )));
         }
+        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
+            curve.push((step, value));
+            tracing::debug!(layer, step, loss = value, "train");
+        }
+        step += 1;
+        progress(step, total, value);
     }
     let params = params.valid();
     let val_rel_error = rel_error(&params, cfg, x, y, hidden, &val_idx, device)?;
@@ -356,98 +338,6 @@ pub fn train_layer(
         MoeBlock::from_params(params, cfg.combine, cfg.train_policy.clone()),
         report,
     ))
-}
-
-pub fn block_path(dir: &Path, layer: usize) -> PathBuf {
-    dir.join(format!("layer{layer:03}.moe.safetensors"))
-}
-
-pub fn report_path(dir: &Path, layer: usize) -> PathBuf {
-    dir.join(format!("layer{layer:03}.json"))
-}
-
-/// Write a trained block (PyTorch layout, HF-like names) and its report; temporary names first.
-pub fn save_layer(dir: &Path, block: &MoeBlock, report: &LayerReport) -> Result<(), DistillError> {
-    std::fs::create_dir_all(dir).map_err(|e| DistillError::io(dir, e))?;
-    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
-    let p = &block.params;
-    tensors.insert("router.weight".into(), linear_host_weight(&p.router));
-    for (i, e) in p.experts.iter().enumerate() {
-        tensors.insert(
-            format!("experts.{i}.gate_proj.weight"),
-            linear_host_weight(&e.gate_proj),
-        );
-        tensors.insert(format!("experts.{i}.up_proj.weight"), linear_host_weight(&e.up_proj));
-        tensors.insert(
-            format!("experts.{i}.down_proj.weight"),
-            linear_host_weight(&e.down_proj),
-        );
-    }
-    if let Some(s) = &p.shared {
-        tensors.insert("shared.gate_proj.weight".into(), linear_host_weight(&s.gate_proj));
-        tensors.insert("shared.up_proj.weight".into(), linear_host_weight(&s.up_proj));
-        tensors.insert("shared.down_proj.weight".into(), linear_host_weight(&s.down_proj));
-    }
-    let path = block_path(dir, report.layer);
-    ladimo_io::write_safetensors(&path, &tensors, None).map_err(|e| DistillError::Invalid(e.to_string()))?;
-    ladimo_io::atomic::write_atomic(
-        &report_path(dir, report.layer),
-        &serde_json::to_vec_pretty(report).unwrap(),
-    )?;
-    Ok(())
-}
-
-/// A finished layer's report, if the layer is complete in `dir`.
-pub fn finished(dir: &Path, layer: usize) -> Option<LayerReport> {
-    if !block_path(dir, layer).exists() {
-        return None;
-    }
-    serde_json::from_str(&std::fs::read_to_string(report_path(dir, layer)).ok()?).ok()
-}
-
-/// Load a saved block with `policy` (validated against its experts).
-pub fn load_layer_block(dir: &Path, layer: usize, policy: Policy, device: &Device) -> Result<MoeBlock, DistillError> {
-    let report = finished(dir, layer)
-        .ok_or_else(|| DistillError::Invalid(format!("{}: layer {layer} is not finished", dir.display())))?;
-    let path = block_path(dir, layer);
-    let bytes = std::fs::read(&path).map_err(|e| DistillError::io(&path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| DistillError::Invalid(format!("{}: {e}", path.display())))?;
-    let get = |name: &str| -> Result<HostTensor, DistillError> {
-        let t = st
-            .tensor(name)
-            .map_err(|e| DistillError::Invalid(format!("{}: {name}: {e}", path.display())))?;
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Ok(HostTensor::new(t.shape().to_vec(), v))
-    };
-    let ffn = |p: &str| -> Result<HostFfn, DistillError> {
-        Ok(HostFfn {
-            gate: get(&format!("{p}.gate_proj.weight"))?,
-            up: get(&format!("{p}.up_proj.weight"))?,
-            down: get(&format!("{p}.down_proj.weight"))?,
-        })
-    };
-    let experts = (0..report.partition.experts.len())
-        .map(|i| ffn(&format!("experts.{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let shared = if report.partition.shared.is_empty() {
-        None
-    } else {
-        Some(ffn("shared")?)
-    };
-    Ok(MoeBlock::new(
-        &get("router.weight")?,
-        None,
-        &experts,
-        shared.as_ref(),
-        report.config.combine,
-        policy,
-        device,
-    )?)
 }
 
 /// Train layers `layers` from a capture in `capture_dir`, writing to `out_dir`; layers already
@@ -499,44 +389,4 @@ pub fn run_layers(
     }
     write_summary(out_dir, &reports)?;
     Ok(reports)
-}
-
-/// `summary.json`: per-layer final loss, relative error before/after and seconds.
-pub(crate) fn write_summary(out_dir: &Path, reports: &[LayerReport]) -> Result<(), DistillError> {
-    let summary: Vec<serde_json::Value> = reports
-        .iter()
-        .map(|r| {
-            serde_json::json!({"layer": r.layer, "final_loss": r.loss_curve.last().map(|x| x.1),
-                "val_rel_error_init": r.val_rel_error_init, "val_rel_error": r.val_rel_error, "seconds": r.seconds})
-        })
-        .collect();
-    let p = out_dir.join("summary.json");
-    Ok(ladimo_io::atomic::write_atomic(
-        &p,
-        &serde_json::to_vec_pretty(&summary).unwrap(),
-    )?)
-}
-
-/// Write the finished run `run_dir` (every layer of the model must be finished there) with the
-/// rest of `ckpt` as an MoE checkpoint folder `out`, every layer under `policy`.
-pub fn export_run(
-    ckpt: &ladimo_io::Checkpoint,
-    run_dir: &Path,
-    policy: Policy,
-    out: &Path,
-    device: &Device,
-) -> Result<ladimo_moe::MoeSection, DistillError> {
-    let n = ckpt.config.num_layers;
-    let missing: Vec<usize> = (0..n).filter(|&l| finished(run_dir, l).is_none()).collect();
-    if !missing.is_empty() {
-        return Err(DistillError::Invalid(format!(
-            "{}: layers {missing:?} are not finished; cannot export",
-            run_dir.display()
-        )));
-    }
-    let blocks = (0..n)
-        .map(|l| load_layer_block(run_dir, l, policy.clone(), device))
-        .collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<Option<&MoeBlock>> = blocks.iter().map(Some).collect();
-    ladimo_moe::save_moe_checkpoint(ckpt, &refs, out).map_err(|e| DistillError::Invalid(e.to_string()))
 }

@@ -4,7 +4,8 @@
 mod common;
 
 use ladimo_distill::capture::capture;
-use ladimo_distill::train::{Inputs, TrainConfig, block_path, run_layers};
+use ladimo_distill::run_dir::block_path;
+use ladimo_distill::train::{Inputs, TrainConfig, run_layers};
 use ladimo_moe::{Combine, CombineWeights, Policy};
 
 fn cfg() -> TrainConfig {

@@ -6,9 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune, finished_finetune, teacher_top_k_path};
+use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune};
+use ladimo_distill::run_dir::{block_path, finished, finished_finetune, load_layer_block};
 use ladimo_distill::sequential::run_layers_sequential;
-use ladimo_distill::train::{Inputs, TrainConfig, block_path, finished, load_layer_block};
+use ladimo_distill::teacher_topk::teacher_top_k_path;
+use ladimo_distill::train::{Inputs, TrainConfig};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::util::to_vec;

@@ -6,8 +6,9 @@
 mod common;
 
 use ladimo_distill::capture::capture;
+use ladimo_distill::run_dir::{block_path, load_layer_block};
 use ladimo_distill::sequential::run_layers_sequential;
-use ladimo_distill::train::{Inputs, TrainConfig, block_path, load_layer_block, run_layers};
+use ladimo_distill::train::{Inputs, TrainConfig, run_layers};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::util::{ids_tensor, to_vec};

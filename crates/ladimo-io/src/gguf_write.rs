@@ -6,12 +6,12 @@
 //! metadata keys an architecture needs is the caller's business (`ladimo_moe::export`); this
 //! module only knows the file format. The file is written under a temporary name and renamed.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use half::f16;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::HostTensor;
 
 /// Tensor data alignment in the file (GGUF's default, `general.alignment`).
@@ -159,13 +159,9 @@ impl GgufWriter {
         Ok(())
     }
 
-    /// Write the file: to `path` + `.part`, then renamed to `path`.
+    /// Write the file through [`crate::atomic::write_atomic_with`] (a temporary name, then renamed
+    /// to `path`).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".part");
-        let tmp = std::path::PathBuf::from(tmp);
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = BufWriter::new(file);
         let mut head = Vec::new();
         head.extend(b"GGUF");
         head.extend(3u32.to_le_bytes());
@@ -188,18 +184,15 @@ impl GgufWriter {
             offset = (offset + bytes.len()).next_multiple_of(ALIGNMENT);
         }
         head.resize(head.len().next_multiple_of(ALIGNMENT), 0);
-        let io = |e| Error::io(&tmp, e);
-        w.write_all(&head).map_err(io)?;
-        for (_, _, _, bytes) in &self.tensors {
-            w.write_all(bytes).map_err(io)?;
-            let pad = bytes.len().next_multiple_of(ALIGNMENT) - bytes.len();
-            w.write_all(&vec![0u8; pad]).map_err(io)?;
-        }
-        w.into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::atomic::write_atomic_with(path, |w| {
+            w.write_all(&head)?;
+            for (_, _, _, bytes) in &self.tensors {
+                w.write_all(bytes)?;
+                let pad = bytes.len().next_multiple_of(ALIGNMENT) - bytes.len();
+                w.write_all(&vec![0u8; pad])?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -115,7 +115,7 @@ pub fn fetch_with_fallback(pin: &Pin, dest: &Path) -> Result<Fetched> {
         )
     })?;
     let version = served_version(pin, &file)?;
-    let sha256 = crate::fetch::sha256_file(&file)?;
+    let sha256 = crate::hash::sha256_file(&file)?;
     let pinned = version == pin.version && pin.sha256.is_none_or(|s| s == sha256);
     if !pinned {
         tracing::warn!(
@@ -134,7 +134,7 @@ pub fn fetch_with_fallback(pin: &Pin, dest: &Path) -> Result<Fetched> {
 }
 
 fn pinned_result(pin: &Pin, file: PathBuf) -> Result<Fetched> {
-    let sha256 = crate::fetch::sha256_file(&file)?;
+    let sha256 = crate::hash::sha256_file(&file)?;
     if let Some(want) = pin.sha256
         && want != sha256
     {

@@ -71,3 +71,33 @@ pub fn write_safetensors(
         safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| crate::Error::format(path, e.to_string()))
     })
 }
+
+/// The tensors of a safetensors file written by [`write_safetensors`] (f32 only), by name, and its
+/// metadata. Every error names `path`.
+pub fn read_safetensors(
+    path: &std::path::Path,
+) -> crate::Result<(
+    std::collections::BTreeMap<String, HostTensor>,
+    std::collections::HashMap<String, String>,
+)> {
+    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| crate::Error::format(path, e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| crate::Error::format(path, e.to_string()))?;
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(crate::Error::format(
+                path,
+                format!("{name}: {:?}, expected F32", t.dtype()),
+            ));
+        }
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        tensors.insert(name, HostTensor::new(t.shape().to_vec(), v));
+    }
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}

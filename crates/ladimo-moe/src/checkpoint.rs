@@ -89,6 +89,76 @@ fn moe_prefix(layer: usize) -> String {
     format!("model.layers.{layer}.block_sparse_moe")
 }
 
+/// Put a block's host weights into `tensors` under Mixtral's names below `p`:
+/// `{p}.gate.weight` (+ `.bias`), `{p}.experts.E.w1/w3/w2.weight` (gate, up, down) and
+/// `{p}.shared_experts.*`. The one tensor layout of an MoE block, in a checkpoint and in a block
+/// file ([`crate::block_file`]).
+pub(crate) fn put_block(tensors: &mut BTreeMap<String, HostTensor>, p: &str, w: BlockHostWeights) {
+    let (router, bias, experts, shared) = w;
+    tensors.insert(format!("{p}.gate.weight"), router);
+    if let Some(bias) = bias {
+        tensors.insert(format!("{p}.gate.bias"), bias);
+    }
+    let mut put = |name: String, f: HostFfn| {
+        tensors.insert(format!("{name}.w1.weight"), f.gate);
+        tensors.insert(format!("{name}.w3.weight"), f.up);
+        tensors.insert(format!("{name}.w2.weight"), f.down);
+    };
+    for (e, f) in experts.into_iter().enumerate() {
+        put(format!("{p}.experts.{e}"), f);
+    }
+    if let Some(s) = shared {
+        put(format!("{p}.shared_experts"), s);
+    }
+}
+
+/// The block below `p` that [`put_block`] laid out: `has` says whether a tensor is there, `load`
+/// reads it. The routed experts are `experts.0`, `experts.1`, ... up to the first one missing.
+pub(crate) fn take_block<E>(
+    p: &str,
+    has: impl Fn(&str) -> bool,
+    load: impl Fn(&str) -> Result<HostTensor, E>,
+) -> Result<BlockHostWeights, E> {
+    let ffn = |q: &str| -> Result<HostFfn, E> {
+        Ok(HostFfn {
+            gate: load(&format!("{q}.w1.weight"))?,
+            up: load(&format!("{q}.w3.weight"))?,
+            down: load(&format!("{q}.w2.weight"))?,
+        })
+    };
+    let mut experts = Vec::new();
+    while has(&format!("{p}.experts.{}.w1.weight", experts.len())) {
+        experts.push(ffn(&format!("{p}.experts.{}", experts.len()))?);
+    }
+    let shared = if has(&format!("{p}.shared_experts.w1.weight")) {
+        Some(ffn(&format!("{p}.shared_experts"))?)
+    } else {
+        None
+    };
+    let bias_name = format!("{p}.gate.bias");
+    let bias = if has(&bias_name) { Some(load(&bias_name)?) } else { None };
+    Ok((load(&format!("{p}.gate.weight"))?, bias, experts, shared))
+}
+
+/// The block made of host weights `w` (as [`take_block`] reads them), on `device`.
+pub(crate) fn build_block(
+    w: BlockHostWeights,
+    combine: Combine,
+    policy: Policy,
+    device: &Device,
+) -> Result<MoeBlock, MoeError> {
+    let (router, bias, experts, shared) = w;
+    MoeBlock::new(
+        &router,
+        bias.as_ref(),
+        &experts,
+        shared.as_ref(),
+        combine,
+        policy,
+        device,
+    )
+}
+
 /// A linear layer's weight on the host in PyTorch layout `[out, in]` (burn stores `[in, out]`).
 pub fn linear_host_weight(l: &burn::nn::Linear) -> HostTensor {
     let w = l.weight.val();
@@ -96,9 +166,23 @@ pub fn linear_host_weight(l: &burn::nn::Linear) -> HostTensor {
     transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
 }
 
+/// The router (weight, bias), routed experts and shared experts of a block on the host.
+pub type BlockHostWeights = (HostTensor, Option<HostTensor>, Vec<HostFfn>, Option<HostFfn>);
+
 /// The routed experts, shared experts and router of a block in PyTorch layout, with the combine
-/// scale folded into the down projections (the host form of what is saved).
-pub fn block_host_weights(block: &MoeBlock) -> (HostTensor, Option<HostTensor>, Vec<HostFfn>, Option<HostFfn>) {
+/// scale folded into the down projections (the host form of what a checkpoint holds).
+pub fn block_host_weights(block: &MoeBlock) -> BlockHostWeights {
+    host_weights(block, block.combine.scale)
+}
+
+/// [`block_host_weights`] as the block holds them, the combine scale left out (a block file keeps
+/// it in its metadata).
+pub(crate) fn unscaled_host_weights(block: &MoeBlock) -> BlockHostWeights {
+    host_weights(block, 1.0)
+}
+
+/// [`block_host_weights`] with `expert_scale` folded into the routed experts' down projections.
+fn host_weights(block: &MoeBlock, expert_scale: f32) -> BlockHostWeights {
     let weight = linear_host_weight;
     let ffn = |d: &ladimo_model::DenseFfn, scale: f32| {
         let mut down = weight(&d.down_proj);
@@ -114,7 +198,7 @@ pub fn block_host_weights(block: &MoeBlock) -> (HostTensor, Option<HostTensor>, 
         let b = b.val();
         HostTensor::new(b.dims().to_vec(), to_vec(b))
     });
-    let experts = p.experts.iter().map(|e| ffn(e, block.combine.scale)).collect();
+    let experts = p.experts.iter().map(|e| ffn(e, expert_scale)).collect();
     // Shared experts are not scaled by the combine rule.
     let shared = p.shared.as_ref().map(|s| ffn(s, 1.0));
     (weight(&p.router), bias, experts, shared)
@@ -246,23 +330,8 @@ pub fn save_moe_checkpoint(
         }
     }
     for (layer, b) in blocks.iter().enumerate() {
-        let Some(b) = b else { continue };
-        let p = moe_prefix(layer);
-        let (router, bias, experts, shared) = block_host_weights(b);
-        tensors.insert(format!("{p}.gate.weight"), router);
-        if let Some(bias) = bias {
-            tensors.insert(format!("{p}.gate.bias"), bias);
-        }
-        let mut put = |name: String, f: HostFfn| {
-            tensors.insert(format!("{name}.w1.weight"), f.gate);
-            tensors.insert(format!("{name}.w3.weight"), f.up);
-            tensors.insert(format!("{name}.w2.weight"), f.down);
-        };
-        for (e, f) in experts.into_iter().enumerate() {
-            put(format!("{p}.experts.{e}"), f);
-        }
-        if let Some(s) = shared {
-            put(format!("{p}.shared_experts"), s);
+        if let Some(b) = b {
+            put_block(&mut tensors, &moe_prefix(layer), block_host_weights(b));
         }
     }
 
@@ -429,38 +498,12 @@ pub fn load_model_from(ckpt: &Checkpoint, device: &Device) -> Result<Transformer
                 )));
             }
         };
-        let load = |n: &str| -> Result<HostTensor, ModelError> { Ok(ckpt.weights.load(n)?) };
-        let ffn = |q: &str| -> Result<HostFfn, ModelError> {
-            Ok(HostFfn {
-                gate: load(&format!("{q}.w1.weight"))?,
-                up: load(&format!("{q}.w3.weight"))?,
-                down: load(&format!("{q}.w2.weight"))?,
-            })
-        };
-        let mut experts = Vec::new();
-        while names.contains(&format!("{p}.experts.{}.w1.weight", experts.len())) {
-            experts.push(ffn(&format!("{p}.experts.{}", experts.len()))?);
-        }
-        let shared = if names.contains(&format!("{p}.shared_experts.w1.weight")) {
-            Some(ffn(&format!("{p}.shared_experts"))?)
-        } else {
-            None
-        };
-        let bias_name = format!("{p}.gate.bias");
-        let bias = if names.contains(&bias_name) {
-            Some(load(&bias_name)?)
-        } else {
-            None
-        };
-        match MoeBlock::new(
-            &load(&format!("{p}.gate.weight"))?,
-            bias.as_ref(),
-            &experts,
-            shared.as_ref(),
-            combine,
-            policy,
-            device,
-        ) {
+        let weights = take_block(
+            &p,
+            |n| names.contains(n),
+            |n| -> Result<HostTensor, ModelError> { Ok(ckpt.weights.load(n)?) },
+        )?;
+        match build_block(weights, combine, policy, device) {
             Ok(b) => Ok(Box::new(b) as Box<dyn FeedForward>),
             Err(source) => {
                 let msg = source.to_string();

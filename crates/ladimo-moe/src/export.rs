@@ -420,46 +420,31 @@ fn base_config(cfg: &ModelConfig, path: &Path) -> Result<Value, ExportError> {
     Ok(v)
 }
 
-/// A folder written under `.NAME.partial` and renamed to `out` by [`Staging::finish`].
+/// A folder written under `.NAME.partial` and renamed to `out` by [`Staging::finish`]
+/// (a [`ladimo_io::atomic::AtomicDir`]: an export that fails half-way leaves nothing behind),
+/// with the names of the files written into it.
 struct Staging {
-    tmp: PathBuf,
-    out: PathBuf,
+    dir: ladimo_io::atomic::AtomicDir,
     files: Vec<String>,
 }
 
 impl Staging {
     fn new(out: &Path) -> Result<Self, ExportError> {
-        let err = |msg: String| ExportError::Output {
-            path: out.to_path_buf(),
-            msg,
-        };
         if out.exists() {
-            return Err(err("already exists; refusing to overwrite".into()));
+            return Err(ExportError::Output {
+                path: out.to_path_buf(),
+                msg: "already exists; refusing to overwrite".into(),
+            });
         }
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = out
-            .file_name()
-            .ok_or_else(|| err("has no folder name".into()))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = parent.join(format!(".{name}.partial"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
         Ok(Self {
-            tmp,
-            out: out.to_path_buf(),
+            dir: ladimo_io::atomic::AtomicDir::new(out)?,
             files: Vec::new(),
         })
     }
 
     fn path(&mut self, file: &str) -> PathBuf {
         self.files.push(file.to_string());
-        self.tmp.join(file)
+        self.dir.path().join(file)
     }
 
     fn write(&mut self, file: &str, text: &str) -> Result<(), ExportError> {
@@ -470,21 +455,9 @@ impl Staging {
         })
     }
 
-    fn finish(mut self) -> Result<Vec<String>, ExportError> {
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| ExportError::Output {
-            path: self.out.clone(),
-            msg: e.to_string(),
-        })?;
-        Ok(std::mem::take(&mut self.files))
-    }
-}
-
-impl Drop for Staging {
-    /// An export that failed half-way leaves nothing behind.
-    fn drop(&mut self) {
-        if self.tmp.exists() {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
+    fn finish(self) -> Result<Vec<String>, ExportError> {
+        self.dir.commit()?;
+        Ok(self.files)
     }
 }
 

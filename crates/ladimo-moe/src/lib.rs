@@ -10,6 +10,8 @@
 //!
 //! - [`checkpoint`]: MoE checkpoints on disk (Mixtral naming; Mixtral config when exact) and
 //!   [`load_model`], which loads dense and MoE checkpoints alike.
+//! - [`block_file`]: one block in a file of its own, the same tensor layout as a checkpoint's
+//!   layer (stage 1 keeps its per-layer results this way).
 //! - [`export`]: the model in formats other tools run (Mixtral, GraniteMoeShared, a
 //!   `trust_remote_code` folder for transformers, GGUF for llama.cpp), exact or refused.
 //! - [`PolicyFile`]: one routing policy per layer (TOML), applied to a loaded model.
@@ -19,6 +21,7 @@
 //! The block is backend-agnostic (a burn `Device` decides where it runs).
 
 mod block;
+pub mod block_file;
 pub mod checkpoint;
 mod error;
 pub mod export;

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 
 use ladimo_model::Transformer;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{moe_block, moe_block_mut};
 use crate::sparsity::{SparseFfn, Sparsity, dense_ffn, set_sparsity};
@@ -87,7 +86,7 @@ pub enum PolicyFileError {
 /// and expert shapes (hex SHA-256, 16 characters). Profiles and policy files carry it so that one
 /// made for another model is refused.
 pub fn model_fingerprint(model: &Transformer) -> String {
-    let mut h = Sha256::new();
+    let mut h = ladimo_io::hash::Hasher::new();
     h.update(serde_json::to_vec(&model.config).unwrap_or_default());
     for layer in 0..model.layers.len() {
         if let Some(b) = moe_block(model, layer) {
@@ -100,7 +99,7 @@ pub fn model_fingerprint(model: &Transformer) -> String {
             }
         }
     }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.short_hex()
 }
 
 impl PolicyFile {

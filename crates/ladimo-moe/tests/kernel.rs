@@ -5,31 +5,18 @@
 
 use burn::tensor::Tensor;
 use ladimo_io::HostTensor;
-use ladimo_model::util::{ids_tensor, to_vec};
+use ladimo_model::util::to_vec;
 use ladimo_model::{Dtype, FeedForward};
 use ladimo_moe::sparsity::{SparseFfn, Sparsity, dense_ffn};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy};
-use ladimo_tests::smol;
+use ladimo_tests::{rel_err, smol};
 
 const TEXT: &str = "It was a truth universally acknowledged that a single man in possession of a good fortune \
                     must be in want of a wife. 대한민국은 민주공화국이다. fn main() { println!(\"{}\", 42); }";
 
 /// The real input of layer `layer`'s FFN on TEXT: `[tokens, hidden]`.
 fn ffn_input(layer: usize) -> Tensor<2> {
-    let s = smol();
-    let ids = s.ckpt.tokenizer().unwrap().encode(TEXT).unwrap();
-    let mut h = s.model.embed(ids_tensor(&ids, 1, &s.model.device));
-    for l in &s.model.layers[..layer] {
-        h = l.forward(h, &s.model.rope, &mut None).unwrap();
-    }
-    let (_, x) = s.model.layers[layer].attention_part(h, &s.model.rope, &mut None);
-    let [b, t, d] = x.dims();
-    x.reshape([b * t, d])
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    ladimo_tests::max_abs_diff(got, want) / scale
+    ladimo_tests::smol_ffn_input(TEXT, layer)
 }
 
 const TOKENS: [usize; 3] = [1, 2, 7];

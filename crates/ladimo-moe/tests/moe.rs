@@ -6,7 +6,7 @@ use ladimo_io::{Checkpoint, HostTensor};
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_model::{FeedForward, Transformer};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeError, Policy};
-use ladimo_tests::smol;
+use ladimo_tests::{rel_err, smol};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -16,20 +16,7 @@ const TEXT: &str = "It was a truth universally acknowledged that a single man in
 
 /// The real input of layer `layer`'s FFN on TEXT: `[tokens, hidden]`.
 fn ffn_input(layer: usize) -> Tensor<2> {
-    let s = smol();
-    let ids = s.ckpt.tokenizer().unwrap().encode(TEXT).unwrap();
-    let mut h = s.model.embed(ids_tensor(&ids, 1, &s.model.device));
-    for l in &s.model.layers[..layer] {
-        h = l.forward(h, &s.model.rope, &mut None).unwrap();
-    }
-    let (_, x) = s.model.layers[layer].attention_part(h, &s.model.rope, &mut None);
-    let [b, t, d] = x.dims();
-    x.reshape([b * t, d])
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    ladimo_tests::max_abs_diff(got, want) / scale
+    ladimo_tests::smol_ffn_input(TEXT, layer)
 }
 
 fn random_router(n: usize, h: usize, seed: u64) -> HostTensor {
@@ -334,4 +321,53 @@ fn a_model_mixing_moe_and_dense_layers_runs_perplexity_and_generation() {
         "top-4 of 8 in 3 layers: perplexity {:.2}, active FFN params {:.0} -> {:.0}",
         r.perplexity, before.ffn_active, after.ffn_active
     );
+}
+
+#[test]
+fn a_block_file_reads_back_the_block_bit_for_bit_with_its_combine_rule() {
+    let s = smol();
+    let device = &s.model.device;
+    let dense = HostFfn::from_checkpoint(&s.ckpt, 3).unwrap();
+    let f = dense.intermediate_size();
+    let parts = contiguous(f - 64, 4);
+    let experts: Vec<HostFfn> = parts.iter().map(|p| dense.select_neurons(p)).collect();
+    let shared = dense.select_neurons(&((f - 64)..f).collect::<Vec<_>>());
+    let router = random_router(4, dense.hidden_size(), 7);
+    // A scale other than 1: a block file keeps it as it is (a checkpoint folds it into w2).
+    let combine = Combine {
+        weights: CombineWeights::Renormalized,
+        scale: 1.5,
+    };
+    let block = MoeBlock::new(
+        &router,
+        None,
+        &experts,
+        Some(&shared),
+        combine,
+        Policy::TopK { k: 2 },
+        device,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.moe.safetensors"),
+        dir.path().join("b.moe.safetensors"),
+    );
+    ladimo_moe::block_file::save_block(&a, &block).unwrap();
+    let back = ladimo_moe::block_file::load_block(&a, Policy::TopK { k: 3 }, device).unwrap();
+    assert_eq!(back.combine, combine);
+    assert_eq!(back.policy, Policy::TopK { k: 3 }, "the reader gives the policy");
+    assert_eq!(back.num_experts(), 4);
+    ladimo_moe::block_file::save_block(&b, &back).unwrap();
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "read back bit for bit"
+    );
+    // Not a block file: refused, naming the file.
+    let dense_file = dir.path().join("dense.safetensors");
+    let t = std::collections::BTreeMap::from([("w".to_string(), router.clone())]);
+    ladimo_io::write_safetensors(&dense_file, &t, None).unwrap();
+    let e = ladimo_moe::block_file::load_block(&dense_file, Policy::TopK { k: 2 }, device).unwrap_err();
+    assert!(e.to_string().contains("dense.safetensors"), "{e}");
 }

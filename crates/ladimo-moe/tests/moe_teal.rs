@@ -10,6 +10,7 @@ use ladimo_moe::export::{ExportOptions, Format, export};
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, Sparsity, abs_quantile, calibrate, set_sparsity};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy, moe_block};
+use ladimo_tests::rel_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -134,11 +135,6 @@ fn host_block(w: &Weights, k: usize, x: &[f32], tx: f32, th: f32) -> (Vec<f32>, 
         out.extend(y);
     }
     (out, read)
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    ladimo_tests::max_abs_diff(got, want) / scale
 }
 
 fn tokens(n: usize, seed: u64) -> (Tensor<2>, Vec<f32>) {

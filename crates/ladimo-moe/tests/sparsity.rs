@@ -19,15 +19,7 @@ const TEXT: &str = "It was a truth universally acknowledged that a single man in
 
 /// The real input of layer `layer`'s FFN on TEXT: `[tokens, hidden]`, and its host copy.
 fn ffn_input(layer: usize) -> (Tensor<2>, Vec<f32>) {
-    let s = smol();
-    let ids = s.ckpt.tokenizer().unwrap().encode(TEXT).unwrap();
-    let mut h = s.model.embed(ids_tensor(&ids, 1, &s.model.device));
-    for l in &s.model.layers[..layer] {
-        h = l.forward(h, &s.model.rope, &mut None).unwrap();
-    }
-    let (_, x) = s.model.layers[layer].attention_part(h, &s.model.rope, &mut None);
-    let [b, t, d] = x.dims();
-    let x = x.reshape([b * t, d]);
+    let x = ladimo_tests::smol_ffn_input(TEXT, layer);
     let v = to_vec(x.clone());
     (x, v)
 }
