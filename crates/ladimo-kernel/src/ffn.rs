@@ -42,8 +42,11 @@ pub struct FfnKernel {
     pub hidden: usize,
     pub inter: usize,
     pub layout: GateUpLayout,
+    /// The neuron ranges the threads take (input-major layout: how gate and up are blocked).
+    parts: Vec<Range<usize>>,
     /// Neuron-major: `[inter, 2 * hidden]`, neuron `j`'s gate row then its up row (one contiguous
-    /// read per neuron), and `up` empty. Input-major: `[hidden, inter]`, like `up`.
+    /// read per neuron), and `up` empty. Input-major: per range `r` of `parts`, a row-major
+    /// `[hidden, r.len()]` block (input `i`'s weights to the neurons of `r`), like `up`.
     gate: Matrix,
     up: Matrix,
     down: Matrix,
@@ -63,6 +66,7 @@ impl FfnKernel {
         assert_eq!(gate.len(), inter * hidden, "gate is not [{inter}, {hidden}]");
         assert_eq!(up.len(), inter * hidden, "up is not [{inter}, {hidden}]");
         assert_eq!(down.len(), inter * hidden, "down is not [{hidden}, {inter}]");
+        let parts = split(inter, crate::threads(), 16);
         let (gate, up) = match layout {
             GateUpLayout::NeuronMajor => {
                 // Row j: gate_j then up_j, so a neuron is one contiguous read.
@@ -76,15 +80,27 @@ impl FfnKernel {
                     Matrix::new(0, hidden, &[], dtype),
                 )
             }
-            GateUpLayout::InputMajor => (
-                Matrix::transposed(hidden, inter, gate, dtype),
-                Matrix::transposed(hidden, inter, up, dtype),
-            ),
+            GateUpLayout::InputMajor => {
+                // Per thread's neuron range `r` (the split `forward` uses), a `[hidden, r.len()]`
+                // block: each thread reads one contiguous region, with gaps only where inputs
+                // are dropped.
+                let block = |m: &[f32]| {
+                    let mut d = Vec::with_capacity(inter * hidden);
+                    for r in &parts {
+                        for i in 0..hidden {
+                            d.extend(r.clone().map(|j| m[j * hidden + i]));
+                        }
+                    }
+                    Matrix::new(hidden, inter, &d, dtype)
+                };
+                (block(gate), block(up))
+            }
         };
         Self {
             hidden,
             inter,
             layout,
+            parts,
             gate,
             up,
             down: Matrix::transposed(inter, hidden, down, dtype),
@@ -198,10 +214,10 @@ impl FfnKernel {
                 xs.push(v);
             }
         }
-        let parts = split(self.inter, crate::threads(), 16);
+        let parts = &self.parts;
         let kept_h = par_sum(parts.len(), y, |p, yp| {
             let r = parts[p].clone();
-            with_ffn!(self, (g, u, d) => columns_part(isa, g, u, d, self.hidden, self.inter, &kept, &xs, th, r, yp))
+            with_ffn!(self, (g, u, d) => columns_part(isa, g, u, d, self.hidden, &kept, &xs, th, r, yp))
         });
         (kept.len(), kept_h)
     }
@@ -352,7 +368,6 @@ fn columns_part<T: Elem>(
     u: &[T],
     d: &[T],
     hd: usize,
-    f: usize,
     kept: &[u32],
     xs: &[f32],
     th: f32,
@@ -361,8 +376,10 @@ fn columns_part<T: Elem>(
 ) -> usize {
     let mut gs = vec![0f32; r.len()];
     let mut us = vec![0f32; r.len()];
-    columns_sum(isa, g, f, kept, xs, r.clone(), &mut gs);
-    columns_sum(isa, u, f, kept, xs, r.clone(), &mut us);
+    // This thread's block: `[hidden, r.len()]` from `r.start * hidden`.
+    let block = |m| at(m, r.start * hd, hd * r.len());
+    columns_sum(isa, block(g), r.len(), kept, xs, &mut gs);
+    columns_sum(isa, block(u), r.len(), kept, xs, &mut us);
     let mut count = 0;
     let pairs = gs.iter().zip(&us).enumerate().filter_map(|(k, (&g, &u))| {
         let h = silu(g) * u;
@@ -376,10 +393,10 @@ fn columns_part<T: Elem>(
     count
 }
 
-/// `acc += sum_k xs[k] * m[kept[k]][r]` (`m` input-major, rows of `f`): eight columns per pass,
-/// so `acc` is loaded and stored once per eight columns, the next eight prefetched meanwhile.
-fn columns_sum<T: Elem>(isa: Isa, m: &[T], f: usize, kept: &[u32], xs: &[f32], r: Range<usize>, acc: &mut [f32]) {
-    let col = |k: usize| at(m, kept[k] as usize * f + r.start, r.len());
+/// `acc += sum_k xs[k] * m[kept[k]]` (`m` row-major, rows as long as `acc`): eight rows per
+/// pass, so `acc` is loaded and stored once per eight, the next eight prefetched meanwhile.
+fn columns_sum<T: Elem>(isa: Isa, m: &[T], len: usize, kept: &[u32], xs: &[f32], acc: &mut [f32]) {
+    let col = |k: usize| at(m, kept[k] as usize * len, len);
     let n = kept.len();
     let mut k = 0;
     while k + 8 <= n {
