@@ -1,7 +1,7 @@
 //! Microseconds per call of the decode kernels at SmolLM2-135M's sizes (hidden 576, inter 1536,
 //! 30 layers' worth of weights cycled so they come from memory, not cache; each call timed, the
 //! 10th percentile printed):
-//! `cargo run --release -p ladimo-kernel --example kernel_speed [f32|f16|bf16]`.
+//! `cargo run --release -p ladimo-kernel --example kernel_speed [f32|f16|bf16] [name filter]`.
 
 use std::time::Instant;
 
@@ -33,7 +33,12 @@ fn main() {
     let im = mk(GateUpLayout::InputMajor, &mut rnd);
     let mats: Vec<Matrix> = (0..layers).map(|_| Matrix::new(f, hd, &rnd(f * hd), dtype)).collect();
     let mut y = vec![0f32; hd];
+    // An optional second argument: run only the cases whose name contains it.
+    let only = std::env::args().nth(2).unwrap_or_default();
     let time = |name: &str, run: &mut dyn FnMut(usize)| {
+        if !name.contains(only.as_str()) {
+            return;
+        }
         for l in 0..layers {
             run(l);
         }

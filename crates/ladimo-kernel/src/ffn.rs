@@ -45,8 +45,9 @@ pub struct FfnKernel {
     /// The neuron ranges the threads take (input-major layout: how gate and up are blocked).
     parts: Vec<Range<usize>>,
     /// Neuron-major: `[inter, 2 * hidden]`, neuron `j`'s gate row then its up row (one contiguous
-    /// read per neuron), and `up` empty. Input-major: per range `r` of `parts`, a row-major
-    /// `[hidden, r.len()]` block (input `i`'s weights to the neurons of `r`), like `up`.
+    /// read per neuron). Input-major: per range `r` of `parts`, a row-major `[hidden, 2 * r.len()]`
+    /// block (input `i`'s gate weights to the neurons of `r`, then its up weights: one contiguous
+    /// read per kept input and thread). `up` is empty in both.
     gate: Matrix,
     up: Matrix,
     down: Matrix,
@@ -84,16 +85,17 @@ impl FfnKernel {
                 // Per thread's neuron range `r` (the split `forward` uses), a `[hidden, r.len()]`
                 // block: each thread reads one contiguous region, with gaps only where inputs
                 // are dropped.
-                let block = |m: &[f32]| {
-                    let mut d = Vec::with_capacity(inter * hidden);
-                    for r in &parts {
-                        for i in 0..hidden {
-                            d.extend(r.clone().map(|j| m[j * hidden + i]));
-                        }
+                let mut d = Vec::with_capacity(2 * inter * hidden);
+                for r in &parts {
+                    for i in 0..hidden {
+                        d.extend(r.clone().map(|j| gate[j * hidden + i]));
+                        d.extend(r.clone().map(|j| up[j * hidden + i]));
                     }
-                    Matrix::new(hidden, inter, &d, dtype)
-                };
-                (block(gate), block(up))
+                }
+                (
+                    Matrix::new(hidden, 2 * inter, &d, dtype),
+                    Matrix::new(0, hidden, &[], dtype),
+                )
             }
         };
         Self {
@@ -376,10 +378,10 @@ fn columns_part<T: Elem>(
 ) -> usize {
     let mut gs = vec![0f32; r.len()];
     let mut us = vec![0f32; r.len()];
-    // This thread's block: `[hidden, r.len()]` from `r.start * hidden`.
-    let block = |m| at(m, r.start * hd, hd * r.len());
-    columns_sum(isa, block(g), r.len(), kept, xs, &mut gs);
-    columns_sum(isa, block(u), r.len(), kept, xs, &mut us);
+    let _ = u;
+    // This thread's block: `[hidden, 2 * r.len()]` from `2 * r.start * hidden`.
+    let block = at(g, 2 * r.start * hd, 2 * hd * r.len());
+    columns_sum(isa, block, r.len(), kept, xs, &mut gs, &mut us);
     let mut count = 0;
     let pairs = gs.iter().zip(&us).enumerate().filter_map(|(k, (&g, &u))| {
         let h = silu(g) * u;
@@ -393,23 +395,25 @@ fn columns_part<T: Elem>(
     count
 }
 
-/// `acc += sum_k xs[k] * m[kept[k]]` (`m` row-major, rows as long as `acc`): eight rows per
-/// pass, so `acc` is loaded and stored once per eight, the next eight prefetched meanwhile.
-fn columns_sum<T: Elem>(isa: Isa, m: &[T], len: usize, kept: &[u32], xs: &[f32], acc: &mut [f32]) {
-    let col = |k: usize| at(m, kept[k] as usize * len, len);
+/// `gs += sum_k xs[k] * gate_{kept[k]}` and `us += sum_k xs[k] * up_{kept[k]}`, where row `i` of
+/// `m` is `gate_i` then `up_i` (each `len` long): eight rows per pass, so the sums are loaded and
+/// stored once per eight, the next eight rows prefetched meanwhile.
+fn columns_sum<T: Elem>(isa: Isa, m: &[T], len: usize, kept: &[u32], xs: &[f32], gs: &mut [f32], us: &mut [f32]) {
+    let row = |k: usize| at(m, kept[k] as usize * 2 * len, 2 * len);
     let n = kept.len();
     let mut k = 0;
     while k + 8 <= n {
         for q in k + 8..(k + 16).min(n) {
-            prefetch(col(q));
+            prefetch(row(q));
         }
-        let w: [&[T]; 8] = std::array::from_fn(|q| col(k + q));
         let a: [f32; 8] = std::array::from_fn(|q| xs[k + q]);
-        axpy_rows(isa, a, w, acc);
+        axpy_rows(isa, a, std::array::from_fn(|q| &row(k + q)[..len]), gs);
+        axpy_rows(isa, a, std::array::from_fn(|q| &row(k + q)[len..]), us);
         k += 8;
     }
     for (q, &a) in xs.iter().enumerate().skip(k) {
-        axpy_rows(isa, [a], [col(q)], acc);
+        axpy_rows(isa, [a], [&row(q)[..len]], gs);
+        axpy_rows(isa, [a], [&row(q)[len..]], us);
     }
 }
 
