@@ -219,7 +219,7 @@ impl FfnKernel {
         let parts = &self.parts;
         let kept_h = par_sum(parts.len(), y, |p, yp| {
             let r = parts[p].clone();
-            with_ffn!(self, (g, u, d) => columns_part(isa, g, u, d, self.hidden, &kept, &xs, th, r, yp))
+            with_ffn!(self, (g, _u, d) => columns_part(isa, g, d, self.hidden, &kept, &xs, th, r, yp))
         });
         (kept.len(), kept_h)
     }
@@ -367,7 +367,6 @@ impl Ahead {
 fn columns_part<T: Elem>(
     isa: Isa,
     g: &[T],
-    u: &[T],
     d: &[T],
     hd: usize,
     kept: &[u32],
@@ -378,7 +377,6 @@ fn columns_part<T: Elem>(
 ) -> usize {
     let mut gs = vec![0f32; r.len()];
     let mut us = vec![0f32; r.len()];
-    let _ = u;
     // This thread's block: `[hidden, 2 * r.len()]` from `2 * r.start * hidden`.
     let block = at(g, 2 * r.start * hd, 2 * hd * r.len());
     columns_sum(isa, block, r.len(), kept, xs, &mut gs, &mut us);
