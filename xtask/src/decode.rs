@@ -7,6 +7,14 @@
 //! neurons": each FFN cut into contiguous blocks of S neurons, of which each token runs a share
 //! equal to the budget, chosen pseudo-randomly per token and layer (no router: what the kernel
 //! turns a block choice into, whatever chooses it; the output is not the model's).
+//!
+//! Columns: "x dense" divides by the FASTEST dense path of the same dtype (in f32 that is the
+//! faster of burn's dense decode and the kernel's dense decode, so a sparse variant is not
+//! flattered by a slow kernel baseline); "x kdense" divides by the kernel's own dense decode of
+//! that dtype (what the sparse kernel gains over the dense kernel); "bound" is the speed-up the
+//! bytes skipped allow (weights read per token, dense over sparse) and "of bound" is "x dense"
+//! over it; "x burn" divides by burn's dense f32 decode. The closing lines give each dtype's
+//! kernel dense decode over the fastest dense f32 decode and over llama.cpp's F16 decode.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -290,12 +298,32 @@ pub fn run(a: Args) -> Result<()> {
         a.prompt_len, a.decode, a.repeats
     );
     let llama = median(llama);
-    let burn = median(times[0][0].iter().map(|r| r.0).collect());
+    // burn's dense f32 decode, when f32 is among the dtypes (else "x burn" is NaN).
+    let burn = models
+        .iter()
+        .zip(&times)
+        .find_map(|((_, _, v), t)| v.iter().position(|v| matches!(v, Variant::Burn)).map(|i| &t[i]))
+        .map(|r| median(r.iter().map(|r| r.0).collect()))
+        .unwrap_or(f64::NAN);
     println!(
-        "{:<6} {:<24} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "dtype", "variant", "tok/s", "FFN read", "x dense", "bound", "of bound", "x burn"
+        "{:<6} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "dtype", "variant", "tok/s", "FFN read", "x dense", "x kdense", "bound", "of bound", "x burn"
     );
-    for ((dtype, model, variants), t) in models.iter().zip(&times) {
+    let med = |r: &[(f64, f64)]| median(r.iter().map(|r| r.0).collect());
+    // Per dtype: the fastest dense path (burn or kernel), the denominator of "x dense".
+    let fastest: Vec<f64> = models
+        .iter()
+        .zip(&times)
+        .map(|((_, _, variants), t)| {
+            variants
+                .iter()
+                .zip(t)
+                .filter(|(v, _)| matches!(v, Variant::Burn | Variant::Dense))
+                .map(|(_, r)| med(r))
+                .fold(f64::NAN, f64::max)
+        })
+        .collect();
+    for (((dtype, model, variants), t), &best) in models.iter().zip(&times).zip(&fastest) {
         let fixed = fixed_params(model);
         let ffn = model.param_counts().ffn_total as f64;
         let dense_tps = variants
@@ -307,14 +335,15 @@ pub fn run(a: Args) -> Result<()> {
             let tps = median(r.iter().map(|r| r.0).collect());
             let share = median(r.iter().map(|r| r.1).collect());
             let bound = (fixed + ffn) / (fixed + share * ffn);
-            let speedup = tps / dense_tps;
+            let speedup = tps / best;
             println!(
-                "{:<6} {:<24} {:>8.2} {:>8.1}% {:>8.2}x {:>8.2}x {:>9.0}% {:>8.2}x",
+                "{:<6} {:<24} {:>8.2} {:>8.1}% {:>8.2}x {:>8.2}x {:>8.2}x {:>9.0}% {:>8.2}x",
                 dtype.name(),
                 v.name(),
                 tps,
                 share * 100.0,
                 speedup,
+                tps / dense_tps,
                 bound,
                 100.0 * speedup / bound,
                 tps / burn
@@ -330,6 +359,16 @@ pub fn run(a: Args) -> Result<()> {
         let mi = models.iter().position(|(d, _, _)| d == dtype).unwrap_or(0);
         let tps = median(times[mi][i].iter().map(|r| r.0).collect());
         println!("kernel dense {dtype} / llama.cpp F16: {:.2}x", tps / llama);
+    }
+    if let Some(f32_best) = models.iter().position(|(d, _, _)| *d == Dtype::F32).map(|i| fastest[i]) {
+        for (mi, (dtype, _, variants)) in models.iter().enumerate() {
+            if *dtype == Dtype::F32 {
+                continue;
+            }
+            let i = variants.iter().position(|v| matches!(v, Variant::Dense)).unwrap_or(0);
+            let tps = med(&times[mi][i]);
+            println!("kernel dense {dtype} / fastest dense f32: {:.2}x", tps / f32_best);
+        }
     }
     Ok(())
 }

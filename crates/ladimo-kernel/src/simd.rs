@@ -280,3 +280,103 @@ unsafe fn axpy_avx2<T: Elem>(a: f32, w: &[T], y: &mut [f32]) {
         }
     }
 }
+
+/// `y[i] += sum_k a[k] * w[k][i]`: `N` scaled rows (each as long as `y`) added in one pass, so
+/// `y` is loaded and stored once per `N` rows instead of once per row.
+#[inline]
+pub fn axpy_rows<T: Elem, const N: usize>(isa: Isa, a: [f32; N], w: [&[T]; N], y: &mut [f32]) {
+    for r in &w {
+        assert_eq!(r.len(), y.len(), "axpy_rows: lengths differ");
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot`; lengths checked.
+        Isa::Avx512 => unsafe { axpy_rows_avx512(a, w, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { axpy_rows_avx2(a, w, y) },
+        _ => {
+            for (i, y) in y.iter_mut().enumerate() {
+                let mut s = *y;
+                for k in 0..N {
+                    s += a[k] * w[k][i].to_f32();
+                }
+                *y = s;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_rows_avx512<T: Elem, const N: usize>(a: [f32; N], w: [&[T]; N], y: &mut [f32]) {
+    let n = y.len();
+    let py = y.as_mut_ptr();
+    let p = w.map(|r| r.as_ptr());
+    unsafe {
+        let va = a.map(|v| _mm512_set1_ps(v));
+        let mut i = 0;
+        while i + 16 <= n {
+            let mut yv = _mm512_loadu_ps(py.add(i));
+            for k in 0..N {
+                yv = _mm512_fmadd_ps(va[k], T::load16(p[k].add(i)), yv);
+            }
+            _mm512_storeu_ps(py.add(i), yv);
+            i += 16;
+        }
+        while i < n {
+            let mut s = *py.add(i);
+            for k in 0..N {
+                s += a[k] * (*p[k].add(i)).to_f32();
+            }
+            *py.add(i) = s;
+            i += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_rows_avx2<T: Elem, const N: usize>(a: [f32; N], w: [&[T]; N], y: &mut [f32]) {
+    let n = y.len();
+    let py = y.as_mut_ptr();
+    let p = w.map(|r| r.as_ptr());
+    unsafe {
+        let va = a.map(|v| _mm256_set1_ps(v));
+        let mut i = 0;
+        while i + 8 <= n {
+            let mut yv = _mm256_loadu_ps(py.add(i));
+            for k in 0..N {
+                yv = _mm256_fmadd_ps(va[k], T::load8(p[k].add(i)), yv);
+            }
+            _mm256_storeu_ps(py.add(i), yv);
+            i += 8;
+        }
+        while i < n {
+            let mut s = *py.add(i);
+            for k in 0..N {
+                s += a[k] * (*p[k].add(i)).to_f32();
+            }
+            *py.add(i) = s;
+            i += 1;
+        }
+    }
+}
+
+/// Asks the CPU to start loading the cache lines of `w` (a hint: no effect on any result), so
+/// that a scattered read that comes next need not wait for memory one line at a time.
+#[inline(always)]
+pub fn prefetch<T>(w: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = w.as_ptr() as usize & !63;
+        let end = w.as_ptr() as usize + std::mem::size_of_val(w);
+        let mut a = start;
+        while a < end {
+            // SAFETY: a prefetch never faults, whatever the address; SSE is baseline on x86_64.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(a as *const i8) };
+            a += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = w;
+}

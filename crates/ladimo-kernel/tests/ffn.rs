@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use ladimo_kernel::simd::{axpy, dot};
+use ladimo_kernel::simd::{axpy, axpy_rows, dot};
 use ladimo_kernel::{Dtype, FfnKernel, Isa, Matrix, Selection, silu};
 
 const HIDDEN: usize = 96;
@@ -26,26 +26,36 @@ struct Weights {
     gate: Vec<f32>,
     up: Vec<f32>,
     down: Vec<f32>,
+    hd: usize,
+    f: usize,
 }
 
 fn weights(dtype: Dtype) -> Weights {
+    weights_of(dtype, HIDDEN, INTER)
+}
+
+/// Weights of an FFN of `hd` inputs and `f` neurons, rounded to `dtype`.
+fn weights_of(dtype: Dtype, hd: usize, f: usize) -> Weights {
     let r = |v: Vec<f32>| v.into_iter().map(|x| dtype.round(x)).collect();
     Weights {
-        gate: r(uniform(INTER * HIDDEN, 0.3, 1)),
-        up: r(uniform(INTER * HIDDEN, 0.3, 2)),
-        down: r(uniform(INTER * HIDDEN, 0.3, 3)),
+        gate: r(uniform(f * hd, 0.3, 1)),
+        up: r(uniform(f * hd, 0.3, 2)),
+        down: r(uniform(f * hd, 0.3, 3)),
+        hd,
+        f,
     }
 }
 
 /// The FFN of one token in f64: per neuron, its activation and the weight its output gets
 /// (0: not kept).
 fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
+    let (hidden, inter) = (w.hd, w.f);
     let x: Vec<f64> = match sel {
         Selection::Teal { x: tx, .. } => x.iter().map(|&v| if v.abs() >= *tx { v as f64 } else { 0.0 }).collect(),
         _ => x.iter().map(|&v| v as f64).collect(),
     };
-    let row = |m: &[f32], j: usize| -> f64 { (0..HIDDEN).map(|i| m[j * HIDDEN + i] as f64 * x[i]).sum() };
-    let mut scale = vec![0f64; INTER];
+    let row = |m: &[f32], j: usize| -> f64 { (0..hidden).map(|i| m[j * hidden + i] as f64 * x[i]).sum() };
+    let mut scale = vec![0f64; inter];
     match sel {
         Selection::All | Selection::Cats { .. } | Selection::Teal { .. } => scale.fill(1.0),
         Selection::Neurons(k) => k.iter().for_each(|&j| scale[j as usize] = 1.0),
@@ -55,7 +65,7 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
             }
         }
     }
-    let mut y = vec![0f64; HIDDEN];
+    let mut y = vec![0f64; hidden];
     for (j, &s_j) in scale.iter().enumerate() {
         if s_j == 0.0 {
             continue;
@@ -70,7 +80,7 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
         };
         if keep {
             for (o, yo) in y.iter_mut().enumerate() {
-                *yo += s_j * h * w.down[o * INTER + j] as f64;
+                *yo += s_j * h * w.down[o * inter + j] as f64;
             }
         }
     }
@@ -89,7 +99,11 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 
 /// Per token, experts of `size` neurons: every other expert (offset by the token), weights 0.5..1.
 fn routes(size: usize, n: usize) -> Vec<Vec<(Range<usize>, f32)>> {
-    let experts = INTER / size;
+    routes_of(INTER, size, n)
+}
+
+fn routes_of(inter: usize, size: usize, n: usize) -> Vec<Vec<(Range<usize>, f32)>> {
+    let experts = inter / size;
     (0..n)
         .map(|t| {
             (0..experts)
@@ -101,25 +115,47 @@ fn routes(size: usize, n: usize) -> Vec<Vec<(Range<usize>, f32)>> {
 }
 
 fn check(dtype: Dtype, sel: &Selection, n: usize, what: &str) -> f64 {
-    let w = weights(dtype);
-    let x = uniform(n * HIDDEN, 1.0, 7 + n as u64);
-    let k = FfnKernel::new(
-        &w.gate,
-        &w.up,
-        &w.down,
-        HIDDEN,
-        INTER,
-        dtype,
-        FfnKernel::layout_for(sel),
-    );
-    let mut y = vec![0f32; n * HIDDEN];
+    check_shape(dtype, HIDDEN, INTER, sel, n, what)
+}
+
+fn check_shape(dtype: Dtype, hd: usize, f: usize, sel: &Selection, n: usize, what: &str) -> f64 {
+    let w = weights_of(dtype, hd, f);
+    let x = uniform(n * hd, 1.0, 7 + n as u64);
+    let k = FfnKernel::new(&w.gate, &w.up, &w.down, hd, f, dtype, FfnKernel::layout_for(sel));
+    let mut y = vec![0f32; n * hd];
     k.forward(&x, n, sel, &mut y);
     let want: Vec<f64> = (0..n)
-        .flat_map(|t| reference(&w, &x[t * HIDDEN..(t + 1) * HIDDEN], sel, t))
+        .flat_map(|t| reference(&w, &x[t * hd..(t + 1) * hd], sel, t))
         .collect();
     let e = rel_err(&y, &want);
-    assert!(e <= 1e-5, "{what}, {dtype}, {n} tokens: relative error {e:.2e} > 1e-5");
+    assert!(
+        e <= 1e-5,
+        "{what}, {dtype}, {hd}x{f}, {n} tokens: relative error {e:.2e} > 1e-5"
+    );
     e
+}
+
+/// Sizes that are no multiple of any vector width or group: every loop's remainder runs (TEAL's
+/// kept columns in groups of eight and a rest, rows shorter than a vector, odd thread splits).
+#[test]
+fn odd_sizes_match_the_f64_loop() {
+    for (hd, f) in [(100, 203), (13, 37), (576, 67)] {
+        let keep: Vec<u32> = (0..f as u32).filter(|j| j % 3 != 1).collect();
+        for dtype in Dtype::ALL {
+            for n in [1, 2, 7] {
+                check_shape(dtype, hd, f, &Selection::All, n, "dense");
+                check_shape(dtype, hd, f, &Selection::Neurons(&keep), n, "static");
+                check_shape(dtype, hd, f, &Selection::Cats { gate: 0.05 }, n, "CATS");
+                for tx in [0.0, 0.4, 0.9] {
+                    check_shape(dtype, hd, f, &Selection::Teal { x: tx, h: 0.02 }, n, "TEAL");
+                }
+                for size in [1, 3, 16] {
+                    let r = routes_of(f, size, n);
+                    check_shape(dtype, hd, f, &Selection::Blocks(&r), n, &format!("experts of {size}"));
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -292,4 +328,40 @@ fn matvec_matches_the_f64_loop() {
         }
     }
     let _ = silu(0.0);
+}
+
+#[test]
+fn grouped_axpy_agrees_with_the_f64_loop_on_every_instruction_set() {
+    for dtype in Dtype::ALL {
+        let m = Matrix::new(8, 1000, &uniform(8000, 1.0, 5), dtype);
+        let a = uniform(8, 1.0, 6);
+        for len in [1, 7, 16, 33, 100, 576, 1000] {
+            let want: Vec<f64> = (0..len)
+                .map(|i| 0.25 + (0..8).map(|k| a[k] as f64 * m.row(k)[i] as f64).sum::<f64>())
+                .collect();
+            let want1: Vec<f64> = (0..len).map(|i| 0.25 + a[0] as f64 * m.row(0)[i] as f64).collect();
+            for isa in Isa::available() {
+                let mut y = vec![0.25f32; len];
+                let mut y1 = vec![0.25f32; len];
+                macro_rules! run {
+                    ($v:expr) => {{
+                        let rows: [&[_]; 8] = std::array::from_fn(|k| &$v[k * 1000..k * 1000 + len]);
+                        axpy_rows(isa, a[..8].try_into().unwrap(), rows, &mut y);
+                        axpy_rows(isa, [a[0]], [rows[0]], &mut y1);
+                    }};
+                }
+                match &m.weights {
+                    ladimo_kernel::Weights::F32(v) => run!(v),
+                    ladimo_kernel::Weights::F16(v) => run!(v),
+                    ladimo_kernel::Weights::Bf16(v) => run!(v),
+                }
+                for (g, w) in y.iter().zip(&want).chain(y1.iter().zip(&want1)) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5,
+                        "{isa:?} {dtype} axpy_rows of {len}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -121,6 +121,14 @@ impl HostDecoder {
     /// Final hidden states (after the last norm), `[n, hidden]`, of `ids` following the cached
     /// positions; appends to `kv` (one entry per layer).
     pub fn forward_hidden(&self, model: &Transformer, ids: &[u32], kv: &mut [HostKv]) -> Result<Vec<f32>, FfnError> {
+        // The whole step runs on one of rayon's threads: each kernel's parallel split is then a
+        // join inside the pool (the other thread, still looking for work between two kernels,
+        // takes its half), not a job sent in from outside with the caller asleep until it is
+        // done, which costs two wake-ups per kernel, about 150 kernels per token.
+        rayon::scope(|_| self.step(model, ids, kv))
+    }
+
+    fn step(&self, model: &Transformer, ids: &[u32], kv: &mut [HostKv]) -> Result<Vec<f32>, FfnError> {
         let cfg = &model.config;
         let n = ids.len();
         let hd = cfg.hidden_size;
@@ -157,7 +165,7 @@ impl HostDecoder {
     /// Logits of one final hidden state (`[hidden]` -> `[vocab]`).
     pub fn logits(&self, hidden: &[f32], scaling: f64) -> Vec<f32> {
         let mut y = vec![0f32; self.head.rows];
-        self.head.matvec(hidden, 1, &mut y);
+        rayon::scope(|_| self.head.matvec(hidden, 1, &mut y));
         if scaling != 1.0 {
             y.iter_mut().for_each(|v| *v *= scaling as f32);
         }
