@@ -210,7 +210,7 @@ fn polish(
     })?;
 
     // The trained FFNs are kept in OUT.work/, named by everything they depend on.
-    let key = ladimo_convert::step::hash([
+    let key = ladimo_io::hash::content_hash([
         model_fingerprint(model).as_bytes(),
         format!("{:?}", ckpt.path).as_bytes(),
         serde_json::to_string(&a.polish_cfg)?.as_bytes(),
