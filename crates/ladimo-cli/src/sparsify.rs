@@ -9,7 +9,10 @@
 //! budget), and writes a model folder: the polished dense checkpoint (`config.json` the source's,
 //! so stock loaders read it as the dense model it is), `policy.toml` (the thresholds, for
 //! ladimo's `--policy`, or `ladimo export --format hf-remote --policy` for transformers) and
-//! `polish.json` (what the training did). The folder is written whole or not at all; the trained
+//! `polish.json` (what the training did). When the polish does not lower the KL to the dense model
+//! on the calibration windows it holds back (at high budgets, where TEAL loses little, it can
+//! raise it), the folder gets the dense weights under TEAL's thresholds instead, and
+//! `polish.json` says so. The folder is written whole or not at all; the trained
 //! FFNs are kept in `OUT.work/` until then, so a rerun after a crash past the training reuses
 //! them (a crash during the training starts it again).
 
@@ -160,6 +163,10 @@ struct PolishRecord {
     ko_share: Option<f64>,
     threshold_calibration_tokens: usize,
     polish: TealPolishReport,
+    /// False when the polish did not lower the held-back KL: the folder then holds the dense
+    /// weights under TEAL's thresholds (the polish never makes the result worse on the one
+    /// measure of calibration text it holds back).
+    polished_weights_kept: bool,
 }
 
 /// `--polish`: thresholds, the polish under them, thresholds again, the model folder.
@@ -281,12 +288,24 @@ fn polish(
         "held-back KL to the dense model: {:.4} under the thresholds before, {:.4} after ({} steps)",
         report.val_kl_init, report.val_kl, report.steps
     );
-
-    // The polished model, its thresholds calibrated again on the same text at the same budget.
-    for (l, f) in ffns.iter().enumerate() {
-        model.layers[l].ffn = Box::new(f.to_dense(&model.device));
-    }
-    let layers = calibrate(model, windows, Method::Teal, a.budget, |_, _| {})?;
+    // Keep the trained weights only if they moved the sparse model towards the dense one on the
+    // held-back calibration windows; else the dense weights under their thresholds (TEAL itself).
+    let kept = report.val_kl < report.val_kl_init;
+    let (ffns, layers) = if kept {
+        // The polished model, its thresholds calibrated again on the same text at the same budget.
+        for (l, f) in ffns.iter().enumerate() {
+            model.layers[l].ffn = Box::new(f.to_dense(&model.device));
+        }
+        (ffns, calibrate(model, windows, Method::Teal, a.budget, |_, _| {})?)
+    } else {
+        eprintln!(
+            "the polish did not lower the held-back KL: writing the dense weights under TEAL's thresholds instead"
+        );
+        let dense = (0..model.layers.len())
+            .map(|l| HostFfn::from_checkpoint(ckpt, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        (dense, uniform)
+    };
     let file = policy_file(model, Method::Teal, a.budget, layers, threshold_tokens, files.len());
     let record = PolishRecord {
         source: a.model.clone(),
@@ -295,6 +314,7 @@ fn polish(
         ko_share,
         threshold_calibration_tokens: threshold_tokens,
         polish: report,
+        polished_weights_kept: kept,
     };
     let dir = ladimo_io::atomic::AtomicDir::new(&a.out)?;
     ladimo_moe::write_dense_checkpoint(ckpt, &ffns, dir.path())?;
@@ -304,9 +324,14 @@ fn polish(
     dir.commit()?;
     std::fs::remove_dir_all(&work).with_context(|| format!("{}: cannot remove", work.display()))?;
     println!(
-        "wrote {} (TEAL at {:.1}% of the FFN, polished on {} tokens, {:.0} s): run it with --policy {}",
+        "wrote {} (TEAL at {:.1}% of the FFN, {} on {} tokens, {:.0} s): run it with --policy {}",
         a.out.display(),
         100.0 * a.budget,
+        if kept {
+            "polished"
+        } else {
+            "not polished: the polish did not help"
+        },
         train_ids.len(),
         start.elapsed().as_secs_f64(),
         a.out.join("policy.toml").display()

@@ -264,6 +264,7 @@ fn sparsify_polish_writes_a_dense_model_folder_whose_policy_applies() {
         record["polish"]["val_kl"].as_f64().unwrap(),
     );
     assert!(after < before, "held-back KL {before} -> {after}");
+    assert_eq!(record["polished_weights_kept"], serde_json::json!(true));
     // A dense Llama to stock loaders: no ladimo section, the source's architecture.
     let config = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(
