@@ -34,23 +34,17 @@ pub struct CaptureMeta {
     pub seconds: f64,
 }
 
-/// Hash of the inputs of a capture (FNV-1a over the token ids and the model's shape).
+/// Key of the inputs of a capture: [`ladimo_io::hash::Hasher`] (the workspace's one content
+/// hash) over the model's shape, the window length and the token ids, each as a `u64`.
 pub fn fingerprint(model: &Transformer, tokens: &[u32], seq_len: usize) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |v: u64| {
-        for b in v.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
+    let mut h = ladimo_io::hash::Hasher::new();
     let c = &model.config;
     for v in [c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size, seq_len] {
-        eat(v as u64);
+        h.update((v as u64).to_le_bytes());
     }
-    for &t in tokens {
-        eat(t as u64);
-    }
-    format!("{h:016x}")
+    let ids: Vec<u8> = tokens.iter().flat_map(|&t| (t as u64).to_le_bytes()).collect();
+    h.update(ids);
+    h.short_hex()
 }
 
 pub fn layer_file(dir: &Path, layer: usize, which: &str) -> PathBuf {
