@@ -57,20 +57,7 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
         .flat_map(|t| t.chunks(a.seq_len))
         .filter(|w| w.len() > 1)
         .collect();
-    let held = vec![
-        (
-            "en".to_string(),
-            ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.heldout_tokens)?,
-        ),
-        (
-            "en-ood".to_string(),
-            ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en_ood), a.heldout_tokens)?,
-        ),
-        (
-            "ko".to_string(),
-            ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.heldout_tokens)?,
-        ),
-    ];
+    let held = data.heldout_sets(tok, a.heldout_tokens)?;
     let mut model = Transformer::from_checkpoint(&ckpt, &ladimo_backend::device())?;
     let mut dense = Vec::new();
     for (tag, ids) in &held {

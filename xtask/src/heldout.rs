@@ -52,20 +52,7 @@ pub fn heldout(a: HeldoutArgs) -> Result<()> {
         let ckpt = ladimo_io::Checkpoint::open(&path)?;
         // The ids come from the first model's tokenizer; every model must share it.
         let tok = ckpt.tokenizer()?;
-        let sets = vec![
-            (
-                "en".to_string(),
-                ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en), a.tokens)?,
-            ),
-            (
-                "en-ood".to_string(),
-                ladimo_data::heldout_tokens(tok, std::slice::from_ref(&data.heldout_en_ood), a.tokens)?,
-            ),
-            (
-                "ko".to_string(),
-                ladimo_data::heldout_tokens(tok, &data.heldout_ko, a.tokens)?,
-            ),
-        ];
+        let sets = data.heldout_sets(tok, a.tokens)?;
         match &held {
             None => held = Some(sets),
             Some(h) if *h != sets => bail!("{model}: its tokenizer gives other held-out ids than the first model's"),

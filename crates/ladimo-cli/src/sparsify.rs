@@ -25,7 +25,6 @@ use ladimo_data::{Part, take_tokens};
 use ladimo_distill::teal_polish::{PolishProgress, TealPolishConfig, TealPolishReport, dense_ffns, polish_thresholded};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
-use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, Sparsity, calibrate};
 use ladimo_moe::{HostFfn, moe_block};
@@ -268,14 +267,7 @@ fn polish(
                     }
                 },
             )?;
-            let ffns: Vec<HostFfn> = trained
-                .iter()
-                .map(|f| HostFfn {
-                    gate: linear_host_weight(&f.gate_proj),
-                    up: linear_host_weight(&f.up_proj),
-                    down: linear_host_weight(&f.down_proj),
-                })
-                .collect();
+            let ffns: Vec<HostFfn> = trained.iter().map(HostFfn::from_dense).collect();
             std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
             let dir = ladimo_io::atomic::AtomicDir::new(&cached)?;
             ladimo_moe::write_dense_checkpoint(ckpt, &ffns, dir.path())?;

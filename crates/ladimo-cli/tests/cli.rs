@@ -292,6 +292,20 @@ fn sparsify_polish_writes_a_dense_model_folder_whose_policy_applies() {
         teal < 0.7 * plain && teal > 0.3 * plain,
         "FFN read with TEAL {teal}, without {plain}"
     );
+    // A polish that cannot lower the held-back KL (a learning rate of 0 leaves the weights as
+    // they were) is not kept: the folder holds TEAL's own model, and says so.
+    let unpolished = dir.path().join("unpolished");
+    let mut a = args("teal");
+    let n = a.len();
+    a[n - 1] = unpolished.to_str().unwrap().to_string();
+    let lr = a.iter().position(|x| x == "--polish-lr").unwrap();
+    a[lr + 1] = "0".to_string();
+    let o = run(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(unpolished.join("polish.json")).unwrap()).unwrap();
+    assert_eq!(record["polished_weights_kept"], serde_json::json!(false));
+    assert!(unpolished.join("policy.toml").is_file());
     // An existing folder is not overwritten.
     let o = run(&args("teal"));
     assert_eq!(o.status.code(), Some(1));

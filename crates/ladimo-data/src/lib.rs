@@ -107,6 +107,23 @@ pub struct DataSet {
 }
 
 impl DataSet {
+    /// The held-out sets the comparisons score, tagged, in order: `en` (Persuasion), `en-ood`
+    /// (the Debian Reference), `ko` (the constitution, then the bills); the first `n` tokens of
+    /// each ([`heldout_tokens`]).
+    pub fn heldout_sets(&self, tok: &ladimo_io::Tokenizer, n: usize) -> Result<Vec<(String, Vec<u32>)>> {
+        Ok(vec![
+            (
+                "en".to_string(),
+                heldout_tokens(tok, std::slice::from_ref(&self.heldout_en), n)?,
+            ),
+            (
+                "en-ood".to_string(),
+                heldout_tokens(tok, std::slice::from_ref(&self.heldout_en_ood), n)?,
+            ),
+            ("ko".to_string(), heldout_tokens(tok, &self.heldout_ko, n)?),
+        ])
+    }
+
     /// A few lines naming each file with its size, for logs and `--help`-style output.
     pub fn describe(&self) -> String {
         fn line(role: &str, paths: &[PathBuf]) -> String {

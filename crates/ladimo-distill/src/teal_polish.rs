@@ -29,7 +29,6 @@ use burn::tensor::Tensor;
 use ladimo_io::Checkpoint;
 use ladimo_model::util::to_vec;
 use ladimo_model::{DenseFfn, FeedForward, FfnError, Transformer};
-use ladimo_moe::checkpoint::linear_host_weight;
 use ladimo_moe::sparsity::{Sparsity, dense_ffn, teal_forward};
 use serde::{Deserialize, Serialize};
 
@@ -195,14 +194,7 @@ pub fn polish_thresholded(
     // The student: the teacher's attention, norms and embeddings (frozen), the FFNs trainable.
     let ad = teacher.device.clone().autodiff();
     // Through host weights, so the parameters are new ones on the autodiff device.
-    let to_ad = |f: &DenseFfn| {
-        ladimo_moe::HostFfn {
-            gate: linear_host_weight(&f.gate_proj),
-            up: linear_host_weight(&f.up_proj),
-            down: linear_host_weight(&f.down_proj),
-        }
-        .to_dense(&ad)
-    };
+    let to_ad = |f: &DenseFfn| ladimo_moe::HostFfn::from_dense(f).to_dense(&ad);
     let mut student = Transformer::from_checkpoint_with(ckpt, &ad, |l| {
         let (tx, th) = thresholds[l];
         Ok(Box::new(TealTrainFfn {

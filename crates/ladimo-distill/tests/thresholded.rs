@@ -61,12 +61,7 @@ fn the_training_forward_equals_a_host_loop_and_the_masked_reference() {
     let n = xv.len() / hidden;
     // The training path: the FFN on an autodiff device, as train_thresholded_layer holds it.
     let ad = model.device.clone().autodiff();
-    let ffn_ad = ladimo_moe::HostFfn {
-        gate: ladimo_moe::checkpoint::linear_host_weight(&ffn.gate_proj),
-        up: ladimo_moe::checkpoint::linear_host_weight(&ffn.up_proj),
-        down: ladimo_moe::checkpoint::linear_host_weight(&ffn.down_proj),
-    }
-    .to_dense(&ad);
+    let ffn_ad = ladimo_moe::HostFfn::from_dense(&ffn).to_dense(&ad);
     let x_ad = Tensor::<2>::from_data(TensorData::new(xv.clone(), [n, hidden]), &ad);
     let got = to_vec(teal_forward(&ffn_ad, x_ad, tx, th));
     let want = host_teal(

@@ -32,7 +32,7 @@ use ladimo_io::{Architecture, Checkpoint, HostTensor, ModelConfig, RopeScaling};
 use ladimo_model::{DenseFfn, Transformer};
 use serde_json::{Value, json};
 
-use crate::checkpoint::{CheckpointError, block_host_weights, linear_host_weight, moe_block};
+use crate::checkpoint::{CheckpointError, block_host_weights, moe_block};
 use crate::sparsity::{SparseFfn, Sparsity, dense_ffn};
 use crate::{CombineWeights, HostFfn, MoeBlock, Policy};
 
@@ -369,14 +369,6 @@ fn block_weights(b: &MoeBlock, factor: f32) -> (HostTensor, Vec<HostFfn>, Option
     (router, experts, shared)
 }
 
-fn dense_weights(d: &DenseFfn) -> HostFfn {
-    HostFfn {
-        gate: linear_host_weight(&d.gate_proj),
-        up: linear_host_weight(&d.up_proj),
-        down: linear_host_weight(&d.down_proj),
-    }
-}
-
 /// Tensors stacked along a new first axis.
 fn stack(ts: &[&HostTensor]) -> HostTensor {
     let mut shape = vec![ts.len()];
@@ -696,9 +688,9 @@ fn write_hf_remote(
     for (l, layer) in layers.iter().enumerate() {
         let p = format!("model.layers.{l}.mlp");
         match layer {
-            Layer::Dense(d) => put(&mut tensors, &p, dense_weights(d)),
+            Layer::Dense(d) => put(&mut tensors, &p, HostFfn::from_dense(d)),
             Layer::Sparse(d, s) => {
-                put(&mut tensors, &p, dense_weights(d));
+                put(&mut tensors, &p, HostFfn::from_dense(d));
                 specs.push(json!({"layer": l, "kind": "sparse", "sparsity": s}));
             }
             Layer::Moe(b) => {
@@ -1054,7 +1046,7 @@ fn write_gguf(
         );
         match (layer, &plan) {
             (Layer::Dense(d), None) => {
-                let f = dense_weights(d);
+                let f = HostFfn::from_dense(d);
                 add(&mut w, format!("{b}.ffn_gate.weight"), &f.gate, big);
                 add(&mut w, format!("{b}.ffn_up.weight"), &f.up, big);
                 add(&mut w, format!("{b}.ffn_down.weight"), &f.down, big);

@@ -75,4 +75,14 @@ impl HostFfn {
     pub fn to_dense(&self, device: &Device) -> DenseFfn {
         DenseFfn::from_host(&self.gate, &self.up, &self.down, None, device)
     }
+
+    /// A dense FFN's weights copied to the host, in PyTorch layout (the inverse of [`Self::to_dense`]).
+    pub fn from_dense(d: &DenseFfn) -> Self {
+        use crate::checkpoint::linear_host_weight;
+        Self {
+            gate: linear_host_weight(&d.gate_proj),
+            up: linear_host_weight(&d.up_proj),
+            down: linear_host_weight(&d.down_proj),
+        }
+    }
 }
