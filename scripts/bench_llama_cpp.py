@@ -18,10 +18,13 @@ p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--threads", type=int, default=os.cpu_count())
 a = p.parse_args()
 
+ctx = a.prompt_len + a.decode_tokens + 16
 llm = llama_cpp.Llama(
     model_path=a.gguf,
-    n_ctx=a.prompt_len + a.decode_tokens + 16,
-    n_batch=512,
+    n_ctx=ctx,
+    # `scores` keeps one row per position of the last batch: a prompt longer than the batch
+    # would leave its last position's logits out of reach.
+    n_batch=max(512, ctx),
     n_threads=a.threads,
     n_threads_batch=a.threads,
     verbose=False,

@@ -223,6 +223,23 @@ fn forward_moe(
             }
         }
     }
+    let t = Instant::now();
+    moe.prepare_prefill();
+    let masked: Vec<String> = (0..moe.layers.len())
+        .filter_map(|l| {
+            let from = ladimo_moe::checkpoint::moe_block_mut(&mut moe, l)?.masked_from()?;
+            Some(format!("{l} (from {from} tokens)"))
+        })
+        .collect();
+    println!(
+        "prefill paths chosen by timing in {:.1} s; dense-masked in layers: {}",
+        t.elapsed().as_secs_f64(),
+        if masked.is_empty() {
+            "none".into()
+        } else {
+            masked.join(", ")
+        }
+    );
     let ids = prompt_ids(prompt_len, ckpt.config.vocab_size);
     let ((dp, dd), (mp, md)) =
         ladimo_convert::evaluate::speed_side_by_side(&dense, &moe, &ids, decode, repeats, || {})?;
@@ -324,6 +341,8 @@ pub struct MoeTimes {
     pub router: f64,
     pub moe: f64,
     pub active: f64,
+    /// The path the block chose for `n_tok` tokens by timing at load: "masked" or "dispatch".
+    pub path: &'static str,
 }
 
 /// Time the dense FFN and a top-`k` MoE block on `n_tok` tokens on `device`: `dense`'s first
@@ -346,7 +365,12 @@ pub fn moe_on(
         weights: CombineWeights::Renormalized,
         scale: 1.0,
     };
-    let moe = parts.block(combine, Policy::TopK { k }, device)?;
+    let mut moe = parts.block(combine, Policy::TopK { k }, device)?;
+    moe.choose_prefill_path();
+    let path = match moe.masked_from() {
+        Some(from) if n_tok >= from => "masked",
+        _ => "dispatch",
+    };
     let t_router = time_median(repeats, || {
         let p = moe.router_probs(x.clone()).expect("router");
         let _ = moe.route(&p);
@@ -372,6 +396,7 @@ pub fn moe_on(
         router: t_router,
         moe: median(tm),
         active: (st.routed_params / st.tokens as f64 + (3 * h * shared) as f64) / (3 * h * f) as f64,
+        path,
     })
 }
 
@@ -392,10 +417,21 @@ pub fn moe(tokens: &[usize], experts: &[usize], shared: usize, repeats: usize) -
         "MoE dispatch, backend {}, hidden {h}, FFN {f} ({shared} shared), f32, median of {repeats}",
         ladimo_backend::name()
     );
-    println!("target: MoE <= 1.15 x (activated fraction x dense) + router");
+    println!("target: MoE <= 1.15 x (activated fraction x dense) + router; and never slower than dense");
+    println!("path: what the block chose at load by timing both (dispatch per expert, or dense-masked)");
     println!(
-        "{:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8}",
-        "tokens", "experts", "policy", "dense ms", "router ms", "moe ms", "active", "moe/target", "ok"
+        "{:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8} {:>10} {:>9}",
+        "tokens",
+        "experts",
+        "policy",
+        "dense ms",
+        "router ms",
+        "moe ms",
+        "active",
+        "moe/target",
+        "ok",
+        "moe/dense",
+        "path"
     );
     for &n_tok in tokens {
         for &n_exp in experts {
@@ -404,14 +440,16 @@ pub fn moe(tokens: &[usize], experts: &[usize], shared: usize, repeats: usize) -
                 let target = 1.15 * t.active * t.dense + t.router;
                 let ratio = t.moe / target;
                 println!(
-                    "{n_tok:>6} {n_exp:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>8.1}% {:>12.2} {:>8}",
+                    "{n_tok:>6} {n_exp:>8} {:>7} {:>10.2} {:>10.2} {:>10.2} {:>8.1}% {:>12.2} {:>8} {:>10.2} {:>9}",
                     format!("top-{k}"),
                     t.dense * 1e3,
                     t.router * 1e3,
                     t.moe * 1e3,
                     t.active * 100.0,
                     ratio,
-                    if ratio <= 1.0 { "yes" } else { "no" }
+                    if ratio <= 1.0 { "yes" } else { "no" },
+                    t.moe / t.dense,
+                    t.path
                 );
             }
         }

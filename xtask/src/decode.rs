@@ -13,7 +13,9 @@
 //! flattered by a slow kernel baseline); "x kdense" divides by the kernel's own dense decode of
 //! that dtype (what the sparse kernel gains over the dense kernel); "bound" is the speed-up the
 //! bytes skipped allow (weights read per token, dense over sparse) and "of bound" is "x dense"
-//! over it; "x burn" divides by burn's dense f32 decode. The closing lines give each dtype's
+//! over it; "x burn" divides by burn's dense f32 decode; "prefill/dense" is the prompt's prefill
+//! speed (burn, --prompt-len tokens) over the dense model's, for TEAL (the expert variants here
+//! have no router and prefill with the dense FFN: `bench moe` times expert prefill). The closing lines give each dtype's
 //! kernel dense decode over the fastest dense f32 decode and over llama.cpp's F16 decode.
 
 use std::ops::Range;
@@ -130,11 +132,13 @@ impl FeedForward for BlockBench {
     }
 }
 
-/// Decode tokens/s: a `prompt`, then `decode` greedy single-token steps (the steps timed), and
-/// the share of the FFN parameters the steps read.
-fn decode_speed(model: &Transformer, prompt: &[u32], decode: usize) -> Result<(f64, f64)> {
+/// Decode tokens/s: a `prompt` (its prefill timed too), then `decode` greedy single-token steps,
+/// and the share of the FFN parameters the steps read. Returns (decode tok/s, share, prefill tok/s).
+fn decode_speed(model: &Transformer, prompt: &[u32], decode: usize) -> Result<(f64, f64, f64)> {
     let mut cache = KvCache::new(model.layers.len());
+    let t = Instant::now();
     let l = to_vec(model.forward_last(ids_tensor(prompt, 1, &model.device), &mut cache)?);
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
     let mut next = ladimo_model::generate::argmax(&l);
     model.layers.iter().for_each(|l| l.ffn.reset_stats());
     let t = Instant::now();
@@ -144,7 +148,7 @@ fn decode_speed(model: &Transformer, prompt: &[u32], decode: usize) -> Result<(f
     }
     let secs = t.elapsed().as_secs_f64();
     let pc = model.param_counts();
-    Ok((decode as f64 / secs, pc.ffn_active / pc.ffn_total as f64))
+    Ok((decode as f64 / secs, pc.ffn_active / pc.ffn_total as f64, prefill))
 }
 
 /// Swap the variant's FFNs (and path) in; returns what to put back.
@@ -251,7 +255,7 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("{dtype}: the host decode path takes steps of up to {limit} tokens (measured)");
         models.push((dtype, model, variants));
     }
-    let mut times: Vec<Vec<Vec<(f64, f64)>>> = models.iter().map(|(_, _, v)| vec![Vec::new(); v.len()]).collect();
+    let mut times: Vec<Vec<Vec<(f64, f64, f64)>>> = models.iter().map(|(_, _, v)| vec![Vec::new(); v.len()]).collect();
     let mut llama = Vec::new();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench_llama_cpp.py");
     for round in 0..a.repeats.max(1) {
@@ -306,10 +310,10 @@ pub fn run(a: Args) -> Result<()> {
         .map(|r| median(r.iter().map(|r| r.0).collect()))
         .unwrap_or(f64::NAN);
     println!(
-        "{:<6} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "dtype", "variant", "tok/s", "FFN read", "x dense", "x kdense", "bound", "of bound", "x burn"
+        "{:<6} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>12}",
+        "dtype", "variant", "tok/s", "FFN read", "x dense", "x kdense", "bound", "of bound", "x burn", "prefill/dense"
     );
-    let med = |r: &[(f64, f64)]| median(r.iter().map(|r| r.0).collect());
+    let med = |r: &[(f64, f64, f64)]| median(r.iter().map(|r| r.0).collect());
     // Per dtype: the fastest dense path (burn or kernel), the denominator of "x dense".
     let fastest: Vec<f64> = models
         .iter()
@@ -331,13 +335,24 @@ pub fn run(a: Args) -> Result<()> {
             .position(|v| matches!(v, Variant::Dense))
             .map(|i| median(t[i].iter().map(|r| r.0).collect()))
             .unwrap_or(f64::NAN);
+        // Prefill (the prompt, on burn: longer than any host step) over the dense model's, per
+        // variant; the bench's expert variants prefill with the dense FFN, so they get none.
+        let dense_prefill = variants
+            .iter()
+            .position(|v| matches!(v, Variant::Dense))
+            .map(|i| median(t[i].iter().map(|r| r.2).collect()))
+            .unwrap_or(f64::NAN);
         for (v, r) in variants.iter().zip(t) {
             let tps = median(r.iter().map(|r| r.0).collect());
+            let prefill = match v {
+                Variant::Experts { .. } | Variant::Burn => "-".to_string(),
+                _ => format!("{:.2}x", median(r.iter().map(|r| r.2).collect()) / dense_prefill),
+            };
             let share = median(r.iter().map(|r| r.1).collect());
             let bound = (fixed + ffn) / (fixed + share * ffn);
             let speedup = tps / best;
             println!(
-                "{:<6} {:<24} {:>8.2} {:>8.1}% {:>8.2}x {:>8.2}x {:>8.2}x {:>9.0}% {:>8.2}x",
+                "{:<6} {:<24} {:>8.2} {:>8.1}% {:>8.2}x {:>8.2}x {:>8.2}x {:>9.0}% {:>8.2}x {prefill:>12}",
                 dtype.name(),
                 v.name(),
                 tps,

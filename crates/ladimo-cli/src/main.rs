@@ -151,6 +151,7 @@ pub(crate) fn load(
     if let Some(p) = policy {
         ladimo_moe::PolicyFile::read(p)?.apply(&mut model, p)?;
     }
+    model.prepare_prefill();
     if let Some(d) = dtype {
         model.prepare_host_decode(d)?;
     }

@@ -54,6 +54,8 @@ pub(crate) fn evaluate(
                     ladimo_moe::sparsity::set_sparsity(&mut moe, lp.layer, Some(s.clone()))?;
                 }
             }
+            // As `ladimo` loads it too: each block's prefill path chosen by timing it here.
+            moe.prepare_prefill();
             measure(cfg, inputs, s2, &moe, ev, on)
         },
     )

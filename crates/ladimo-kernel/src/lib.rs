@@ -12,14 +12,18 @@
 //!   CATS (gate always, up/down for kept neurons) or TEAL (gate/up stored input-major, so a zero
 //!   input entry skips one contiguous column; then down rows of kept neurons).
 //!
+//! - [`attend`]: one query head's attention over a host KV cache.
+//!
 //! The inner loops ([`simd`]) have AVX-512F, AVX2+FMA+F16C and scalar versions, chosen once at run
 //! time ([`Isa::get`]; `LADIMO_KERNEL_ISA=scalar|avx2|avx512` overrides it).
 
+mod attention;
 mod ffn;
 mod isa;
 mod matrix;
 pub mod simd;
 
+pub use attention::attend;
 pub use ffn::{FfnKernel, GateUpLayout, Selection};
 pub use isa::Isa;
 pub use matrix::{Dtype, Matrix, Weights};

@@ -37,6 +37,10 @@ pub trait FeedForward: std::any::Any + Send + Sync + std::fmt::Debug {
     /// once the weights are final: a later change of the burn weights does not reach them).
     /// Blocks without a host path ignore it.
     fn prepare_host(&mut self, _dtype: ladimo_kernel::Dtype) {}
+    /// Choose, by timing on this machine, how the block runs many tokens at once (prefill), where
+    /// it has more than one way (an MoE block: grouped per expert or dense-masked). Call it once
+    /// the weights and policy are final. Blocks with one way ignore it.
+    fn prepare_prefill(&mut self) {}
 }
 
 /// LLaMA's FFN: `down(silu(gate(x)) * up(x))`.

@@ -10,7 +10,7 @@
 //! ([`crate::Transformer::forward_hidden`]) on the same (rounded) weights.
 
 use burn::nn::{Linear, RmsNorm};
-use ladimo_kernel::{Dtype, Isa, Matrix, simd};
+use ladimo_kernel::{Dtype, Isa, Matrix};
 use rayon::prelude::*;
 
 use crate::ffn::{FfnError, transpose_vec};
@@ -221,24 +221,14 @@ impl HostDecoder {
         let isa = Isa::get();
         let mut out = vec![0f32; n * qd];
         let (keys, values) = (&kv.k, &kv.v);
-        out.par_chunks_mut(hdim).enumerate().for_each(|(c, o)| {
-            let (t, head) = (c / nh, c % nh);
-            let g = head / rep;
-            let q = &qkv[t * width + head * hdim..t * width + (head + 1) * hdim];
-            let seen = offset + t + 1;
-            let mut s: Vec<f32> = (0..seen)
-                .map(|p| simd::dot(isa, &keys[p * kvd + g * hdim..p * kvd + (g + 1) * hdim], q) * scale)
-                .collect();
-            let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = (*v - m).exp();
-                sum += *v;
-            }
-            for (p, &w) in s.iter().enumerate() {
-                simd::axpy(isa, w / sum, &values[p * kvd + g * hdim..p * kvd + (g + 1) * hdim], o);
-            }
-        });
+        out.par_chunks_mut(hdim)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (c, o)| {
+                let (t, head) = (c / nh, c % nh);
+                let q = &qkv[t * width + head * hdim..t * width + (head + 1) * hdim];
+                let seen = offset + t + 1;
+                ladimo_kernel::attend(isa, q, keys, values, kvd, (head / rep) * hdim, seen, scale, scores, o);
+            });
         let d = hl.o.rows;
         let mut y = vec![0f32; n * d];
         hl.o.matvec(&out, n, &mut y);

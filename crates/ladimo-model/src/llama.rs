@@ -510,6 +510,14 @@ impl Transformer {
             .map_err(|source| ModelError::Ffn { layer: 0, source })
     }
 
+    /// Let every FFN block choose its prefill path by timing it ([`FeedForward::prepare_prefill`]).
+    /// Call it once the weights and policies are final.
+    pub fn prepare_prefill(&mut self) {
+        for l in &mut self.layers {
+            l.ffn.prepare_prefill();
+        }
+    }
+
     /// Build the host decode path with weights in `dtype`: attention, norms and head copied into
     /// host matrices, every dense FFN wrapped in a [`KernelFfn`], every other FFN asked to
     /// [`FeedForward::prepare_host`]. Then, per path, measure up to how many tokens the host

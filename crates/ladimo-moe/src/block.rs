@@ -82,6 +82,9 @@ fn expert_activation(f: &DenseFfn, x: Tensor<2>, th: Option<f32>, observe: Optio
 /// decode path); above it, tokens are grouped per expert (gather, run, scatter-add).
 pub const FEW_TOKENS: usize = 2;
 
+/// The token counts at which [`MoeBlock::choose_prefill_path`] times the two prefill paths.
+pub const PREFILL_PROBES: &[usize] = &[64, 512];
+
 /// Up to this many tokens, a block with a host kernel ([`FeedForward::prepare_host`]) runs on it.
 pub const KERNEL_TOKENS: usize = 8;
 
@@ -208,18 +211,7 @@ impl MoeParams {
             None => (x, None),
         };
         let th = teal.map(|t| t.1);
-        let mut saved = 0.0;
-        let mut out = match &self.shared {
-            Some(s) => {
-                let (a, kept_h) = expert_activation(s, x.clone(), th, observe);
-                if let Some(k) = &kept_x {
-                    let kx = k.iter().map(|&v| v as f64).sum();
-                    saved += teal_saved(h, s.intermediate_size(), n, kx, kept_h);
-                }
-                s.down_proj.forward(a)
-            }
-            None => Tensor::zeros([n, h], &device),
-        };
+        let (mut out, mut saved) = self.shared_forward(&x, th, kept_x.as_deref(), observe);
         let load: Vec<usize> = groups.iter().map(Vec::len).collect();
         // One gather for all experts: the routed (token, expert) pairs sorted by expert, so each
         // expert's rows are a contiguous slice; one scatter-add at the end. (Per-expert gathers
@@ -297,16 +289,190 @@ impl MoeParams {
     }
 }
 
+impl MoeParams {
+    /// The shared experts on `x` (already thresholded; zeros without shared experts), and the
+    /// parameters TEAL kept them from reading (`kept_x`: per token, the `x` entries kept).
+    fn shared_forward(
+        &self,
+        x: &Tensor<2>,
+        th: Option<f32>,
+        kept_x: Option<&[f32]>,
+        observe: Option<&Observe>,
+    ) -> (Tensor<2>, f64) {
+        let [n, h] = x.dims();
+        match &self.shared {
+            Some(s) => {
+                let (a, kept_h) = expert_activation(s, x.clone(), th, observe);
+                let saved = kept_x
+                    .map(|k| teal_saved(h, s.intermediate_size(), n, k.iter().map(|&v| v as f64).sum(), kept_h))
+                    .unwrap_or(0.0);
+                (s.down_proj.forward(a), saved)
+            }
+            None => (Tensor::zeros([n, h], &x.device()), 0.0),
+        }
+    }
+
+    /// [`MoeParams::forward_sparse_with`] computed dense-masked: every routed neuron runs on every
+    /// token (the experts merged into one FFN, `m`), and each neuron's activation is multiplied by
+    /// the token's combine weight of the neuron's expert, 0 for experts not chosen. The same
+    /// function and the same counts (load, parameters TEAL saved) as the dispatch; it costs the
+    /// whole FFN plus two masks, which at many tokens beats grouping tokens per expert once the
+    /// experts are small (measured per block by [`MoeBlock::choose_prefill_path`]).
+    fn forward_masked(
+        &self,
+        m: &Masked,
+        combine: &Combine,
+        policy: &Policy,
+        teal: Option<(f32, f32)>,
+        x: Tensor<2>,
+    ) -> Result<Dispatch, MoeError> {
+        let [n, h] = x.dims();
+        let e = self.num_experts();
+        let device = x.device();
+        let (probs, host) = self.router_probs(x.clone())?;
+        let chosen = choose(policy, &host, e);
+        let mut load = vec![0usize; e];
+        let mut mask = vec![0f32; n * e];
+        for (t, c) in chosen.iter().enumerate() {
+            for &i in c {
+                load[i] += 1;
+                mask[t * e + i] = 1.0;
+            }
+        }
+        let mask = Tensor::<2>::from_data(TensorData::new(mask.clone(), [n, e]), &device);
+        let w = match combine.weights {
+            CombineWeights::Unit | CombineWeights::UnitStraightThrough => mask.clone(),
+            CombineWeights::Raw => probs * mask.clone(),
+            CombineWeights::Renormalized => {
+                let p = probs * mask.clone();
+                // A token with no expert chosen has p = 0 everywhere: 0 / tiny = 0, not NaN.
+                let norm = p.clone().sum_dim(1).clamp_min(f32::MIN_POSITIVE);
+                p / norm
+            }
+        };
+        let w = if combine.scale != 1.0 {
+            w.mul_scalar(combine.scale)
+        } else {
+            w
+        };
+        let (x, kept_x) = match teal {
+            Some((tx, _)) => {
+                let (x, kept) = threshold_x(x, tx);
+                (x, Some(kept))
+            }
+            None => (x, None),
+        };
+        let th = teal.map(|t| t.1);
+        let (out, mut saved) = self.shared_forward(&x, th, kept_x.as_deref(), None);
+        let mut a = m.ffn.activation(x);
+        if let (Some(th), Some(kx)) = (th, &kept_x) {
+            // Kept h entries count only where the neuron's expert ran, as in the dispatch.
+            let keep = a.clone().abs().greater_equal_elem(th);
+            let kept_h: f64 = to_vec(m.per_neuron(keep.clone().float(), mask).sum_dim(1))
+                .iter()
+                .map(|&v| v as f64)
+                .sum();
+            // teal_saved is linear in (tokens, kept_x, kept_h): sum it per expert without the
+            // kept h, then take the kept h of all experts at once.
+            for (i, c) in (0..e).map(|i| (i, &self.experts[i])) {
+                let kx_i: f64 = chosen
+                    .iter()
+                    .zip(kx)
+                    .filter(|(c, _)| c.contains(&i))
+                    .map(|(_, &k)| k as f64)
+                    .sum();
+                saved += teal_saved(h, c.intermediate_size(), load[i], kx_i, 0.0);
+            }
+            saved -= h as f64 * kept_h;
+            a = a.mask_fill(keep.bool_not(), 0.0);
+        }
+        let y = m.ffn.down_proj.forward(m.per_neuron(a, w));
+        Ok(Dispatch {
+            out: out + y,
+            load,
+            saved,
+        })
+    }
+}
+
+/// The routed experts merged into one FFN for [`MoeParams::forward_masked`].
+#[derive(Debug)]
+struct Masked {
+    ffn: DenseFfn,
+    /// Each merged neuron's expert.
+    owner: Tensor<1, Int>,
+    /// The experts' size, when they all have the same (the common case: a broadcast instead of
+    /// a gather in [`Masked::per_neuron`]).
+    size: Option<usize>,
+    /// From this many tokens on, [`MoeBlock::forward_tokens`] takes the masked path (measured).
+    from: usize,
+}
+
+impl Masked {
+    /// `a` (`[tokens, merged neurons]`) times, per neuron, its expert's entry of `w`
+    /// (`[tokens, experts]`).
+    fn per_neuron(&self, a: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+        let [n, e] = w.dims();
+        match self.size {
+            Some(s) => (a.reshape([n, e, s]) * w.reshape([n, e, 1])).reshape([n, e * s]),
+            None => a * w.select(1, self.owner.clone()),
+        }
+    }
+
+    /// `None` when an expert has a bias (the merged down projection would add every expert's
+    /// bias unweighted).
+    fn new(p: &MoeParams, device: &Device) -> Option<Self> {
+        let biased =
+            |f: &DenseFfn| f.gate_proj.bias.is_some() || f.up_proj.bias.is_some() || f.down_proj.bias.is_some();
+        if p.experts.iter().any(biased) {
+            return None;
+        }
+        let parts: Vec<HostFfn> = p.experts.iter().map(HostFfn::from_dense).collect();
+        let h = parts[0].hidden_size();
+        let inter: usize = parts.iter().map(|f| f.intermediate_size()).sum();
+        let cat = |rows: usize, cols: usize, f: &dyn Fn(&HostFfn) -> Vec<f32>| {
+            HostTensor::new(vec![rows, cols], parts.iter().flat_map(f).collect())
+        };
+        let gate = cat(inter, h, &|f| f.gate.data.clone());
+        let up = cat(inter, h, &|f| f.up.data.clone());
+        // down is [hidden, inter] per expert: merge column blocks row by row.
+        let mut down = Vec::with_capacity(h * inter);
+        for r in 0..h {
+            for f in &parts {
+                let fi = f.intermediate_size();
+                down.extend_from_slice(&f.down.data[r * fi..(r + 1) * fi]);
+            }
+        }
+        let down = HostTensor::new(vec![h, inter], down);
+        let owner: Vec<i64> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| std::iter::repeat_n(i as i64, f.intermediate_size()))
+            .collect();
+        let first = parts[0].intermediate_size();
+        Some(Self {
+            size: parts.iter().all(|f| f.intermediate_size() == first).then_some(first),
+            ffn: DenseFfn::from_host(&gate, &up, &down, None, device),
+            owner: Tensor::from_data(TensorData::new(owner, [inter]), device),
+            from: usize::MAX,
+        })
+    }
+}
+
 /// Per token, the experts `policy` runs (most probable first).
 fn choose(policy: &Policy, probs: &[f32], e: usize) -> Vec<Vec<usize>> {
-    let (mut order, mut chosen) = (Vec::with_capacity(e), Vec::with_capacity(e));
+    // Tokens are independent; at prefill with hundreds of experts the sorts are a visible share
+    // of the block, so they run on rayon's threads (order kept).
     probs
-        .chunks(e)
-        .map(|p| {
-            order_by_prob(p, &mut order);
-            policy.select(p, &order, &mut chosen);
-            chosen.clone()
-        })
+        .par_chunks(e)
+        .map_init(
+            || (Vec::with_capacity(e), Vec::with_capacity(e)),
+            |(order, chosen), p| {
+                order_by_prob(p, order);
+                policy.select(p, order, chosen);
+                chosen.clone()
+            },
+        )
         .collect()
 }
 
@@ -335,6 +501,9 @@ pub struct MoeBlock {
     sparsity: Option<Sparsity>,
     /// The host-side decode kernel ([`FeedForward::prepare_host`]).
     host: Option<MoeKernel>,
+    /// The dense-masked path for many tokens, when measured faster
+    /// ([`MoeBlock::choose_prefill_path`]).
+    masked: Option<Masked>,
 }
 
 /// An MoE block's weights for host-side decode: the router (f32) and every neuron of the shared
@@ -453,11 +622,95 @@ impl MoeBlock {
             expert_params,
             sparsity: None,
             host: None,
+            masked: None,
         }
     }
 
     pub fn num_experts(&self) -> usize {
         self.expert_params.len()
+    }
+
+    /// Choose, by timing on this machine, how the block runs many tokens at once: the sparse
+    /// dispatch (tokens grouped per expert) or the dense-masked path (all experts merged into one
+    /// FFN, unchosen experts' neurons weighted 0; [`MoeParams::forward_masked`]). Both paths run
+    /// on random inputs of each of [`PREFILL_PROBES`] tokens, alternating, best of two after a
+    /// warm-up; the masked path is taken from the smallest size at which it won, if it also won
+    /// at every larger one. Returns `(tokens, dispatch s, masked s)` per size. Both paths compute
+    /// the same function; call it once the policy and thresholds are final (the choice is a
+    /// speed, not a result). Routing counts are reset.
+    pub fn choose_prefill_path(&mut self) -> Vec<(usize, f64, f64)> {
+        self.masked = None;
+        let device = self.params.router.weight.device();
+        let Some(mut m) = Masked::new(&self.params, &device) else {
+            return Vec::new();
+        };
+        let h = self.hidden_size();
+        let mut timings = Vec::new();
+        for &n in PREFILL_PROBES {
+            let mut v: u64 = 0x9E3779B97F4A7C15 ^ n as u64;
+            let data: Vec<f32> = (0..n * h)
+                .map(|_| {
+                    v ^= v << 13;
+                    v ^= v >> 7;
+                    v ^= v << 17;
+                    (v >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect();
+            let x = Tensor::<2>::from_data(TensorData::new(data, [n, h]), &device);
+            let mut best = [f64::INFINITY; 2];
+            for round in 0..3 {
+                for (i, masked) in [false, true].into_iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    let d = if masked {
+                        self.params
+                            .forward_masked(&m, &self.combine, &self.policy, self.teal(), x.clone())
+                    } else {
+                        self.params
+                            .forward_sparse_with(&self.combine, &self.policy, self.teal(), None, x.clone())
+                    };
+                    if let Ok(d) = d {
+                        let _ = to_vec(d.out);
+                    }
+                    if round > 0 {
+                        best[i] = best[i].min(t.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            timings.push((n, best[0], best[1]));
+        }
+        m.from = timings
+            .iter()
+            .rev()
+            .take_while(|(_, d, masked)| masked < d)
+            .last()
+            .map_or(usize::MAX, |&(n, _, _)| n);
+        if m.from != usize::MAX {
+            self.masked = Some(m);
+        }
+        self.reset_stats();
+        timings
+    }
+
+    /// Set the prefill choice by hand: the dense-masked path from `from` tokens on (`None`: the
+    /// dispatch always), for tests and for a caller that measured elsewhere. Refused (`false`)
+    /// when an expert has a bias.
+    pub fn set_masked_from(&mut self, from: Option<usize>) -> bool {
+        self.masked = None;
+        let Some(from) = from else { return true };
+        let device = self.params.router.weight.device();
+        match Masked::new(&self.params, &device) {
+            Some(m) => {
+                self.masked = Some(Masked { from, ..m });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// From how many tokens on the dense-masked path runs (`None`: never;
+    /// [`MoeBlock::choose_prefill_path`]).
+    pub fn masked_from(&self) -> Option<usize> {
+        self.masked.as_ref().map(|m| m.from)
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -594,6 +847,9 @@ impl MoeBlock {
         }
         let d = if n <= FEW_TOKENS {
             self.forward_few(x)?
+        } else if let Some(m) = self.masked.as_ref().filter(|m| n >= m.from) {
+            self.params
+                .forward_masked(m, &self.combine, &self.policy, self.teal(), x)?
         } else {
             self.params
                 .forward_sparse_with(&self.combine, &self.policy, self.teal(), None, x)?
@@ -768,6 +1024,10 @@ impl FeedForward for MoeBlock {
 
     fn forward_host(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, FfnError>> {
         self.forward_kernel(x, n).map(|r| r.map_err(Into::into))
+    }
+
+    fn prepare_prefill(&mut self) {
+        self.choose_prefill_path();
     }
 
     fn prepare_host(&mut self, dtype: ladimo_kernel::Dtype) {

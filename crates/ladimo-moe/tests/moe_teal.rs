@@ -200,6 +200,86 @@ fn teal_inside_experts_equals_a_masked_host_loop_and_counts_each_weight_read() {
 }
 
 #[test]
+fn the_dense_masked_prefill_path_equals_the_dispatch_and_counts_the_same() {
+    let combines = [
+        COMBINE,
+        Combine {
+            weights: CombineWeights::Raw,
+            scale: 1.0,
+        },
+        Combine {
+            weights: CombineWeights::Unit,
+            scale: 0.5,
+        },
+    ];
+    for shared in [false, true] {
+        let w = weights(shared, 13);
+        let (x, xv) = tokens(9, 300);
+        let th = abs_quantile(&all_h(&w, &xv, 0.3), 0.4);
+        for teal in [None, Some(Sparsity::Teal { x: 0.3, h: th })] {
+            for combine in combines {
+                for policy in [
+                    Policy::TopK { k: 1 },
+                    Policy::TopK { k: 3 },
+                    Policy::TopP {
+                        p: 0.6,
+                        min_k: 1,
+                        max_k: 3,
+                    },
+                ] {
+                    let what = format!("shared {shared}, {teal:?}, {combine:?}, {policy:?}");
+                    let make = |masked: Option<usize>| {
+                        let mut b = MoeBlock::new(
+                            &w.router,
+                            Some(&w.bias),
+                            &w.experts,
+                            w.shared.as_ref(),
+                            combine,
+                            policy.clone(),
+                            &ladimo_backend::device(),
+                        )
+                        .unwrap();
+                        b.set_sparsity(teal.clone()).unwrap();
+                        assert!(b.set_masked_from(masked));
+                        b
+                    };
+                    let (dispatch, masked) = (make(None), make(Some(3)));
+                    assert_eq!(masked.masked_from(), Some(3));
+                    let want = to_vec(dispatch.forward_tokens(x.clone()).unwrap());
+                    let got = to_vec(masked.forward_tokens(x.clone()).unwrap());
+                    let e = rel_err(&got, &want);
+                    assert!(e <= 1e-5, "{what}: relative error {e}");
+                    let (a, b) = (dispatch.stats(), masked.stats());
+                    assert_eq!(a.load, b.load, "{what}");
+                    assert!(
+                        (a.routed_params - b.routed_params).abs() <= 1e-9 * a.routed_params,
+                        "{what}"
+                    );
+                    assert!(
+                        (a.threshold_saved - b.threshold_saved).abs() <= 1e-6 * a.routed_params,
+                        "{what}: saved {} vs {}",
+                        a.threshold_saved,
+                        b.threshold_saved
+                    );
+                    if teal.is_some() {
+                        assert!(b.threshold_saved > 0.0, "{what}");
+                    }
+                }
+            }
+        }
+    }
+    // Below its threshold the block keeps the dispatch; choosing by timing leaves the function alone.
+    let w = weights(true, 17);
+    let (x, _) = tokens(9, 301);
+    let mut b = block(&w, 2);
+    let want = to_vec(b.forward_tokens(x.clone()).unwrap());
+    let timings = b.choose_prefill_path();
+    assert_eq!(timings.len(), ladimo_moe::PREFILL_PROBES.len());
+    assert!(timings.iter().all(|&(_, d, m)| d > 0.0 && m > 0.0));
+    assert!(rel_err(&to_vec(b.forward_tokens(x).unwrap()), &want) <= 1e-5);
+}
+
+#[test]
 fn thresholds_of_zero_give_the_plain_block_bit_for_bit() {
     for shared in [false, true] {
         let w = weights(shared, 11);
