@@ -226,13 +226,11 @@ fn forward_moe(
     let t = Instant::now();
     moe.prepare_prefill();
     let masked: Vec<String> = (0..moe.layers.len())
-        .filter_map(|l| {
-            let from = ladimo_moe::checkpoint::moe_block_mut(&mut moe, l)?.masked_from()?;
-            Some(format!("{l} (from {from} tokens)"))
-        })
+        .filter(|&l| ladimo_moe::checkpoint::moe_block_mut(&mut moe, l).is_some_and(|b| b.masked_at(prompt_len)))
+        .map(|l| l.to_string())
         .collect();
     println!(
-        "prefill paths chosen by timing in {:.1} s; dense-masked in layers: {}",
+        "prefill paths chosen by timing in {:.1} s; dense-masked at {prompt_len} tokens in layers: {}",
         t.elapsed().as_secs_f64(),
         if masked.is_empty() {
             "none".into()
@@ -367,10 +365,7 @@ pub fn moe_on(
     };
     let mut moe = parts.block(combine, Policy::TopK { k }, device)?;
     moe.choose_prefill_path();
-    let path = match moe.masked_from() {
-        Some(from) if n_tok >= from => "masked",
-        _ => "dispatch",
-    };
+    let path = if moe.masked_at(n_tok) { "masked" } else { "dispatch" };
     let t_router = time_median(repeats, || {
         let p = moe.router_probs(x.clone()).expect("router");
         let _ = moe.route(&p);

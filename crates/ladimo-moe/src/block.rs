@@ -395,6 +395,33 @@ impl MoeParams {
     }
 }
 
+/// For which token counts a block takes the dense-masked path.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// From this many tokens on (set by hand).
+    From(usize),
+    /// Where its time, fitted as `a + b * tokens` through the timings at load, is below the
+    /// dispatch's: the dispatch pays per expert, the masked path per token, so the faster one can
+    /// change with the size either way.
+    Faster { dispatch: [f64; 2], masked: [f64; 2] },
+}
+
+impl When {
+    fn masked_at(&self, n: usize) -> bool {
+        let at = |[a, b]: [f64; 2]| a + b * n as f64;
+        match *self {
+            When::From(from) => n >= from,
+            When::Faster { dispatch, masked } => at(masked) < at(dispatch),
+        }
+    }
+}
+
+/// `[a, b]` of the line through two `(tokens, seconds)` points.
+fn line((n0, t0): (usize, f64), (n1, t1): (usize, f64)) -> [f64; 2] {
+    let b = (t1 - t0) / (n1 as f64 - n0 as f64);
+    [t0 - b * n0 as f64, b]
+}
+
 /// The routed experts merged into one FFN for [`MoeParams::forward_masked`].
 #[derive(Debug)]
 struct Masked {
@@ -404,8 +431,8 @@ struct Masked {
     /// The experts' size, when they all have the same (the common case: a broadcast instead of
     /// a gather in [`Masked::per_neuron`]).
     size: Option<usize>,
-    /// From this many tokens on, [`MoeBlock::forward_tokens`] takes the masked path (measured).
-    from: usize,
+    /// For which token counts [`MoeBlock::forward_tokens`] takes the masked path.
+    when: When,
 }
 
 impl Masked {
@@ -454,7 +481,7 @@ impl Masked {
             size: parts.iter().all(|f| f.intermediate_size() == first).then_some(first),
             ffn: DenseFfn::from_host(&gate, &up, &down, None, device),
             owner: Tensor::from_data(TensorData::new(owner, [inter]), device),
-            from: usize::MAX,
+            when: When::From(usize::MAX),
         })
     }
 }
@@ -634,10 +661,11 @@ impl MoeBlock {
     /// dispatch (tokens grouped per expert) or the dense-masked path (all experts merged into one
     /// FFN, unchosen experts' neurons weighted 0; [`MoeParams::forward_masked`]). Both paths run
     /// on random inputs of each of [`PREFILL_PROBES`] tokens, alternating, best of two after a
-    /// warm-up; the masked path is taken from the smallest size at which it won, if it also won
-    /// at every larger one. Returns `(tokens, dispatch s, masked s)` per size. Both paths compute
-    /// the same function; call it once the policy and thresholds are final (the choice is a
-    /// speed, not a result). Routing counts are reset.
+    /// warm-up; each path's time is fitted as a line in the token count through the smallest
+    /// and largest probe, and a call of `n` tokens takes the path whose line is lower at `n`.
+    /// Returns `(tokens, dispatch s, masked s)` per size. Both paths compute the same function;
+    /// call it once the policy and thresholds are final (the choice is a speed, not a result).
+    /// Routing counts are reset.
     pub fn choose_prefill_path(&mut self) -> Vec<(usize, f64, f64)> {
         self.masked = None;
         let device = self.params.router.weight.device();
@@ -678,13 +706,14 @@ impl MoeBlock {
             }
             timings.push((n, best[0], best[1]));
         }
-        m.from = timings
-            .iter()
-            .rev()
-            .take_while(|(_, d, masked)| masked < d)
-            .last()
-            .map_or(usize::MAX, |&(n, _, _)| n);
-        if m.from != usize::MAX {
+        let (first, last) = (timings[0], timings[timings.len() - 1]);
+        m.when = When::Faster {
+            dispatch: line((first.0, first.1), (last.0, last.1)),
+            masked: line((first.0, first.2), (last.0, last.2)),
+        };
+        // Keep the merged copy only if the masked path wins somewhere from the first probe on.
+        let wins_somewhere = timings.iter().any(|&(n, _, _)| m.when.masked_at(n)) || m.when.masked_at(1 << 20);
+        if wins_somewhere {
             self.masked = Some(m);
         }
         self.reset_stats();
@@ -700,17 +729,20 @@ impl MoeBlock {
         let device = self.params.router.weight.device();
         match Masked::new(&self.params, &device) {
             Some(m) => {
-                self.masked = Some(Masked { from, ..m });
+                self.masked = Some(Masked {
+                    when: When::From(from),
+                    ..m
+                });
                 true
             }
             None => false,
         }
     }
 
-    /// From how many tokens on the dense-masked path runs (`None`: never;
-    /// [`MoeBlock::choose_prefill_path`]).
-    pub fn masked_from(&self) -> Option<usize> {
-        self.masked.as_ref().map(|m| m.from)
+    /// Whether a call of `n` tokens (more than [`FEW_TOKENS`]) takes the dense-masked path
+    /// ([`MoeBlock::choose_prefill_path`]).
+    pub fn masked_at(&self, n: usize) -> bool {
+        n > FEW_TOKENS && self.masked.as_ref().is_some_and(|m| m.when.masked_at(n))
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -847,7 +879,7 @@ impl MoeBlock {
         }
         let d = if n <= FEW_TOKENS {
             self.forward_few(x)?
-        } else if let Some(m) = self.masked.as_ref().filter(|m| n >= m.from) {
+        } else if let Some(m) = self.masked.as_ref().filter(|m| m.when.masked_at(n)) {
             self.params
                 .forward_masked(m, &self.combine, &self.policy, self.teal(), x)?
         } else {
