@@ -60,6 +60,17 @@ fn threshold_x(x: Tensor<2>, tx: f32) -> (Tensor<2>, Vec<f32>) {
     (x.mask_fill(keep.bool_not(), 0.0), kept)
 }
 
+/// [`threshold_x`] by TEAL's `t_x` when `teal` is set, else `x` as it is (and no counts).
+fn teal_x(x: Tensor<2>, teal: Option<(f32, f32)>) -> (Tensor<2>, Option<Vec<f32>>) {
+    match teal {
+        Some((tx, _)) => {
+            let (x, kept) = threshold_x(x, tx);
+            (x, Some(kept))
+        }
+        None => (x, None),
+    }
+}
+
 /// An expert's activation on `x` (already thresholded), passed to `observe`, then with
 /// `h_j = 0` where `|h_j| < th`; and the number of entries kept (0 without `th`).
 fn expert_activation(f: &DenseFfn, x: Tensor<2>, th: Option<f32>, observe: Option<&Observe>) -> (Tensor<2>, f64) {
@@ -203,13 +214,7 @@ impl MoeParams {
             w => w,
         };
         // The router saw the unthresholded x; every expert that runs sees x'.
-        let (x, kept_x) = match teal {
-            Some((tx, _)) => {
-                let (x, kept) = threshold_x(x, tx);
-                (x, Some(kept))
-            }
-            None => (x, None),
-        };
+        let (x, kept_x) = teal_x(x, teal);
         let th = teal.map(|t| t.1);
         let (mut out, mut saved) = self.shared_forward(&x, th, kept_x.as_deref(), observe);
         let load: Vec<usize> = groups.iter().map(Vec::len).collect();
@@ -355,13 +360,7 @@ impl MoeParams {
         } else {
             w
         };
-        let (x, kept_x) = match teal {
-            Some((tx, _)) => {
-                let (x, kept) = threshold_x(x, tx);
-                (x, Some(kept))
-            }
-            None => (x, None),
-        };
+        let (x, kept_x) = teal_x(x, teal);
         let th = teal.map(|t| t.1);
         let (out, mut saved) = self.shared_forward(&x, th, kept_x.as_deref(), None);
         let mut a = m.ffn.activation(x);
