@@ -344,7 +344,7 @@ impl MoeParams {
                 mask[t * e + i] = 1.0;
             }
         }
-        let mask = Tensor::<2>::from_data(TensorData::new(mask.clone(), [n, e]), &device);
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, e]), &device);
         let w = match combine.weights {
             CombineWeights::Unit | CombineWeights::UnitStraightThrough => mask.clone(),
             CombineWeights::Raw => probs * mask.clone(),
@@ -373,14 +373,14 @@ impl MoeParams {
                 .sum();
             // teal_saved is linear in (tokens, kept_x, kept_h): sum it per expert without the
             // kept h, then take the kept h of all experts at once.
-            for (i, c) in (0..e).map(|i| (i, &self.experts[i])) {
-                let kx_i: f64 = chosen
-                    .iter()
-                    .zip(kx)
-                    .filter(|(c, _)| c.contains(&i))
-                    .map(|(_, &k)| k as f64)
-                    .sum();
-                saved += teal_saved(h, c.intermediate_size(), load[i], kx_i, 0.0);
+            let mut kx_e = vec![0f64; e];
+            for (c, &k) in chosen.iter().zip(kx) {
+                for &i in c {
+                    kx_e[i] += k as f64;
+                }
+            }
+            for (i, expert) in self.experts.iter().enumerate() {
+                saved += teal_saved(h, expert.intermediate_size(), load[i], kx_e[i], 0.0);
             }
             saved -= h as f64 * kept_h;
             a = a.mask_fill(keep.bool_not(), 0.0);
