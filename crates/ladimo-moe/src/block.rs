@@ -662,8 +662,9 @@ impl MoeBlock {
     /// on random inputs of each of [`PREFILL_PROBES`] tokens, alternating, best of two after a
     /// warm-up; each path's time is fitted as a line in the token count through the smallest
     /// and largest probe, and a call of `n` tokens takes the path whose line is lower at `n`.
-    /// Returns `(tokens, dispatch s, masked s)` per size. Both paths compute the same function;
-    /// call it once the policy and thresholds are final (the choice is a speed, not a result).
+    /// Returns `(tokens, dispatch s, masked s)` per size. Both paths compute the same function,
+    /// equal to float rounding (not bit for bit: a caller that must reproduce results exactly
+    /// should not let a timing choose). Call it once the policy and thresholds are final.
     /// Routing counts are reset.
     pub fn choose_prefill_path(&mut self) -> Vec<(usize, f64, f64)> {
         self.masked = None;
