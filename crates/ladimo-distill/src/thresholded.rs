@@ -210,14 +210,7 @@ pub fn train_thresholded_layer(
             lr,
         );
         params = next;
-        if !value.is_finite() {
-            return Err(DistillError::Invalid(format!(
-                "layer {layer}: loss became {value} at step {step}"
-            )));
-        }
-        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-            curve.push((step, value));
-        }
+        crate::train::note_step(layer, step, total, value, cfg.log_every, &mut curve)?;
         step += 1;
         progress(step, total, value);
     }

@@ -308,13 +308,7 @@ pub fn train_layer(
         };
         let (next, value) = train_step(params, &mut optim, cfg, policy, xb, yb, lr_at(cfg, step, total))?;
         params = next;
-        if !value.is_finite() {
-            return Err(DistillError::Invalid(format!(
-                "layer {layer}: loss became {value} at step {step}"
-            )));
-        }
-        if step % cfg.log_every.max(1) == 0 || step + 1 == total {
-            curve.push((step, value));
+        if note_step(layer, step, total, value, cfg.log_every, &mut curve)? {
             tracing::debug!(layer, step, loss = value, "train");
         }
         step += 1;
@@ -389,4 +383,26 @@ pub fn run_layers(
     }
     write_summary(out_dir, &reports)?;
     Ok(reports)
+}
+
+/// After one training step of layer `layer`: refuse a loss that is not finite, and keep every
+/// `log_every`-th step's loss (and the last one's) in `curve`. Returns whether it was kept.
+pub(crate) fn note_step(
+    layer: usize,
+    step: usize,
+    total: usize,
+    value: f64,
+    log_every: usize,
+    curve: &mut Vec<(usize, f64)>,
+) -> Result<bool, DistillError> {
+    if !value.is_finite() {
+        return Err(DistillError::Invalid(format!(
+            "layer {layer}: loss became {value} at step {step}"
+        )));
+    }
+    let keep = step % log_every.max(1) == 0 || step + 1 == total;
+    if keep {
+        curve.push((step, value));
+    }
+    Ok(keep)
 }

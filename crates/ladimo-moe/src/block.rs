@@ -711,8 +711,14 @@ impl MoeBlock {
             dispatch: line((first.0, first.1), (last.0, last.1)),
             masked: line((first.0, first.2), (last.0, last.2)),
         };
-        // Keep the merged copy only if the masked path wins somewhere from the first probe on.
-        let wins_somewhere = timings.iter().any(|&(n, _, _)| m.when.masked_at(n)) || m.when.masked_at(1 << 20);
+        // Keep the merged copy only if the masked path wins somewhere from the first probe on: at
+        // a probe, or beyond the last one (its line rises more slowly).
+        let wins_somewhere = match m.when {
+            When::Faster { dispatch, masked } => {
+                masked[1] < dispatch[1] || timings.iter().any(|&(n, _, _)| m.when.masked_at(n))
+            }
+            When::From(_) => true,
+        };
         if wins_somewhere {
             self.masked = Some(m);
         }
