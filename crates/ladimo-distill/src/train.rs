@@ -400,7 +400,7 @@ pub(crate) fn note_step(
             "layer {layer}: loss became {value} at step {step}"
         )));
     }
-    let keep = step % log_every.max(1) == 0 || step + 1 == total;
+    let keep = step.is_multiple_of(log_every.max(1)) || step + 1 == total;
     if keep {
         curve.push((step, value));
     }
