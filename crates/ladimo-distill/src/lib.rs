@@ -18,6 +18,8 @@
 //!   trained at once to match the teacher's next-token distribution (KL).
 //! - [`teacher_topk`]: the teacher's side of the polishes' KL, whole or from its top K next
 //!   tokens computed once (and kept in a run folder).
+//! - [`predictor`]: the predictor router: a low-rank map fitted in closed form to each expert's
+//!   log output norm on the teacher's FFN inputs.
 //! - [`thresholded`]: thresholds in the loop: each layer's dense FFN trained, in order on the
 //!   student's own hidden states, under the TEAL thresholds it will run with.
 //! - [`teal_polish`]: every layer's dense FFN trained at once under its TEAL thresholds to match
@@ -27,6 +29,7 @@ pub mod capture;
 mod error;
 pub mod finetune;
 pub mod partition;
+pub mod predictor;
 pub mod run_dir;
 pub mod sequential;
 mod stream;

@@ -222,7 +222,7 @@ pub fn train_step(
             1,
         )
         .detach();
-        let logp = burn::tensor::activation::log_softmax(params.router.forward(xd), 1);
+        let logp = burn::tensor::activation::log_softmax(params.router_logits(xd), 1);
         let ce = (target * logp).sum_dim(1).mean().neg();
         loss = loss + ce.mul_scalar(cfg.router_norm_weight);
     }

@@ -136,7 +136,12 @@ impl Default for Combine {
 /// The trainable parameters (a burn module, so an optimizer can update them).
 #[derive(Module, Debug)]
 pub struct MoeParams {
-    /// hidden -> number of experts.
+    /// A low-rank router's first map, hidden -> rank (no bias): with it the router scores
+    /// `router(predictor(x))` and `router` maps rank -> experts (a predictor fitted to the
+    /// experts' output norms, `ladimo_distill::predictor`). Two linear maps and no activation, so
+    /// their product is an ordinary router of full rank, exactly (what export formats get).
+    pub predictor: Option<Linear>,
+    /// hidden (or the predictor's rank) -> number of experts.
     pub router: Linear,
     pub experts: Vec<DenseFfn>,
     /// Always-on shared experts, merged into one FFN (their sum is one wider SwiGLU).
@@ -148,11 +153,19 @@ impl MoeParams {
         self.experts.len()
     }
 
+    /// The router's logits `[tokens, experts]` (through the predictor, when there is one).
+    pub fn router_logits(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.predictor {
+            Some(p) => self.router.forward(p.forward(x)),
+            None => self.router.forward(x),
+        }
+    }
+
     /// Router probabilities `[tokens, experts]` on the device (differentiable) and on the host,
     /// refusing non-finite logits.
     pub fn router_probs(&self, x: Tensor<2>) -> Result<(Tensor<2>, Vec<f32>), MoeError> {
         let n = x.dims()[0];
-        let probs = softmax(self.router.forward(x), 1);
+        let probs = softmax(self.router_logits(x), 1);
         let host = to_vec(probs.clone());
         let e = self.num_experts();
         let bad = host.chunks(e).filter(|p| p.iter().any(|v| !v.is_finite())).count();
@@ -532,11 +545,23 @@ pub struct MoeBlock {
     masked: Option<Masked>,
 }
 
+/// Refuse a predictor rank of 0 or above the hidden size (naming the setting).
+pub fn check_predictor_rank(rank: usize, hidden: usize) -> Result<(), MoeError> {
+    if rank == 0 || rank > hidden {
+        return Err(MoeError::Shape(format!(
+            "predictor rank {rank} must be between 1 and the hidden size {hidden}"
+        )));
+    }
+    Ok(())
+}
+
 /// An MoE block's weights for host-side decode: the router (f32) and every neuron of the shared
 /// and routed experts in one [`ladimo_kernel::FfnKernel`], each expert a contiguous block of
 /// neurons (so a chosen expert is one contiguous read of gate, up and down).
 #[derive(Debug)]
 struct MoeKernel {
+    /// The low-rank router's first map (rank x hidden), when there is one.
+    predictor: Option<ladimo_kernel::Matrix>,
     router: ladimo_kernel::Matrix,
     router_bias: Option<Vec<f32>>,
     ffn: ladimo_kernel::FfnKernel,
@@ -546,7 +571,12 @@ struct MoeKernel {
 
 impl MoeKernel {
     fn new(p: &MoeParams, dtype: ladimo_kernel::Dtype) -> Self {
-        let h = p.router.weight.dims()[0];
+        let [r, e] = p.router.weight.dims();
+        let predictor = p.predictor.as_ref().map(|q| {
+            let [h, r] = q.weight.dims();
+            ladimo_kernel::Matrix::transposed(r, h, &to_vec(q.weight.val()), ladimo_kernel::Dtype::F32)
+        });
+        let h = p.predictor.as_ref().map_or(r, |q| q.weight.dims()[0]);
         let (mut gate, mut up, mut down_t) = (Vec::new(), Vec::new(), Vec::new());
         let mut add = |f: &DenseFfn| {
             let inter = f.intermediate_size();
@@ -562,9 +592,9 @@ impl MoeKernel {
         let experts: Vec<_> = p.experts.iter().map(&mut add).collect();
         let inter = gate.len() / h;
         let down = ladimo_model::ffn_transpose(&down_t, inter, h);
-        let e = p.experts.len();
         Self {
-            router: ladimo_kernel::Matrix::transposed(e, h, &to_vec(p.router.weight.val()), ladimo_kernel::Dtype::F32),
+            predictor,
+            router: ladimo_kernel::Matrix::transposed(e, r, &to_vec(p.router.weight.val()), ladimo_kernel::Dtype::F32),
             router_bias: p.router.bias.as_ref().map(|b| to_vec(b.val())),
             ffn: ladimo_kernel::FfnKernel::new(
                 &gate,
@@ -623,6 +653,7 @@ impl MoeBlock {
             )));
         }
         let params = MoeParams {
+            predictor: None,
             router: Linear {
                 weight: Param::from_tensor(to_tensor(transpose_host(router), device)),
                 bias: router_bias.map(|b| Param::from_tensor(to_tensor(b.clone(), device))),
@@ -631,6 +662,54 @@ impl MoeBlock {
             shared: shared.map(|s| s.to_dense(device)),
         };
         Ok(Self::from_params(params, combine, policy))
+    }
+
+    /// This block with a low-rank router: `predictor` `[rank, hidden]` then `router`
+    /// `[num_experts, rank]` (PyTorch layouts) and its bias, replacing the router. A rank of 0 or
+    /// above the hidden size is refused (the second would cost more than a full router and
+    /// predict nothing more).
+    pub fn with_predictor(
+        mut self,
+        predictor: &HostTensor,
+        router: &HostTensor,
+        router_bias: Option<&HostTensor>,
+    ) -> Result<Self, MoeError> {
+        let (n, hidden) = (self.num_experts(), self.hidden_size());
+        let &[r, h] = predictor.shape.as_slice() else {
+            return Err(MoeError::Shape(format!(
+                "predictor is {:?}, not a matrix",
+                predictor.shape
+            )));
+        };
+        check_predictor_rank(r, hidden)?;
+        if h != hidden || router.shape != [n, r] {
+            return Err(MoeError::Shape(format!(
+                "predictor {:?} and router {:?} do not map hidden {hidden} to rank {r} to {n} experts",
+                predictor.shape, router.shape
+            )));
+        }
+        if let Some(b) = router_bias
+            && b.shape != [n]
+        {
+            return Err(MoeError::Shape(format!("router bias is {:?}, expected [{n}]", b.shape)));
+        }
+        let device = self.params.router.weight.device();
+        self.params.predictor = Some(Linear {
+            weight: Param::from_tensor(to_tensor(transpose_host(predictor), &device)),
+            bias: None,
+        });
+        self.params.router = Linear {
+            weight: Param::from_tensor(to_tensor(transpose_host(router), &device)),
+            bias: router_bias.map(|b| Param::from_tensor(to_tensor(b.clone(), &device))),
+        };
+        self.host = None;
+        self.masked = None;
+        Ok(self)
+    }
+
+    /// The predictor's rank, when the router is low-rank.
+    pub fn predictor_rank(&self) -> Option<usize> {
+        self.params.predictor.as_ref().map(|q| q.weight.dims()[1])
     }
 
     /// Wrap trained parameters (the policy must already be valid for them).
@@ -752,7 +831,8 @@ impl MoeBlock {
     }
 
     pub fn hidden_size(&self) -> usize {
-        self.params.router.weight.dims()[0]
+        let p = &self.params;
+        p.predictor.as_ref().unwrap_or(&p.router).weight.dims()[0]
     }
 
     /// Replace the routing policy (validated against the number of experts).
@@ -827,7 +907,8 @@ impl MoeBlock {
     }
 
     fn router_params(&self) -> usize {
-        self.params.router.num_params()
+        let p = &self.params;
+        p.router.num_params() + p.predictor.as_ref().map_or(0, |q| q.num_params())
     }
 
     fn shared_params(&self) -> usize {
@@ -983,7 +1064,14 @@ impl MoeBlock {
         let k = self.host.as_ref()?;
         let e = self.num_experts();
         let mut probs = vec![0f32; n * e];
-        k.router.matvec(x, n, &mut probs);
+        match &k.predictor {
+            Some(q) => {
+                let mut z = vec![0f32; n * q.rows];
+                q.matvec(x, n, &mut z);
+                k.router.matvec(&z, n, &mut probs);
+            }
+            None => k.router.matvec(x, n, &mut probs),
+        }
         let mut bad = 0;
         for row in probs.chunks_mut(e) {
             if let Some(b) = &k.router_bias {

@@ -90,27 +90,33 @@ fn moe_prefix(layer: usize) -> String {
 }
 
 /// Put a block's host weights into `tensors` under Mixtral's names below `p`:
-/// `{p}.gate.weight` (+ `.bias`), `{p}.experts.E.w1/w3/w2.weight` (gate, up, down) and
-/// `{p}.shared_experts.*`. The one tensor layout of an MoE block, in a checkpoint and in a block
+/// `{p}.gate.weight` (+ `.bias`, and a low-rank router's `{p}.gate_predictor.weight`),
+/// `{p}.experts.E.w1/w3/w2.weight` (gate, up, down) and `{p}.shared_experts.*`. The one tensor layout of an MoE block, in a checkpoint and in a block
 /// file ([`crate::block_file`]).
 pub(crate) fn put_block(tensors: &mut BTreeMap<String, HostTensor>, p: &str, w: BlockHostWeights) {
-    let (router, bias, experts, shared) = w;
-    tensors.insert(format!("{p}.gate.weight"), router);
-    if let Some(bias) = bias {
+    tensors.insert(format!("{p}.gate.weight"), w.router);
+    if let Some(bias) = w.router_bias {
         tensors.insert(format!("{p}.gate.bias"), bias);
+    }
+    if let Some(q) = w.predictor {
+        tensors.insert(format!("{p}.{PREDICTOR}"), q);
     }
     let mut put = |name: String, f: HostFfn| {
         tensors.insert(format!("{name}.w1.weight"), f.gate);
         tensors.insert(format!("{name}.w3.weight"), f.up);
         tensors.insert(format!("{name}.w2.weight"), f.down);
     };
-    for (e, f) in experts.into_iter().enumerate() {
+    for (e, f) in w.experts.into_iter().enumerate() {
         put(format!("{p}.experts.{e}"), f);
     }
-    if let Some(s) = shared {
+    if let Some(s) = w.shared {
         put(format!("{p}.shared_experts"), s);
     }
 }
+
+/// A low-rank router's first map (`[rank, hidden]`) below a block's prefix; its `gate.weight` is
+/// then `[experts, rank]`. Not a Mixtral name: a checkpoint with it is not Mixtral-exact.
+const PREDICTOR: &str = "gate_predictor.weight";
 
 /// The block below `p` that [`put_block`] laid out: `has` says whether a tensor is there, `load`
 /// reads it. The routed experts are `experts.0`, `experts.1`, ... up to the first one missing.
@@ -135,9 +141,14 @@ pub(crate) fn take_block<E>(
     } else {
         None
     };
-    let bias_name = format!("{p}.gate.bias");
-    let bias = if has(&bias_name) { Some(load(&bias_name)?) } else { None };
-    Ok((load(&format!("{p}.gate.weight"))?, bias, experts, shared))
+    let maybe = |name: String| if has(&name) { load(&name).map(Some) } else { Ok(None) };
+    Ok(BlockHostWeights {
+        router: load(&format!("{p}.gate.weight"))?,
+        router_bias: maybe(format!("{p}.gate.bias"))?,
+        predictor: maybe(format!("{p}.{PREDICTOR}"))?,
+        experts,
+        shared,
+    })
 }
 
 /// The block made of host weights `w` (as [`take_block`] reads them), on `device`.
@@ -147,16 +158,20 @@ pub(crate) fn build_block(
     policy: Policy,
     device: &Device,
 ) -> Result<MoeBlock, MoeError> {
-    let (router, bias, experts, shared) = w;
-    MoeBlock::new(
+    let router = w.full_router();
+    let block = MoeBlock::new(
         &router,
-        bias.as_ref(),
-        &experts,
-        shared.as_ref(),
+        w.router_bias.as_ref(),
+        &w.experts,
+        w.shared.as_ref(),
         combine,
         policy,
         device,
-    )
+    )?;
+    match &w.predictor {
+        Some(q) => block.with_predictor(q, &w.router, w.router_bias.as_ref()),
+        None => Ok(block),
+    }
 }
 
 /// A linear layer's weight on the host in PyTorch layout `[out, in]` (burn stores `[in, out]`).
@@ -166,8 +181,38 @@ pub fn linear_host_weight(l: &burn::nn::Linear) -> HostTensor {
     transpose_host(&HostTensor::new(vec![i, o], to_vec(w)))
 }
 
-/// The router (weight, bias), routed experts and shared experts of a block on the host.
-pub type BlockHostWeights = (HostTensor, Option<HostTensor>, Vec<HostFfn>, Option<HostFfn>);
+/// The router, routed experts and shared experts of a block on the host (PyTorch layouts).
+#[derive(Debug, Clone)]
+pub struct BlockHostWeights {
+    /// `[experts, hidden]`, or `[experts, rank]` behind a predictor.
+    pub router: HostTensor,
+    pub router_bias: Option<HostTensor>,
+    /// A low-rank router's first map, `[rank, hidden]`.
+    pub predictor: Option<HostTensor>,
+    pub experts: Vec<HostFfn>,
+    pub shared: Option<HostFfn>,
+}
+
+impl BlockHostWeights {
+    /// The router as one `[experts, hidden]` matrix: the low-rank product `router x predictor`
+    /// when there is a predictor (the same logits, what formats without a low-rank router get).
+    pub fn full_router(&self) -> HostTensor {
+        let Some(q) = &self.predictor else {
+            return self.router.clone();
+        };
+        let (e, r, h) = (self.router.shape[0], q.shape[0], q.shape[1]);
+        let mut w = vec![0f32; e * h];
+        for (i, row) in w.chunks_mut(h).enumerate() {
+            for k in 0..r {
+                let a = self.router.data[i * r + k];
+                row.iter_mut()
+                    .zip(&q.data[k * h..(k + 1) * h])
+                    .for_each(|(v, b)| *v += a * b);
+            }
+        }
+        HostTensor::new(vec![e, h], w)
+    }
+}
 
 /// The routed experts, shared experts and router of a block in PyTorch layout, with the combine
 /// scale folded into the down projections (the host form of what a checkpoint holds).
@@ -194,14 +239,17 @@ fn host_weights(block: &MoeBlock, expert_scale: f32) -> BlockHostWeights {
         }
     };
     let p = &block.params;
-    let bias = p.router.bias.as_ref().map(|b| {
-        let b = b.val();
-        HostTensor::new(b.dims().to_vec(), to_vec(b))
-    });
-    let experts = p.experts.iter().map(|e| ffn(e, expert_scale)).collect();
-    // Shared experts are not scaled by the combine rule.
-    let shared = p.shared.as_ref().map(|s| ffn(s, 1.0));
-    (weight(&p.router), bias, experts, shared)
+    BlockHostWeights {
+        router: weight(&p.router),
+        router_bias: p.router.bias.as_ref().map(|b| {
+            let b = b.val();
+            HostTensor::new(b.dims().to_vec(), to_vec(b))
+        }),
+        predictor: p.predictor.as_ref().map(weight),
+        experts: p.experts.iter().map(|e| ffn(e, expert_scale)).collect(),
+        // Shared experts are not scaled by the combine rule.
+        shared: p.shared.as_ref().map(|s| ffn(s, 1.0)),
+    }
 }
 
 /// Why a model with these blocks is not exactly a Mixtral, or `None` when it is.
@@ -230,6 +278,9 @@ fn why_not_mixtral(cfg: &ModelConfig, blocks: &[Option<&MoeBlock>]) -> Option<St
         }
         if b.params.router.bias.is_some() {
             return Some("the router has a bias (Mixtral's has none)".into());
+        }
+        if b.params.predictor.is_some() {
+            return Some("the router is low-rank (a predictor in front of it)".into());
         }
         if b.combine.weights != CombineWeights::Renormalized {
             return Some(format!(

@@ -10,6 +10,9 @@
 //! | `hf-remote` | transformers with `trust_remote_code` (`modeling_ladimo.py` in the folder) | everything: per-layer policies, top-p, confidence, Unit / Raw weights, router bias, dense and sparse (static, CATS, TEAL) layers |
 //! | `gguf` | llama.cpp: `llama` with `*_exps` tensors, or `granitemoe` with `*_shexp` | what `mixtral` / `granitemoe` carry; F16 or Q8_0 |
 //!
+//! A low-rank router (a predictor in front of it) goes to every format but `ladimo` as its
+//! product, one full router: the same logits exactly, with more parameters.
+//!
 //! No format carries TEAL thresholds inside MoE experts yet: a model with them is refused by
 //! every format, naming the layers (the thresholds stay in the policy file).
 //!
@@ -360,7 +363,8 @@ fn stock_plan(
 /// The routed experts, router and shared experts of an MoE block in PyTorch layout, with the
 /// combine scale and `factor` folded into the routed down projections.
 fn block_weights(b: &MoeBlock, factor: f32) -> (HostTensor, Vec<HostFfn>, Option<HostFfn>) {
-    let (router, _bias, mut experts, shared) = block_host_weights(b);
+    let w = block_host_weights(b);
+    let (router, mut experts, shared) = (w.full_router(), w.experts, w.shared);
     if factor != 1.0 {
         for e in &mut experts {
             e.down.data.iter_mut().for_each(|v| *v *= factor);
@@ -694,7 +698,8 @@ fn write_hf_remote(
                 specs.push(json!({"layer": l, "kind": "sparse", "sparsity": s}));
             }
             Layer::Moe(b) => {
-                let (router, bias, experts, shared) = block_host_weights(b);
+                let w = block_host_weights(b);
+                let (router, bias, experts, shared) = (w.full_router(), w.router_bias, w.experts, w.shared);
                 let sizes: Vec<usize> = experts.iter().map(|e| e.gate.shape[0]).collect();
                 let shared_size = shared.as_ref().map_or(0, |s| s.gate.shape[0]);
                 tensors.insert(format!("{p}.router.weight"), router);

@@ -30,7 +30,9 @@ mod policy;
 pub mod policy_file;
 pub mod sparsity;
 
-pub use block::{Combine, CombineWeights, FEW_TOKENS, MoeBlock, MoeParams, PREFILL_PROBES, RoutingStats};
+pub use block::{
+    Combine, CombineWeights, FEW_TOKENS, MoeBlock, MoeParams, PREFILL_PROBES, RoutingStats, check_predictor_rank,
+};
 pub use checkpoint::{
     CheckpointError, MoeSection, load_model, moe_block, moe_block_mut, save_moe_checkpoint, write_dense_checkpoint,
 };
