@@ -44,6 +44,12 @@ pub struct PredictorArgs {
     heldout_tokens: usize,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
+    /// Expert selection: `topk` (the same k for every token) and/or `share` (per token, the
+    /// fewest experts whose predicted share of the layer's output norm reaches p: top-p on the
+    /// predictor's softmax; each layer's p found by bisection on calibration text so that its mean
+    /// k is the top-k row's k).
+    #[arg(long, value_delimiter = ',', default_value = "topk")]
+    select: Vec<String>,
     /// Where the JSON goes.
     #[arg(long, default_value = "out/predictor.json")]
     out: PathBuf,
@@ -52,6 +58,8 @@ pub struct PredictorArgs {
 #[derive(serde::Serialize)]
 struct Row {
     method: String,
+    /// How experts are chosen per token (predictor rows).
+    select: String,
     budget: f64,
     experts: usize,
     rank: usize,
@@ -78,6 +86,12 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
     for &r in &a.ranks {
         ladimo_moe::check_predictor_rank(r, h).context("--ranks")?;
     }
+    for sel in &a.select {
+        anyhow::ensure!(
+            sel == "topk" || sel == "share",
+            "--select {sel}: expected topk or share"
+        );
+    }
     let data = ladimo_data::fetch_data()?;
     let mut cal_files = data.calibration_en.clone();
     cal_files.push(data.calibration_en_docs.clone());
@@ -97,6 +111,8 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
         .flat_map(|t| t.chunks(a.seq_len))
         .filter(|w| w.len() > 1)
         .collect();
+    // One window from the tail of each calibration file, for the share rows' p.
+    let p_text: Vec<u32> = part(a.seq_len, Part::Tail)?.concat();
     let held = data.heldout_sets(tok, a.heldout_tokens)?;
     let device = ladimo_backend::device();
     let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
@@ -135,6 +151,19 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
             .collect::<Result<Vec<_>, _>>()?;
         eprintln!("({:.0} s)", t.elapsed().as_secs_f64());
         drop(stats);
+        let curve: Vec<String> = [8, 16, 32, 64, 128, 256, 576]
+            .into_iter()
+            .filter(|&r| r <= e.min(h))
+            .map(|r| {
+                let fits = solved.iter().map(|s| s.at_rank(r)).collect::<Result<Vec<_>, _>>()?;
+                let ratio = fits.iter().map(|f| f.loss / f.constant_loss).sum::<f64>() / layers as f64;
+                Ok(format!("rank {r}: {ratio:.3}"))
+            })
+            .collect::<Result<_>>()?;
+        println!(
+            "{e} experts, fit loss / constant loss (mean over layers): {}",
+            curve.join(", ")
+        );
         let mut ranks: Vec<usize> = a.ranks.iter().map(|&r| r.min(e)).collect();
         ranks.dedup();
         for r in ranks {
@@ -174,33 +203,47 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
                         ))
                     })
                     .collect::<Result<_>>()?;
-                let mut ppl = Vec::new();
-                let mut share = Vec::new();
-                for (tag, ids) in &held {
-                    for l in &model.layers {
-                        l.ffn.reset_stats();
+                for sel in &a.select {
+                    let label = if sel == "share" {
+                        let ps = calibrate_share(&mut model, e, k, &p_text, a.seq_len)?;
+                        let mean = ps.iter().sum::<f32>() / ps.len() as f32;
+                        format!("predicted share p (mean {mean:.3}), mean k {k}")
+                    } else {
+                        for l in 0..layers {
+                            block_mut(&mut model, l).set_policy(Policy::TopK { k })?;
+                        }
+                        format!("top-{k}")
+                    };
+                    let mut ppl = Vec::new();
+                    let mut share = Vec::new();
+                    for (tag, ids) in &held {
+                        for l in &model.layers {
+                            l.ffn.reset_stats();
+                        }
+                        let p = ladimo_model::perplexity::perplexity(&model, ids, a.seq_len, |d, n| {
+                            eprint!("\r{e} experts, rank {r}, {label} ({budget}): {tag} {d}/{n}   ")
+                        })?;
+                        let c = model.param_counts();
+                        ppl.push((tag.clone(), p.perplexity));
+                        share.push(c.ffn_active / (ffn_params * layers as f64));
                     }
-                    let p = ladimo_model::perplexity::perplexity(&model, ids, a.seq_len, |d, n| {
-                        eprint!("\r{e} experts, rank {r}, top-{k} ({budget}): {tag} {d}/{n}   ")
-                    })?;
-                    let c = model.param_counts();
-                    ppl.push((tag.clone(), p.perplexity));
-                    share.push(c.ffn_active / (ffn_params * layers as f64));
+                    eprintln!();
+                    rows.push(Row {
+                        method: "predictor".into(),
+                        select: label,
+                        budget,
+                        experts: e,
+                        rank: r,
+                        k,
+                        fit_loss_ratio: ratio,
+                        ppl,
+                        ffn_share: share,
+                    });
                 }
                 for (l, o) in originals.into_iter().enumerate() {
                     model.layers[l].ffn = o;
                 }
                 eprintln!("({:.0} s)", t.elapsed().as_secs_f64());
-                rows.push(Row {
-                    method: "predictor".into(),
-                    budget,
-                    experts: e,
-                    rank: r,
-                    k,
-                    fit_loss_ratio: ratio,
-                    ppl,
-                    ffn_share: share,
-                });
             }
         }
     }
@@ -226,6 +269,7 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
             eprintln!("({:.0} s)", t.elapsed().as_secs_f64());
             rows.push(Row {
                 method: "TEAL".into(),
+                select: String::new(),
                 budget,
                 experts: inter,
                 rank: 0,
@@ -265,11 +309,11 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
             "TEAL".to_string()
         } else {
             format!(
-                "predictor, {} experts of {}, rank {}, top-{}",
+                "predictor, {} experts of {}, rank {}, {}",
                 r.experts,
                 inter / r.experts,
                 r.rank,
-                r.k
+                r.select
             )
         };
         let fit = if r.fit_loss_ratio.is_finite() {
@@ -290,4 +334,58 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
     ladimo_io::atomic::write_atomic(&a.out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("\nwrote {} ({:.0} s)", a.out.display(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Each layer's top-p on the predictor's softmax (the predicted share of the layer's output norm)
+/// such that its mean number of experts on `text` (calibration) is `k`: bisection, all layers at
+/// once (a layer's input moves a little with the p of the layers before it). Leaves the blocks on
+/// the found policies.
+fn calibrate_share(
+    model: &mut Transformer,
+    experts: usize,
+    k: usize,
+    text: &[u32],
+    seq_len: usize,
+) -> Result<Vec<f32>> {
+    let layers = model.layers.len();
+    let (mut lo, mut hi) = (vec![0f32; layers], vec![1f32; layers]);
+    let mut mid = vec![0.5f32; layers];
+    for step in 0..10 {
+        for l in 0..layers {
+            mid[l] = 0.5 * (lo[l] + hi[l]);
+            block_mut(model, l).set_policy(Policy::TopP {
+                p: mid[l],
+                min_k: 1,
+                max_k: experts,
+            })?;
+            model.layers[l].ffn.reset_stats();
+        }
+        ladimo_model::perplexity::perplexity(model, text, seq_len, |_, _| {})?;
+        for l in 0..layers {
+            let st = block_mut(model, l).stats();
+            let mean_k = st.load.iter().sum::<u64>() as f64 / st.tokens.max(1) as f64;
+            if mean_k > k as f64 {
+                hi[l] = mid[l]
+            } else {
+                lo[l] = mid[l]
+            }
+        }
+        eprint!("\rshare p for mean k {k}: step {}/10   ", step + 1);
+    }
+    for (l, &p) in lo.iter().enumerate() {
+        // The lower end keeps the mean k at or under k: the budget is not exceeded on calibration.
+        block_mut(model, l).set_policy(Policy::TopP {
+            p,
+            min_k: 1,
+            max_k: experts,
+        })?;
+        model.layers[l].ffn.reset_stats();
+    }
+    Ok(lo)
+}
+
+fn block_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
+    let ffn: &mut dyn std::any::Any = model.layers[layer].ffn.as_mut();
+    ffn.downcast_mut::<MoeBlock>()
+        .expect("the predictor rows install MoE blocks")
 }
