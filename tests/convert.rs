@@ -19,7 +19,7 @@ fn run(a: ConvertArgs) -> anyhow::Result<Report> {
 }
 
 fn ci_config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ci.toml")
+    ladimo_tests::manifest_dir().join("../configs/ci.toml")
 }
 
 fn args(out: &Path, set: &[&str]) -> ConvertArgs {

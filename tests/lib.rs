@@ -5,12 +5,22 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
+/// This package's folder (`tests/`) in the checkout being tested: `cargo test` sets
+/// `CARGO_MANIFEST_DIR` when it runs a test, and that wins over the path compiled in. A build cache
+/// shared by two checkouts of the same commit (a session's and CI's fresh clone) reuses test
+/// binaries compiled in the other one, whose compiled-in path may not exist here.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// `tests/fixtures/<name>`; `$LADIMO_FIXTURES/<name>` when that is set (test binaries run on
 /// another machine, by scripts/gpu_check.sh).
 pub fn fixture(name: &str) -> PathBuf {
     match std::env::var_os("LADIMO_FIXTURES") {
         Some(dir) => PathBuf::from(dir).join(name),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name),
+        None => manifest_dir().join("fixtures").join(name),
     }
 }
 

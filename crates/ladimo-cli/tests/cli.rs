@@ -10,8 +10,16 @@ fn ladimo(args: &[&str]) -> Output {
         .expect("run ladimo")
 }
 
+/// This crate's folder in the checkout being tested (`cargo test` sets `CARGO_MANIFEST_DIR` at run
+/// time; a shared build cache may hold a binary compiled in another checkout).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    manifest_dir()
         .join("../../tests/fixtures")
         .join(name)
         .to_string_lossy()

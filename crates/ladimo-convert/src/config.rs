@@ -364,7 +364,12 @@ mod tests {
     use super::*;
 
     fn configs() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+        // `cargo test` sets it at run time: the checkout being tested, even when a shared build
+        // cache holds this binary from another one.
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("../../configs")
     }
 
     #[test]

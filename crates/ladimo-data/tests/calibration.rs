@@ -2,12 +2,20 @@
 //! files alone: with every held-out file missing they are built all the same, and the training
 //! tokens mix both languages to their end.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use ladimo_data::{DataSet, Part, calibration_tokens, take_tokens};
 
+/// This crate's folder in the checkout being tested (`cargo test` sets `CARGO_MANIFEST_DIR` at run
+/// time; a shared build cache may hold a binary compiled in another checkout).
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn tokenizer() -> ladimo_io::Tokenizer {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama3");
+    let dir = manifest_dir().join("../../tests/fixtures/tiny-llama3");
     ladimo_io::Tokenizer::from_hf_dir(&dir).unwrap()
 }
 
