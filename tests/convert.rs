@@ -19,7 +19,7 @@ fn run(a: ConvertArgs) -> anyhow::Result<Report> {
 }
 
 fn ci_config() -> PathBuf {
-    ladimo_tests::manifest_dir().join("../configs/ci.toml")
+    ladimo_tests::repo_root().join("configs/ci.toml")
 }
 
 fn args(out: &Path, set: &[&str]) -> ConvertArgs {

@@ -106,7 +106,7 @@ fn script(name: &str, args: &[&str]) -> Option<serde_json::Value> {
             return None;
         }
     };
-    let path = ladimo_tests::manifest_dir().join("../scripts").join(name);
+    let path = ladimo_tests::repo_root().join("scripts").join(name);
     let out = Command::new(py)
         .arg(path)
         .args(args)

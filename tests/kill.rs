@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ladimo_convert::pause::{PAUSE_ENV, PAUSED_LINE};
 
 fn ci_config() -> PathBuf {
-    ladimo_tests::manifest_dir().join("../configs/ci.toml")
+    ladimo_tests::repo_root().join("configs/ci.toml")
 }
 
 /// `convert --config configs/ci.toml --out OUT` as a child process.

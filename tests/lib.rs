@@ -5,14 +5,20 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
-/// This package's folder (`tests/`) in the checkout being tested: `cargo test` sets
-/// `CARGO_MANIFEST_DIR` when it runs a test, and that wins over the path compiled in. A build cache
+/// The root of the checkout being tested. `cargo test` sets `CARGO_MANIFEST_DIR` (the running
+/// test's own package) when it runs a test, and that wins over the path compiled in: a build cache
 /// shared by two checkouts of the same commit (a session's and CI's fresh clone) reuses test
-/// binaries compiled in the other one, whose compiled-in path may not exist here.
-pub fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
+/// binaries compiled in the other one, whose compiled-in path may not exist here. The root is the
+/// first folder upwards that holds `Cargo.lock`.
+pub fn repo_root() -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    start
+        .ancestors()
+        .find(|d| d.join("Cargo.lock").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 /// `tests/fixtures/<name>`; `$LADIMO_FIXTURES/<name>` when that is set (test binaries run on
@@ -20,7 +26,7 @@ pub fn manifest_dir() -> PathBuf {
 pub fn fixture(name: &str) -> PathBuf {
     match std::env::var_os("LADIMO_FIXTURES") {
         Some(dir) => PathBuf::from(dir).join(name),
-        None => manifest_dir().join("fixtures").join(name),
+        None => repo_root().join("tests/fixtures").join(name),
     }
 }
 

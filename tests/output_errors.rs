@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn ci_config() -> PathBuf {
-    ladimo_tests::manifest_dir().join("../configs/ci.toml")
+    ladimo_tests::repo_root().join("configs/ci.toml")
 }
 
 /// A tmpfs mounted on a folder, unmounted on drop.
