@@ -88,28 +88,11 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
         a.seq_len
     );
     let tags: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
-    let head: String = tags
-        .iter()
-        .map(|t| format!(" {t} PPL (vs dense) | {t} FFN read |"))
-        .collect();
-    println!("| FFN budget | method |{head}");
-    println!("|---|---|{}", "---|---|".repeat(tags.len()));
-    let dense_cells: String = dense.iter().map(|d| format!(" {d:.3} | 100% |")).collect();
-    println!("| 100% | dense |{dense_cells}");
+    print_table_head(&[], &tags, &dense);
     for r in &rows {
-        let c: String = r
-            .langs
-            .iter()
-            .zip(&dense)
-            .map(|(l, d)| {
-                format!(
-                    " {:.3} ({:+.1}%) | {:.1}% |",
-                    l.ppl,
-                    100.0 * (l.ppl / d - 1.0),
-                    100.0 * l.ffn_share
-                )
-            })
-            .collect();
+        let ppl: Vec<f64> = r.langs.iter().map(|l| l.ppl).collect();
+        let share: Vec<f64> = r.langs.iter().map(|l| l.ffn_share).collect();
+        let c = table_cells(&ppl, &dense, &share);
         println!("| {:.1}% | {} |{c}", 100.0 * r.budget, r.method.name());
     }
     let json = serde_json::json!({
@@ -123,4 +106,31 @@ pub fn frontier(a: FrontierArgs) -> Result<()> {
     ladimo_io::atomic::write_atomic(&a.out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("\nwrote {} ({:.0} s)", a.out.display(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The markdown head of a frontier table: FFN budget, method, the `extra` columns, then per
+/// held-out set its PPL (against dense) and the FFN share read; and the dense row.
+pub(crate) fn print_table_head(extra: &[&str], tags: &[&str], dense: &[f64]) {
+    let extra_head: String = extra.iter().map(|e| format!(" {e} |")).collect();
+    let head: String = tags
+        .iter()
+        .map(|t| format!(" {t} PPL (vs dense) | {t} FFN read |"))
+        .collect();
+    println!("| FFN budget | method |{extra_head}{head}");
+    println!(
+        "|---|---|{}{}",
+        "---|".repeat(extra.len()),
+        "---|---|".repeat(tags.len())
+    );
+    let dense_cells: String = dense.iter().map(|d| format!(" {d:.3} | 100% |")).collect();
+    println!("| 100% | dense |{}{dense_cells}", " |".repeat(extra.len()));
+}
+
+/// One row's cells per held-out set: PPL (change against dense) and the FFN share read.
+pub(crate) fn table_cells(ppl: &[f64], dense: &[f64], share: &[f64]) -> String {
+    ppl.iter()
+        .zip(dense)
+        .zip(share)
+        .map(|((p, d), s)| format!(" {p:.3} ({:+.1}%) | {:.1}% |", 100.0 * (p / d - 1.0), 100.0 * s))
+        .collect()
 }

@@ -106,11 +106,7 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
             .collect()
     };
     let fit_text = part(a.fit_tokens_per_file, Part::Head)?;
-    let fit_windows: Vec<&[u32]> = fit_text
-        .iter()
-        .flat_map(|t| t.chunks(a.seq_len))
-        .filter(|w| w.len() > 1)
-        .collect();
+    let fit_windows = windows(&fit_text, a.seq_len);
     // One window from the tail of each calibration file, for the share rows' p.
     let p_text: Vec<u32> = part(a.seq_len, Part::Tail)?.concat();
     let held = data.heldout_sets(tok, a.heldout_tokens)?;
@@ -249,11 +245,7 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
     }
     if a.teal_tokens_per_file > 0 {
         let teal_text = part(a.teal_tokens_per_file, Part::Tail)?;
-        let windows: Vec<&[u32]> = teal_text
-            .iter()
-            .flat_map(|t| t.chunks(a.seq_len))
-            .filter(|w| w.len() > 1)
-            .collect();
+        let windows = windows(&teal_text, a.seq_len);
         for &budget in &a.budgets {
             let t = Instant::now();
             let r = baseline(
@@ -288,23 +280,11 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
         a.seq_len
     );
     let tags: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
-    let head: String = tags
-        .iter()
-        .map(|t| format!(" {t} PPL (vs dense) | {t} FFN read |"))
-        .collect();
-    println!("| FFN budget | method | fit loss / constant |{head}");
-    println!("|---|---|---|{}", "---|---|".repeat(tags.len()));
-    let dense_cells: String = dense_ppl.iter().map(|d| format!(" {d:.3} | 100% |")).collect();
-    println!("| 100% | dense | |{dense_cells}");
+    crate::frontier::print_table_head(&["fit loss / constant"], &tags, &dense_ppl);
     rows.sort_by(|x, y| y.budget.total_cmp(&x.budget));
     for r in &rows {
-        let c: String = r
-            .ppl
-            .iter()
-            .zip(&dense_ppl)
-            .zip(&r.ffn_share)
-            .map(|(((_, p), d), s)| format!(" {p:.3} ({:+.1}%) | {:.1}% |", 100.0 * (p / d - 1.0), 100.0 * s))
-            .collect();
+        let ppl: Vec<f64> = r.ppl.iter().map(|(_, p)| *p).collect();
+        let c = crate::frontier::table_cells(&ppl, &dense_ppl, &r.ffn_share);
         let name = if r.method == "TEAL" {
             "TEAL".to_string()
         } else {
@@ -388,4 +368,14 @@ fn block_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
     let ffn: &mut dyn std::any::Any = model.layers[layer].ffn.as_mut();
     ffn.downcast_mut::<MoeBlock>()
         .expect("the predictor rows install MoE blocks")
+}
+
+/// Each text cut into windows of `seq_len` tokens (a last window of one token is dropped: it
+/// predicts nothing).
+fn windows(texts: &[Vec<u32>], seq_len: usize) -> Vec<&[u32]> {
+    texts
+        .iter()
+        .flat_map(|t| t.chunks(seq_len))
+        .filter(|w| w.len() > 1)
+        .collect()
 }
