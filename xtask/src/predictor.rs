@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ladimo_convert::evaluate::baseline;
 use ladimo_data::{Part, take_tokens};
-use ladimo_distill::predictor::{ExpertCut, collect_stats};
+use ladimo_distill::predictor::{ExpertCut, PredictorFit, Solved, collect_stats};
 use ladimo_io::HostTensor;
 use ladimo_model::{FeedForward, Transformer};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy, SparsityMethod};
@@ -125,13 +125,17 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     for &e in &a.experts {
         let size = inter / e;
-        let cut = |l: usize| -> Vec<HostFfn> {
-            (0..e)
-                .map(|i| dense_ffns[l].select_neurons(&(i * size..(i + 1) * size).collect::<Vec<_>>()))
-                .collect()
-        };
+        // Each layer's FFN cut into `e` contiguous experts, once: the fit and every block use it.
+        let experts: Vec<Vec<HostFfn>> = dense_ffns
+            .iter()
+            .map(|f| {
+                (0..e)
+                    .map(|i| f.select_neurons(&(i * size..(i + 1) * size).collect::<Vec<_>>()))
+                    .collect()
+            })
+            .collect();
         let t = Instant::now();
-        let cuts = (0..layers).map(|l| ExpertCut::new(&cut(l), &device)).collect();
+        let cuts = experts.iter().map(|x| ExpertCut::new(x, &device)).collect();
         let stats = collect_stats(&mut model, cuts, &fit_windows, |d, n| {
             eprint!("\r{e} experts: statistics {d}/{n}   ")
         })?;
@@ -147,14 +151,11 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
             .collect::<Result<Vec<_>, _>>()?;
         eprintln!("({:.0} s)", t.elapsed().as_secs_f64());
         drop(stats);
-        let curve: Vec<String> = [8, 16, 32, 64, 128, 256, 576]
-            .into_iter()
-            .filter(|&r| r <= e.min(h))
-            .map(|r| {
-                let fits = solved.iter().map(|s| s.at_rank(r)).collect::<Result<Vec<_>, _>>()?;
-                let ratio = fits.iter().map(|f| f.loss / f.constant_loss).sum::<f64>() / layers as f64;
-                Ok(format!("rank {r}: {ratio:.3}"))
-            })
+        // The fit loss from powers of two up to full rank (one solve gives them all).
+        let full = e.min(h);
+        let curve_ranks = (3..).map(|p| 1usize << p).take_while(|&r| r < full).chain([full]);
+        let curve: Vec<String> = curve_ranks
+            .map(|r| Ok(format!("rank {r}: {:.3}", fit_loss_ratio(&fits_at(&solved, r)?))))
             .collect::<Result<_>>()?;
         println!(
             "{e} experts, fit loss / constant loss (mean over layers): {}",
@@ -163,8 +164,35 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
         let mut ranks: Vec<usize> = a.ranks.iter().map(|&r| r.min(e)).collect();
         ranks.dedup();
         for r in ranks {
-            let fits = solved.iter().map(|s| s.at_rank(r)).collect::<Result<Vec<_>, _>>()?;
-            let ratio = fits.iter().map(|f| f.loss / f.constant_loss).sum::<f64>() / layers as f64;
+            let fits = fits_at(&solved, r)?;
+            let ratio = fit_loss_ratio(&fits);
+            // One block per layer for this rank (the policy changes per budget, the weights do
+            // not), Unit weights: a chosen expert adds exactly its dense output.
+            let originals: Vec<Box<dyn FeedForward>> = (0..layers)
+                .map(|l| {
+                    let f = &fits[l];
+                    let mut b = MoeBlock::new(
+                        &HostTensor::new(vec![e, h], vec![0.0; e * h]),
+                        None,
+                        &experts[l],
+                        None,
+                        Combine {
+                            weights: CombineWeights::Unit,
+                            scale: 1.0,
+                        },
+                        Policy::TopK { k: e },
+                        &device,
+                    )?
+                    .with_predictor(&f.down, &f.up, Some(&f.bias))?;
+                    // The dense-masked path computes the same function; with small experts it is
+                    // the fast one for whole windows.
+                    b.set_masked_from(Some(1));
+                    Ok(std::mem::replace(
+                        &mut model.layers[l].ffn,
+                        Box::new(b) as Box<dyn FeedForward>,
+                    ))
+                })
+                .collect::<Result<_>>()?;
             let router = (r * (h + e) + e) as f64;
             for &budget in &a.budgets {
                 let k = ((budget * ffn_params - router) / (3 * h * size) as f64).floor();
@@ -174,31 +202,6 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
                 }
                 let k = (k as usize).min(e);
                 let t = Instant::now();
-                let originals: Vec<Box<dyn FeedForward>> = (0..layers)
-                    .map(|l| {
-                        let f = &fits[l];
-                        let mut b = MoeBlock::new(
-                            &HostTensor::new(vec![e, h], vec![0.0; e * h]),
-                            None,
-                            &cut(l),
-                            None,
-                            Combine {
-                                weights: CombineWeights::Unit,
-                                scale: 1.0,
-                            },
-                            Policy::TopK { k },
-                            &device,
-                        )?
-                        .with_predictor(&f.down, &f.up, Some(&f.bias))?;
-                        // The dense-masked path computes the same function; with small experts
-                        // it is the fast one for whole windows.
-                        b.set_masked_from(Some(1));
-                        Ok(std::mem::replace(
-                            &mut model.layers[l].ffn,
-                            Box::new(b) as Box<dyn FeedForward>,
-                        ))
-                    })
-                    .collect::<Result<_>>()?;
                 for sel in &a.select {
                     let label = if sel == "share" {
                         let ps = calibrate_share(&mut model, e, k, &p_text, a.seq_len)?;
@@ -236,10 +239,10 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
                         ffn_share: share,
                     });
                 }
-                for (l, o) in originals.into_iter().enumerate() {
-                    model.layers[l].ffn = o;
-                }
                 eprintln!("({:.0} s)", t.elapsed().as_secs_f64());
+            }
+            for (l, o) in originals.into_iter().enumerate() {
+                model.layers[l].ffn = o;
             }
         }
     }
@@ -314,6 +317,16 @@ pub fn predictor(a: PredictorArgs) -> Result<()> {
     ladimo_io::atomic::write_atomic(&a.out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("\nwrote {} ({:.0} s)", a.out.display(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Every layer's predictor at rank `r`.
+fn fits_at(solved: &[Solved], r: usize) -> Result<Vec<PredictorFit>> {
+    Ok(solved.iter().map(|s| s.at_rank(r)).collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The fit's loss over the constant predictor's, averaged over layers.
+fn fit_loss_ratio(fits: &[PredictorFit]) -> f64 {
+    fits.iter().map(|f| f.loss / f.constant_loss).sum::<f64>() / fits.len() as f64
 }
 
 /// Each layer's top-p on the predictor's softmax (the predicted share of the layer's output norm)
