@@ -12,12 +12,15 @@
 //!   CATS (gate always, up/down for kept neurons) or TEAL (gate/up stored input-major, so a zero
 //!   input entry skips one contiguous column; then down rows of kept neurons).
 //!
-//! - [`attend`]: one query head's attention over a host KV cache.
+//! - [`attend`]: one query head's attention over a host KV cache;
+//! - [`elementwise`]: for many tokens (prefill), SwiGLU's `silu(g) * u` and the policies'
+//!   thresholds in one pass each, on activations a tensor library computed the products of.
 //!
 //! The inner loops ([`simd`]) have AVX-512F, AVX2+FMA+F16C and scalar versions, chosen once at run
 //! time ([`Isa::get`]; `LADIMO_KERNEL_ISA=scalar|avx2|avx512` overrides it).
 
 mod attention;
+pub mod elementwise;
 mod ffn;
 mod isa;
 mod matrix;

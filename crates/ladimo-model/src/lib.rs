@@ -10,6 +10,7 @@
 //! is whatever [`burn::tensor::Device`] the caller passes.
 
 mod dtype;
+pub mod elementwise;
 mod ffn;
 pub mod generate;
 mod host;

@@ -37,6 +37,7 @@ use std::sync::Mutex;
 
 use burn::module::Module;
 use burn::tensor::Tensor;
+use ladimo_model::elementwise::{Cut, threshold};
 use ladimo_model::util::to_vec;
 use ladimo_model::{DenseFfn, FeedForward, FfnError, ModelError, Transformer};
 use serde::{Deserialize, Serialize};
@@ -221,23 +222,13 @@ impl SparseFfn {
         let (h, read) = match self.sparsity {
             Sparsity::Static { .. } => (self.ffn.activation(x), (3 * hidden * inter * n) as f64),
             Sparsity::Cats { gate: t } => {
-                let a = silu(self.ffn.gate_proj.forward(x.clone()));
-                let keep = a.clone().abs().greater_equal_elem(t);
-                let kept = count(keep.clone().float());
-                let h = (a * self.ffn.up_proj.forward(x)).mask_fill(keep.bool_not(), 0.0);
+                let (h, kept) = self.ffn.activation_cut(x, Cut::Gate(t));
                 (h, (hidden * inter * n) as f64 + 2.0 * hidden as f64 * kept)
             }
             Sparsity::Teal { x: tx, h: th } => {
-                let keep_x = x.clone().abs().greater_equal_elem(tx);
-                let kept_x = count(keep_x.clone().float());
-                let x = x.mask_fill(keep_x.bool_not(), 0.0);
-                let h = self.ffn.activation(x);
-                let keep_h = h.clone().abs().greater_equal_elem(th);
-                let kept_h = count(keep_h.clone().float());
-                (
-                    h.mask_fill(keep_h.bool_not(), 0.0),
-                    2.0 * inter as f64 * kept_x + hidden as f64 * kept_h,
-                )
+                let (x, kept_x) = threshold(x, tx);
+                let (h, kept_h) = self.ffn.activation_cut(x, Cut::H(th));
+                (h, 2.0 * inter as f64 * kept_x + hidden as f64 * kept_h)
             }
         };
         (self.ffn.down_proj.forward(h), read)
@@ -271,10 +262,6 @@ impl SparseFfn {
 
 fn silu<const D: usize>(g: Tensor<D>) -> Tensor<D> {
     g.clone() / g.neg().exp().add_scalar(1.0)
-}
-
-fn count<const D: usize>(mask: Tensor<D>) -> f64 {
-    to_vec(mask.sum())[0] as f64
 }
 
 /// The FFN restricted to neurons `keep` (gate/up rows and down columns).

@@ -294,3 +294,38 @@ fn budgets_no_method_can_meet_and_moe_layers_are_refused() {
         "{err}"
     );
 }
+
+/// `ladimo_model::elementwise` runs one host pass on the CPU device and tensor ops on an autodiff
+/// device (where a gradient must flow): both give the same `h` and the same kept counts, for every
+/// cut, on a real layer's activations.
+#[test]
+fn host_passes_equal_the_tensor_ops_they_replace() {
+    use ladimo_model::elementwise::{Cut, on_host, swiglu, threshold};
+    let (x, _) = ffn_input(7);
+    let device = x.device();
+    let ad = device.clone().autodiff();
+    assert!(on_host(&device), "the CPU test device runs the host passes");
+    assert!(!on_host(&ad), "an autodiff device keeps tensor ops");
+    let ffn = dense_ffn(&smol().model, 7).unwrap();
+    let g = ffn.gate_proj.forward(x.clone());
+    let u = ffn.up_proj.forward(x.clone());
+    let on = |t: &Tensor<2>, d| Tensor::<2>::from_data(t.to_data(), d);
+    for cut in [Cut::None, Cut::H(0.05), Cut::Gate(0.1)] {
+        let (h_host, k_host) = swiglu(g.clone(), u.clone(), cut);
+        let (h_ops, k_ops) = swiglu(on(&g, &ad), on(&u, &ad), cut);
+        let (a, b) = (to_vec(h_host), to_vec(h_ops));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        // A value within rounding of the cut may land on either side: allow a few.
+        let flips = a.iter().zip(&b).filter(|(p, q)| (*p == &0.0) != (*q == &0.0)).count();
+        assert!(flips <= 2, "{cut:?}: {flips} entries cut on one path only");
+        if flips == 0 {
+            assert!(worst <= 1e-5 * scale, "{cut:?}: worst {worst} of {scale}");
+        }
+        assert!((k_host - k_ops).abs() <= 2.0, "{cut:?}: kept {k_host} vs {k_ops}");
+    }
+    let (xa, ka) = threshold(x.clone(), 0.5);
+    let (xb, kb) = threshold(on(&x, &ad), 0.5);
+    assert_eq!(to_vec(xa), to_vec(xb));
+    assert_eq!(ka, kb);
+}
