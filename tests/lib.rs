@@ -225,3 +225,19 @@ impl GgufBuilder {
         b
     }
 }
+
+/// A host tensor of `shape` with values uniform in `[-scale, scale)`.
+pub fn random_host(rng: &mut impl rand::Rng, shape: Vec<usize>, scale: f32) -> ladimo_io::HostTensor {
+    let n = shape.iter().product();
+    ladimo_io::HostTensor::new(shape, (0..n).map(|_| rng.random_range(-scale..scale)).collect())
+}
+
+/// A random SwiGLU FFN in Hugging Face layout (gate/up `[inter, hidden]`, down `[hidden, inter]`),
+/// values in `[-0.5, 0.5)`: the tiny blocks of the MoE tests.
+pub fn random_ffn(rng: &mut impl rand::Rng, inter: usize, hidden: usize) -> ladimo_moe::HostFfn {
+    ladimo_moe::HostFfn {
+        gate: random_host(rng, vec![inter, hidden], 0.5),
+        up: random_host(rng, vec![inter, hidden], 0.5),
+        down: random_host(rng, vec![hidden, inter], 0.5),
+    }
+}

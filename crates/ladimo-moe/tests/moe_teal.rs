@@ -10,25 +10,12 @@ use ladimo_moe::export::{ExportOptions, Format, export};
 use ladimo_moe::policy_file::{LayerPolicy, PolicyFile, model_fingerprint};
 use ladimo_moe::sparsity::{Method, Sparsity, abs_quantile, calibrate, set_sparsity};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy, moe_block};
-use ladimo_tests::rel_err;
+use ladimo_tests::{random_ffn, random_host, rel_err};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const HIDDEN: usize = 16;
 const SIZES: [usize; 4] = [6, 8, 10, 12];
-
-fn random(rng: &mut StdRng, shape: Vec<usize>, scale: f32) -> HostTensor {
-    let n = shape.iter().product();
-    HostTensor::new(shape, (0..n).map(|_| rng.random_range(-scale..scale)).collect())
-}
-
-fn random_ffn(rng: &mut StdRng, inter: usize) -> HostFfn {
-    HostFfn {
-        gate: random(rng, vec![inter, HIDDEN], 0.5),
-        up: random(rng, vec![inter, HIDDEN], 0.5),
-        down: random(rng, vec![HIDDEN, inter], 0.5),
-    }
-}
 
 /// A tiny block's host weights: router `[4, 16]` with bias, experts of 6, 8, 10 and 12 neurons,
 /// optionally 5 shared neurons.
@@ -42,10 +29,10 @@ struct Weights {
 fn weights(shared: bool, seed: u64) -> Weights {
     let mut rng = StdRng::seed_from_u64(seed);
     Weights {
-        router: random(&mut rng, vec![SIZES.len(), HIDDEN], 1.0),
-        bias: random(&mut rng, vec![SIZES.len()], 0.2),
-        experts: SIZES.iter().map(|&f| random_ffn(&mut rng, f)).collect(),
-        shared: shared.then(|| random_ffn(&mut rng, 5)),
+        router: random_host(&mut rng, vec![SIZES.len(), HIDDEN], 1.0),
+        bias: random_host(&mut rng, vec![SIZES.len()], 0.2),
+        experts: SIZES.iter().map(|&f| random_ffn(&mut rng, f, HIDDEN)).collect(),
+        shared: shared.then(|| random_ffn(&mut rng, 5, HIDDEN)),
     }
 }
 
@@ -327,7 +314,7 @@ fn tiny_moe_ckpt() -> (Checkpoint, Transformer, Vec<u32>) {
         let experts: Vec<HostFfn> = (0..4)
             .map(|e| dense.select_neurons(&(first + e * size..first + (e + 1) * size).collect::<Vec<_>>()))
             .collect();
-        let router = random(&mut rng, vec![4, 64], 1.0);
+        let router = random_host(&mut rng, vec![4, 64], 1.0);
         model.layers[layer].ffn = Box::new(
             MoeBlock::new(
                 &router,

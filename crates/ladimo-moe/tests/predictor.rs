@@ -9,7 +9,7 @@ use ladimo_model::util::to_vec;
 use ladimo_model::{Dtype, FeedForward};
 use ladimo_moe::block_file::{load_block, save_block};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, Policy};
-use ladimo_tests::rel_err;
+use ladimo_tests::{random_ffn, random_host, rel_err};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -18,27 +18,14 @@ const EXPERTS: usize = 8;
 const SIZE: usize = 6;
 const RANK: usize = 5;
 
-fn random(rng: &mut StdRng, shape: Vec<usize>, scale: f32) -> HostTensor {
-    let n = shape.iter().product();
-    HostTensor::new(shape, (0..n).map(|_| rng.random_range(-scale..scale)).collect())
-}
-
-fn random_ffn(rng: &mut StdRng, inter: usize) -> HostFfn {
-    HostFfn {
-        gate: random(rng, vec![inter, HIDDEN], 0.5),
-        up: random(rng, vec![inter, HIDDEN], 0.5),
-        down: random(rng, vec![HIDDEN, inter], 0.5),
-    }
-}
-
 /// The low-rank block and the same block with `up x down` as its router.
 fn blocks(shared: bool, policy: Policy) -> (MoeBlock, MoeBlock) {
     let mut rng = StdRng::seed_from_u64(11);
-    let down = random(&mut rng, vec![RANK, HIDDEN], 1.0);
-    let up = random(&mut rng, vec![EXPERTS, RANK], 1.0);
-    let bias = random(&mut rng, vec![EXPERTS], 0.3);
-    let experts: Vec<HostFfn> = (0..EXPERTS).map(|_| random_ffn(&mut rng, SIZE)).collect();
-    let shared = shared.then(|| random_ffn(&mut rng, 4));
+    let down = random_host(&mut rng, vec![RANK, HIDDEN], 1.0);
+    let up = random_host(&mut rng, vec![EXPERTS, RANK], 1.0);
+    let bias = random_host(&mut rng, vec![EXPERTS], 0.3);
+    let experts: Vec<HostFfn> = (0..EXPERTS).map(|_| random_ffn(&mut rng, SIZE, HIDDEN)).collect();
+    let shared = shared.then(|| random_ffn(&mut rng, 4, HIDDEN));
     let mut full = vec![0f32; EXPERTS * HIDDEN];
     for i in 0..EXPERTS {
         for c in 0..HIDDEN {
@@ -147,8 +134,8 @@ fn the_predictor_counts_as_activated_and_survives_a_block_file() {
 fn a_predictor_rank_above_the_hidden_size_is_refused() {
     let (_, full) = blocks(false, Policy::TopK { k: 2 });
     let mut rng = StdRng::seed_from_u64(1);
-    let down = random(&mut rng, vec![HIDDEN + 1, HIDDEN], 1.0);
-    let up = random(&mut rng, vec![EXPERTS, HIDDEN + 1], 1.0);
+    let down = random_host(&mut rng, vec![HIDDEN + 1, HIDDEN], 1.0);
+    let up = random_host(&mut rng, vec![EXPERTS, HIDDEN + 1], 1.0);
     let err = full.with_predictor(&down, &up, None).unwrap_err().to_string();
     assert!(
         err.contains("predictor rank 17") && err.contains("hidden size 16"),
