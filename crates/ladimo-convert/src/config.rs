@@ -164,6 +164,29 @@ pub struct EvalConfig {
     /// Of those, the ones also scored on the zero-shot tasks (each costs about as long as the
     /// dense model's zero-shot scoring).
     pub baseline_tasks: Vec<ladimo_moe::SparsityMethod>,
+    /// The weights' type for the whole evaluation, as `ladimo ... --dtype`: f32 (kept as they
+    /// are), f16 or bf16 (rounded as they load: perplexity, tasks and baselines in 16 bits).
+    /// The speed rows always decode on the host kernels (ladimo-kernel) with weights stored in
+    /// this type. Left out of the step key when f32, so earlier results stay valid.
+    #[serde(with = "dtype_name", skip_serializing_if = "is_f32")]
+    pub dtype: ladimo_model::Dtype,
+}
+
+fn is_f32(d: &ladimo_model::Dtype) -> bool {
+    *d == ladimo_model::Dtype::F32
+}
+
+/// A [`ladimo_model::Dtype`] as its name (`f32`, `f16`, `bf16`) in the config file.
+mod dtype_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &ladimo_model::Dtype, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(d.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ladimo_model::Dtype, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for EvalConfig {
@@ -178,6 +201,7 @@ impl Default for EvalConfig {
             speed_repeats: 3,
             baselines: ladimo_moe::SparsityMethod::ALL.to_vec(),
             baseline_tasks: vec![ladimo_moe::SparsityMethod::Teal],
+            dtype: ladimo_model::Dtype::F32,
         }
     }
 }

@@ -96,13 +96,18 @@ pub fn score_task(
 }
 
 /// Where a dense model's task scores are kept between runs: `<cache>/eval/<digest>/<task>-<limit>.json`
-/// (a JSON array of one [`TaskResult`], the format `ladimo eval --out` writes). Dense scores
+/// (a JSON array of one [`TaskResult`], the format `ladimo eval --out` writes), with the weights
+/// rounded to `dtype` (`<task>-<limit>-f16.json`, ...; f32 keeps the plain name). Dense scores
 /// depend only on the weights, so every conversion of one checkpoint shares them.
-pub fn dense_cache_file(digest: &str, task: Task, limit: usize) -> PathBuf {
+pub fn dense_cache_file(digest: &str, dtype: ladimo_model::Dtype, task: Task, limit: usize) -> PathBuf {
+    let suffix = match dtype {
+        ladimo_model::Dtype::F32 => String::new(),
+        d => format!("-{}", d.name()),
+    };
     ladimo_io::fetch::cache_dir()
         .join("eval")
         .join(digest)
-        .join(format!("{}-{limit}.json", task.name()))
+        .join(format!("{}-{limit}{suffix}.json", task.name()))
 }
 
 /// Read a cached result written by `ladimo eval --out` or [`write_json`].

@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use ladimo_data::Task;
 use ladimo_io::Checkpoint;
-use ladimo_model::Transformer;
 use ladimo_model::perplexity::perplexity;
+use ladimo_model::{Dtype, Transformer};
 
 use crate::config::ConvertConfig;
 use crate::evaluate::{self, BaselineRow, TaskResult, write_json};
@@ -45,8 +45,8 @@ pub(crate) fn evaluate(
         times,
         |_| Ok(None),
         |ev, _| {
-            // The MoE model as a user loads it: from the exported folder.
-            let mut moe = ladimo_moe::checkpoint::load_model_from(&Checkpoint::open(fin)?, on.device)?;
+            // The MoE model as a user loads it: from the exported folder (weights in eval.dtype).
+            let mut moe = ladimo_moe::checkpoint::load_model_from(&open_as(fin, cfg.eval.dtype)?, on.device)?;
             // The checkpoint carries the routing; TEAL thresholds inside experts (stage 2 with
             // `teal_sparsities`) live in policy.toml only.
             for lp in &s2.solved.policies.layers {
@@ -67,7 +67,16 @@ fn measure(
     ev: &Path,
     on: &Compute,
 ) -> Result<Measured> {
-    let (dense, tok) = (&inputs.dense, inputs.tokenizer()?);
+    let dtype = cfg.eval.dtype;
+    // The dense model in eval.dtype (the one already loaded when that is f32).
+    let dense_rounded = match dtype {
+        Dtype::F32 => None,
+        d => Some(Transformer::from_checkpoint(
+            &open_as(&inputs.model_path, d)?,
+            on.device,
+        )?),
+    };
+    let (dense, tok) = (dense_rounded.as_ref().unwrap_or(&inputs.dense), inputs.tokenizer()?);
     let mut ppl = Vec::new();
     let mut held_ids = Vec::new();
     let mut first_ids = None;
@@ -143,7 +152,10 @@ fn measure(
             None => {
                 let m = match &mut base_model {
                     Some(m) => m,
-                    None => base_model.insert(Transformer::from_checkpoint(&inputs.ckpt, on.device)?),
+                    None => base_model.insert(Transformer::from_checkpoint(
+                        &open_as(&inputs.model_path, dtype)?,
+                        on.device,
+                    )?),
                 };
                 let pb = on.progress.start(1, &format!("4/4 eval: baseline {}", method.name()));
                 let score_tasks = |m: &Transformer| -> Result<Vec<evaluate::BaselineTask>> {
@@ -185,7 +197,7 @@ fn measure(
     let mut tasks = Vec::new();
     for (task, items) in &task_items {
         let task = *task;
-        let dense_file = evaluate::dense_cache_file(&inputs.digest, task, cfg.eval.task_limit);
+        let dense_file = evaluate::dense_cache_file(&inputs.digest, dtype, task, cfg.eval.task_limit);
         let moe_file = ev.join(format!("{}-{}.json", task.name(), cfg.eval.task_limit));
         let run = |m: &Transformer, file: &Path, who: &str| -> Result<TaskResult> {
             if let Some(r) = evaluate::read_cached(file).filter(|r| r.items == items.len()) {
@@ -207,17 +219,22 @@ fn measure(
         None => inputs.heldout_ids(&inputs.held_sets[0], cfg.eval.prefill_tokens, "eval.prefill_tokens")?,
     };
     let speed_ids = &speed_ids[..cfg.eval.prefill_tokens];
-    // Speed as `ladimo` loads the model: each block's prefill path chosen by timing it here. Only
-    // now: the two paths agree to rounding, not bit for bit, and a timing-dependent choice before
-    // the perplexities and tasks would make a resumed conversion's report differ in the last
-    // digits (tests/kill.rs).
+    // Speed as `ladimo --dtype` loads the models: each block's prefill path chosen by timing it
+    // here, and decode on the host kernels with weights stored in eval.dtype. Only now: the
+    // paths agree to rounding, not bit for bit, and a timing-dependent choice before the
+    // perplexities and tasks would make a resumed conversion's report differ in the last digits
+    // (tests/kill.rs). The dense model gets a copy of its own to build its host path on.
+    let mut dense_fast = Transformer::from_checkpoint(&open_as(&inputs.model_path, dtype)?, on.device)?;
+    dense_fast.prepare_host_decode(dtype)?;
+    let dense_fast = &dense_fast;
     let moe = {
         moe.prepare_prefill();
+        moe.prepare_host_decode(dtype)?;
         &*moe
     };
     let pb = on.progress.start(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
     let ((dp, dd), (mp, md)) = evaluate::speed_side_by_side(
-        dense,
+        dense_fast,
         moe,
         speed_ids,
         cfg.eval.decode_tokens,
@@ -244,6 +261,13 @@ fn measure(
         baselines,
         tasks,
     })
+}
+
+/// The checkpoint at `path` with its weights rounded to `dtype` as they are read.
+fn open_as(path: &Path, dtype: Dtype) -> Result<Checkpoint> {
+    let mut ckpt = Checkpoint::open(path).with_context(|| format!("{}: cannot open the model", path.display()))?;
+    ladimo_model::round_weights(&mut ckpt, dtype);
+    Ok(ckpt)
 }
 
 fn reset_stats(model: &Transformer) {

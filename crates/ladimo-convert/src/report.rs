@@ -288,7 +288,7 @@ pub fn markdown(r: &Report) -> String {
     );
     row(
         &mut s,
-        "decode tokens/s",
+        &format!("decode tokens/s (host kernels, {} weights)", r.config.eval.dtype.name()),
         r.dense.decode_tok_s,
         r.moe.decode_tok_s,
         &|x| format!("{x:.1}"),
