@@ -32,6 +32,10 @@ pub enum Bench {
         /// With --moe: replace every layer's policy by this one (TOML, e.g. `{type="TopK",k=6}`).
         #[arg(long, requires = "moe")]
         policy: Option<String>,
+        /// With --moe: both models' weights in this type (rounded as they load), decode on the
+        /// host kernels, as `ladimo --dtype` and convert's report (eval.dtype). Default: burn, f32.
+        #[arg(long, requires = "moe")]
+        dtype: Option<ladimo_model::Dtype>,
         /// Decode on the host kernels instead: burn dense f32, kernel dense, TEAL and experts of
         /// each --sizes at each --budgets, per --dtypes, beside llama.cpp (see xtask/src/decode.rs).
         #[arg(long, conflicts_with = "moe")]
@@ -85,6 +89,7 @@ pub fn run(b: Bench) -> Result<()> {
             python,
             moe,
             policy,
+            dtype,
             sparse,
             dtypes,
             budgets,
@@ -99,7 +104,7 @@ pub fn run(b: Bench) -> Result<()> {
                 sizes,
                 python,
             }),
-            Some(dir) => forward_moe(&dir, policy.as_deref(), prompt_len, decode_tokens, repeats),
+            Some(dir) => forward_moe(&dir, policy.as_deref(), dtype, prompt_len, decode_tokens, repeats),
             None => forward(prompt_len, decode_tokens, repeats, python),
         },
         Bench::Moe {
@@ -202,15 +207,23 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
 fn forward_moe(
     dir: &std::path::Path,
     policy: Option<&str>,
+    dtype: Option<ladimo_model::Dtype>,
     prompt_len: usize,
     decode: usize,
     repeats: usize,
 ) -> Result<()> {
     let device = ladimo_backend::device();
     let path = fetch::fetch_model(&fetch::SMOLLM2_135M)?;
-    let ckpt = Checkpoint::open(&path)?;
-    let dense = Transformer::from_checkpoint(&ckpt, &device)?;
-    let mut moe = ladimo_moe::checkpoint::load_model(dir, &device)?;
+    let open = |p: &std::path::Path| -> Result<Checkpoint> {
+        let mut c = Checkpoint::open(p)?;
+        if let Some(d) = dtype {
+            ladimo_model::round_weights(&mut c, d);
+        }
+        Ok(c)
+    };
+    let ckpt = open(&path)?;
+    let mut dense = Transformer::from_checkpoint(&ckpt, &device)?;
+    let mut moe = ladimo_moe::checkpoint::load_model_from(&open(dir)?, &device)?;
     if let Some(p) = policy {
         let p: ladimo_moe::Policy = toml::from_str::<toml::Value>(&format!("p = {p}"))
             .ok()
@@ -238,13 +251,25 @@ fn forward_moe(
             masked.join(", ")
         }
     );
+    if let Some(d) = dtype {
+        dense.prepare_host_decode(d)?;
+        moe.prepare_host_decode(d)?;
+    }
+    if let Some(d) = dtype {
+        dense.prepare_host_decode(d)?;
+        moe.prepare_host_decode(d)?;
+    }
     let ids = prompt_ids(prompt_len, ckpt.config.vocab_size);
     let ((dp, dd), (mp, md)) =
         ladimo_convert::evaluate::speed_side_by_side(&dense, &moe, &ids, decode, repeats, || {})?;
     println!(
-        "dense SmolLM2 vs {}, backend {}, prefill {prompt_len} tokens, decode {decode} tokens, median of {repeats}",
+        "dense SmolLM2 vs {}, backend {}, prefill {prompt_len} tokens, decode {decode} tokens ({}), median of {repeats}",
         dir.display(),
-        ladimo_backend::name()
+        ladimo_backend::name(),
+        match dtype {
+            Some(d) => format!("host kernels, {} weights", d.name()),
+            None => "burn, f32 weights".into(),
+        }
     );
     println!("{:<8} {:>14} {:>14}", "model", "prefill tok/s", "decode tok/s");
     println!("{:<8} {dp:>14.1} {dd:>14.1}", "dense");

@@ -229,7 +229,11 @@ impl ConvertConfig {
             .unwrap_or_else(|| "the built-in default config".into());
         let mut cfg: ConvertConfig =
             ConvertConfig::deserialize(value.clone()).with_context(|| format!("{name}: invalid config"))?;
-        let read = toml::Table::try_from(&cfg).context("serializing the config")?;
+        // The fields the config knows, read back from it; a field left out of the serialized form
+        // at its default value (eval.dtype = f32, kept out of step keys) is set away from it.
+        let mut probe = cfg.clone();
+        probe.eval.dtype = ladimo_model::Dtype::F16;
+        let read = toml::Table::try_from(&probe).context("serializing the config")?;
         let mut unknown = Vec::new();
         unknown_keys(&value, &read, "", &mut unknown);
         if !unknown.is_empty() {
@@ -424,6 +428,12 @@ mod tests {
         std::fs::write(&p, "[stage2]\nsensitivity_tokns = 512\n").unwrap();
         let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
         assert!(e.contains("c.toml") && e.contains("stage2.sensitivity_tokns"), "{e}");
+        // A field serialized only away from its default is still known, and its values checked.
+        std::fs::write(&p, "[eval]\ndtype = \"f32\"\n").unwrap();
+        ConvertConfig::load(Some(&p), &[]).unwrap();
+        std::fs::write(&p, "[eval]\ndtype = \"f8\"\n").unwrap();
+        let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
+        assert!(e.contains("f8"), "{e}");
         std::fs::write(&p, "[stage1.train]\nexperts = 8\nlearning_rate = 1\n").unwrap();
         let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
         assert!(e.contains("learning_rate"), "{e}");

@@ -43,8 +43,14 @@ pub const NOT_IN_KEY: &[(&str, &[&str])] = &[
     ("eval", &[]),
 ];
 
-/// The key of step `step` (a name in [`NOT_IN_KEY`]): a hash of `parts` and of `settings`
-/// serialized, less the fields [`NOT_IN_KEY`] lists for the step.
+/// The layout of the files the steps write, part of every key: a work folder written by a ladimo
+/// whose files were laid out otherwise is then made again instead of misread (a stage-1 folder
+/// from before the one MoE block format failed with "not an MoE block file"). Raise it when a
+/// step's files change.
+pub const FORMAT: &str = "ladimo work format 2";
+
+/// The key of step `step` (a name in [`NOT_IN_KEY`]): a hash of [`FORMAT`], `parts` and
+/// `settings` serialized, less the fields [`NOT_IN_KEY`] lists for the step.
 pub fn step_key(step: &str, parts: &[&[u8]], settings: &impl Serialize) -> Result<String> {
     let value = serde_json::to_value(settings).context("serializing a step's settings")?;
     key_of_value(step, parts, value)
@@ -64,7 +70,11 @@ pub fn key_of_value(step: &str, parts: &[&[u8]], mut value: serde_json::Value) -
         }
     }
     let settings = serde_json::to_vec(&value)?;
-    Ok(content_hash(parts.iter().copied().chain([settings.as_slice()])))
+    Ok(content_hash(
+        std::iter::once(FORMAT.as_bytes())
+            .chain(parts.iter().copied())
+            .chain([settings.as_slice()]),
+    ))
 }
 
 /// Token ids as bytes, for a key.
