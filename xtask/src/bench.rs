@@ -214,16 +214,10 @@ fn forward_moe(
 ) -> Result<()> {
     let device = ladimo_backend::device();
     let path = fetch::fetch_model(&fetch::SMOLLM2_135M)?;
-    let open = |p: &std::path::Path| -> Result<Checkpoint> {
-        let mut c = Checkpoint::open(p)?;
-        if let Some(d) = dtype {
-            ladimo_model::round_weights(&mut c, d);
-        }
-        Ok(c)
-    };
-    let ckpt = open(&path)?;
+    let ckpt = ladimo_model::open_rounded(&path, dtype.unwrap_or_default())?;
     let mut dense = Transformer::from_checkpoint(&ckpt, &device)?;
-    let mut moe = ladimo_moe::checkpoint::load_model_from(&open(dir)?, &device)?;
+    let mut moe =
+        ladimo_moe::checkpoint::load_model_from(&ladimo_model::open_rounded(dir, dtype.unwrap_or_default())?, &device)?;
     if let Some(p) = policy {
         let p: ladimo_moe::Policy = toml::from_str::<toml::Value>(&format!("p = {p}"))
             .ok()

@@ -234,8 +234,7 @@ pub fn run(a: Args) -> Result<()> {
     // Per dtype: the model (weights rounded as they load) and its variants.
     let mut models = Vec::new();
     for &dtype in &a.dtypes {
-        let mut ckpt = Checkpoint::open(&path)?;
-        ladimo_model::round_weights(&mut ckpt, dtype);
+        let ckpt = ladimo_model::open_rounded(&path, dtype)?;
         let mut model = Transformer::from_checkpoint(&ckpt, &device)?;
         let mut variants = vec![Variant::Dense];
         if dtype == Dtype::F32 {

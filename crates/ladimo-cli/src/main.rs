@@ -132,11 +132,7 @@ pub(crate) fn open(arg: &str) -> Result<Checkpoint> {
 /// [`open`], with the weights rounded to `dtype` as they are read (see `--dtype`).
 pub(crate) fn open_as(arg: &str, dtype: Option<ladimo_model::Dtype>) -> Result<Checkpoint> {
     let path = ladimo_convert::pipeline::resolve_model(arg)?;
-    let mut ckpt = Checkpoint::open(&path)?;
-    if let Some(d) = dtype {
-        ladimo_model::round_weights(&mut ckpt, d);
-    }
-    Ok(ckpt)
+    Ok(ladimo_model::open_rounded(&path, dtype.unwrap_or_default())?)
 }
 
 /// Load a dense or MoE checkpoint; `policy` (a policy file) overrides its MoE layers' policies;

@@ -167,13 +167,9 @@ pub struct EvalConfig {
     /// The weights' type for the whole evaluation, as `ladimo ... --dtype`: f32 (kept as they
     /// are), f16 or bf16 (rounded as they load: perplexity, tasks and baselines in 16 bits).
     /// The speed rows always decode on the host kernels (ladimo-kernel) with weights stored in
-    /// this type. Left out of the step key when f32, so earlier results stay valid.
-    #[serde(with = "dtype_name", skip_serializing_if = "is_f32")]
+    /// this type.
+    #[serde(with = "dtype_name")]
     pub dtype: ladimo_model::Dtype,
-}
-
-fn is_f32(d: &ladimo_model::Dtype) -> bool {
-    *d == ladimo_model::Dtype::F32
 }
 
 /// A [`ladimo_model::Dtype`] as its name (`f32`, `f16`, `bf16`) in the config file.
@@ -229,11 +225,7 @@ impl ConvertConfig {
             .unwrap_or_else(|| "the built-in default config".into());
         let mut cfg: ConvertConfig =
             ConvertConfig::deserialize(value.clone()).with_context(|| format!("{name}: invalid config"))?;
-        // The fields the config knows, read back from it; a field left out of the serialized form
-        // at its default value (eval.dtype = f32, kept out of step keys) is set away from it.
-        let mut probe = cfg.clone();
-        probe.eval.dtype = ladimo_model::Dtype::F16;
-        let read = toml::Table::try_from(&probe).context("serializing the config")?;
+        let read = toml::Table::try_from(&cfg).context("serializing the config")?;
         let mut unknown = Vec::new();
         unknown_keys(&value, &read, "", &mut unknown);
         if !unknown.is_empty() {
@@ -428,7 +420,7 @@ mod tests {
         std::fs::write(&p, "[stage2]\nsensitivity_tokns = 512\n").unwrap();
         let e = format!("{:#}", ConvertConfig::load(Some(&p), &[]).unwrap_err());
         assert!(e.contains("c.toml") && e.contains("stage2.sensitivity_tokns"), "{e}");
-        // A field serialized only away from its default is still known, and its values checked.
+        // The weights' type for the evaluation: a known name loads, another is refused by name.
         std::fs::write(&p, "[eval]\ndtype = \"f32\"\n").unwrap();
         ConvertConfig::load(Some(&p), &[]).unwrap();
         std::fs::write(&p, "[eval]\ndtype = \"f8\"\n").unwrap();

@@ -8,9 +8,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ladimo_data::Task;
-use ladimo_io::Checkpoint;
 use ladimo_model::perplexity::perplexity;
-use ladimo_model::{Dtype, Transformer};
+use ladimo_model::{Transformer, open_rounded};
 
 use crate::config::ConvertConfig;
 use crate::evaluate::{self, BaselineRow, TaskResult, write_json};
@@ -28,7 +27,7 @@ pub(crate) struct Measured {
     pub tasks: Vec<TaskRow>,
 }
 
-/// Evaluate the checkpoint in `fin` against `inputs.dense` (work/eval).
+/// Evaluate the checkpoint in `fin` against the dense model (work/eval).
 pub(crate) fn evaluate(
     cfg: &ConvertConfig,
     inputs: &Inputs,
@@ -46,7 +45,7 @@ pub(crate) fn evaluate(
         |_| Ok(None),
         |ev, _| {
             // The MoE model as a user loads it: from the exported folder (weights in eval.dtype).
-            let mut moe = ladimo_moe::checkpoint::load_model_from(&open_as(fin, cfg.eval.dtype)?, on.device)?;
+            let mut moe = ladimo_moe::checkpoint::load_model_from(&open_rounded(fin, cfg.eval.dtype)?, on.device)?;
             // The checkpoint carries the routing; TEAL thresholds inside experts (stage 2 with
             // `teal_sparsities`) live in policy.toml only.
             for lp in &s2.solved.policies.layers {
@@ -68,15 +67,10 @@ fn measure(
     on: &Compute,
 ) -> Result<Measured> {
     let dtype = cfg.eval.dtype;
-    // The dense model in eval.dtype (the one already loaded when that is f32).
-    let dense_rounded = match dtype {
-        Dtype::F32 => None,
-        d => Some(Transformer::from_checkpoint(
-            &open_as(&inputs.model_path, d)?,
-            on.device,
-        )?),
-    };
-    let (dense, tok) = (dense_rounded.as_ref().unwrap_or(&inputs.dense), inputs.tokenizer()?);
+    // The dense model in eval.dtype, a copy of the evaluation's own: its host decode path is
+    // built on it for the speed rows at the end.
+    let mut dense = Transformer::from_checkpoint(&open_rounded(&inputs.model_path, dtype)?, on.device)?;
+    let tok = inputs.tokenizer()?;
     let mut ppl = Vec::new();
     let mut held_ids = Vec::new();
     let mut first_ids = None;
@@ -90,7 +84,7 @@ fn measure(
                     ids.len().div_ceil(cfg.eval.seq_len) * 2,
                     &format!("4/4 eval: perplexity {}", set.tag),
                 );
-                let d = perplexity(dense, &ids, cfg.eval.seq_len, |i, _| pb.set_position(i))?;
+                let d = perplexity(&dense, &ids, cfg.eval.seq_len, |i, _| pb.set_position(i))?;
                 reset_stats(moe);
                 let m = perplexity(moe, &ids, cfg.eval.seq_len, |i, n| pb.set_position(n + i))?;
                 pb.finish();
@@ -138,7 +132,6 @@ fn measure(
         .filter(|w| w.len() > 1)
         .collect();
     let mut baselines = Vec::new();
-    let mut base_model = None;
     for &method in &cfg.eval.baselines {
         if let Err(e) = method.sparsity_for(budget) {
             tracing::warn!("baseline {}: skipped ({e})", method.name());
@@ -150,13 +143,8 @@ fn measure(
         let row = match cached.filter(|r| r.budget == budget && (!with_tasks || r.tasks.len() == task_items.len())) {
             Some(r) => r,
             None => {
-                let m = match &mut base_model {
-                    Some(m) => m,
-                    None => base_model.insert(Transformer::from_checkpoint(
-                        &open_as(&inputs.model_path, dtype)?,
-                        on.device,
-                    )?),
-                };
+                // The dense model itself: `baseline` gives its FFNs back dense on return.
+                let m = &mut dense;
                 let pb = on.progress.start(1, &format!("4/4 eval: baseline {}", method.name()));
                 let score_tasks = |m: &Transformer| -> Result<Vec<evaluate::BaselineTask>> {
                     let mut out = Vec::new();
@@ -192,7 +180,6 @@ fn measure(
         };
         baselines.push(row);
     }
-    drop(base_model);
 
     let mut tasks = Vec::new();
     for (task, items) in &task_items {
@@ -209,7 +196,7 @@ fn measure(
             write_json(file, &vec![r.clone()])?;
             Ok(r)
         };
-        let d = run(dense, &dense_file, "dense")?;
+        let d = run(&dense, &dense_file, "dense")?;
         let m = run(moe, &moe_file, "moe")?;
         tasks.push(TaskRow::new(task, d, m));
     }
@@ -223,10 +210,8 @@ fn measure(
     // here, and decode on the host kernels with weights stored in eval.dtype. Only now: the
     // paths agree to rounding, not bit for bit, and a timing-dependent choice before the
     // perplexities and tasks would make a resumed conversion's report differ in the last digits
-    // (tests/kill.rs). The dense model gets a copy of its own to build its host path on.
-    let mut dense_fast = Transformer::from_checkpoint(&open_as(&inputs.model_path, dtype)?, on.device)?;
-    dense_fast.prepare_host_decode(dtype)?;
-    let dense_fast = &dense_fast;
+    // (tests/kill.rs).
+    dense.prepare_host_decode(dtype)?;
     let moe = {
         moe.prepare_prefill();
         moe.prepare_host_decode(dtype)?;
@@ -234,7 +219,7 @@ fn measure(
     };
     let pb = on.progress.start(cfg.eval.speed_repeats, "4/4 eval: tokens/s");
     let ((dp, dd), (mp, md)) = evaluate::speed_side_by_side(
-        dense_fast,
+        &dense,
         moe,
         speed_ids,
         cfg.eval.decode_tokens,
@@ -261,13 +246,6 @@ fn measure(
         baselines,
         tasks,
     })
-}
-
-/// The checkpoint at `path` with its weights rounded to `dtype` as they are read.
-fn open_as(path: &Path, dtype: Dtype) -> Result<Checkpoint> {
-    let mut ckpt = Checkpoint::open(path).with_context(|| format!("{}: cannot open the model", path.display()))?;
-    ladimo_model::round_weights(&mut ckpt, dtype);
-    Ok(ckpt)
 }
 
 fn reset_stats(model: &Transformer) {

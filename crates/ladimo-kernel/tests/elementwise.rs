@@ -2,21 +2,11 @@
 //! each cut, thresholds, on every instruction set this CPU has and lengths that are not a
 //! multiple of any vector width or of the parallel chunk.
 
+mod common;
+use common::uniform;
+
 use ladimo_kernel::Isa;
 use ladimo_kernel::elementwise::{Cut, exp, swiglu, threshold};
-
-/// Deterministic values in [-a, a].
-fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-        })
-        .collect()
-}
 
 fn silu64(v: f32) -> f64 {
     let v = v as f64;

@@ -1,6 +1,9 @@
 //! The kernels against a plain f64 loop: every selection, expert sizes 1 to 64, 1, 2 and 7 tokens,
 //! every weight type, every instruction set this CPU has.
 
+mod common;
+use common::uniform;
+
 use std::ops::Range;
 
 use ladimo_kernel::simd::{axpy, axpy_rows, dot};
@@ -8,19 +11,6 @@ use ladimo_kernel::{Dtype, FfnKernel, Isa, Matrix, Selection, silu};
 
 const HIDDEN: usize = 96;
 const INTER: usize = 192;
-
-/// Deterministic values in [-a, a].
-fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-        })
-        .collect()
-}
 
 struct Weights {
     gate: Vec<f32>,

@@ -48,6 +48,14 @@ impl WeightSource for Empty {
     }
 }
 
+/// The checkpoint at `path` with its matrices rounded to `dtype` as they are read (`--dtype`,
+/// convert's `eval.dtype`, the benchmarks).
+pub fn open_rounded(path: impl AsRef<std::path::Path>, dtype: Dtype) -> ladimo_io::Result<Checkpoint> {
+    let mut ckpt = Checkpoint::open(path)?;
+    round_weights(&mut ckpt, dtype);
+    Ok(ckpt)
+}
+
 /// Make `ckpt` give its matrices rounded to `dtype` (nothing changes for f32).
 pub fn round_weights(ckpt: &mut Checkpoint, dtype: Dtype) {
     if dtype == Dtype::F32 {

@@ -21,7 +21,7 @@ mod rope;
 pub mod timing;
 pub mod util;
 
-pub use dtype::round_weights;
+pub use dtype::{open_rounded, round_weights};
 pub use ffn::{DenseFfn, FeedForward, FfnError, KernelFfn, ffn_kernel, transpose_vec as ffn_transpose};
 pub use host::{HostDecoder, HostKv};
 pub use ladimo_kernel::Dtype;

@@ -37,7 +37,7 @@ use std::sync::Mutex;
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use ladimo_model::elementwise::{Cut, threshold};
+use ladimo_model::elementwise::{Cut, silu, threshold};
 use ladimo_model::util::to_vec;
 use ladimo_model::{DenseFfn, FeedForward, FfnError, ModelError, Transformer};
 use serde::{Deserialize, Serialize};
@@ -258,10 +258,6 @@ impl SparseFfn {
     pub fn dense_params(&self) -> usize {
         3 * self.dense.hidden_size() * self.dense.intermediate_size()
     }
-}
-
-fn silu<const D: usize>(g: Tensor<D>) -> Tensor<D> {
-    g.clone() / g.neg().exp().add_scalar(1.0)
 }
 
 /// The FFN restricted to neurons `keep` (gate/up rows and down columns).
