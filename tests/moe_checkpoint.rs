@@ -358,6 +358,45 @@ fn profile_costs_are_exact_where_known_and_solver_meets_budgets() {
 }
 
 #[test]
+fn a_profile_without_latency_keeps_every_other_figure_and_refuses_a_latency_budget() {
+    let (dense, mut moe) = tiny_moe(true);
+    let timed = profile_model(&mut moe, &dense, &texts(), &small_cfg(), "tiny", |_, _, _| {}).unwrap();
+    let cfg = ProfileConfig {
+        latency_repeats: 0,
+        ..small_cfg()
+    };
+    let untimed = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
+    assert!(timed.latency_measured && !untimed.latency_measured);
+    assert!(timed.layers.iter().all(|l| l.dense_seconds_per_token > 0.0));
+    for (a, b) in timed.layers.iter().zip(&untimed.layers) {
+        assert_eq!(b.dense_seconds_per_token, 0.0);
+        for (ca, cb) in a.candidates.iter().zip(&b.candidates) {
+            assert_eq!(cb.seconds_per_token, 0.0);
+            let zero = |c: &ladimo_profile::CandidateCost| ladimo_profile::CandidateCost {
+                seconds_per_token: 0.0,
+                ..c.clone()
+            };
+            assert_eq!(zero(ca), *cb);
+        }
+    }
+    // Parameter budgets solve the same; a latency budget is refused with the reason.
+    let b = ffn_budget(0.75);
+    assert_eq!(
+        solve_profile(&timed, &b, Cost::RelMse).unwrap().policies,
+        solve_profile(&untimed, &b, Cost::RelMse).unwrap().policies
+    );
+    // (Generous: a tiny block's timing is mostly overhead, so a tight one may not fit.)
+    let lat = Budget {
+        kind: BudgetKind::Latency,
+        fraction: Some(100.0),
+        absolute: None,
+    };
+    assert!(solve_profile(&timed, &lat, Cost::RelMse).is_ok());
+    let err = solve_profile(&untimed, &lat, Cost::RelMse).unwrap_err().to_string();
+    assert!(err.contains("latency_repeats = 0"), "{err}");
+}
+
+#[test]
 fn profile_refuses_a_text_shorter_than_a_window() {
     let (dense, mut moe) = tiny_moe(false);
     let mut t = texts();

@@ -57,8 +57,13 @@ pub(crate) fn profile(
         .iter()
         .map(|(tag, ids)| [tag.as_bytes(), &ids_bytes(ids)].concat())
         .collect();
+    // Latencies are timed only for a latency budget (about 90 s of the default run otherwise);
+    // whether they were is part of the key, as the budget is not.
+    let timed = s2cfg.budget.kind == ladimo_profile::BudgetKind::Latency;
+    let latency: &[u8] = if timed { b"latency timed" } else { b"latency not timed" };
     let parts: Vec<&[u8]> = std::iter::once(s1.key.as_bytes())
         .chain(text_parts.iter().map(Vec::as_slice))
+        .chain([latency])
         .collect();
     let step = Step::new(
         work.join("stage2"),
@@ -73,6 +78,7 @@ pub(crate) fn profile(
             // The sensitivity is measured as a step of its own below.
             let pcfg = ProfileConfig {
                 sensitivity_k: Some(vec![]),
+                latency_repeats: if timed { s2cfg.profile.latency_repeats } else { 0 },
                 ..s2cfg.profile.clone()
             };
             let mut pb: Option<(String, Box<dyn Tracker + '_>)> = None;

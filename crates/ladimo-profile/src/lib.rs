@@ -101,7 +101,8 @@ pub struct CandidateCost {
     /// experts not read.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub threshold_saved: f64,
-    /// Measured time of the block per token (median of repeats; seconds).
+    /// Measured time of the block per token (median of repeats; seconds); 0 when the profile
+    /// measured no latency (`Profile::latency_measured`).
     pub seconds_per_token: f64,
 }
 
@@ -124,7 +125,8 @@ pub struct LayerProfile {
     pub expert_params: Vec<usize>,
     /// Router + shared-expert parameters (used by every token).
     pub fixed_params: usize,
-    /// The dense FFN this block replaces: parameters, and measured seconds per token.
+    /// The dense FFN this block replaces: parameters, and measured seconds per token (0 when the
+    /// profile measured no latency).
     pub dense_params: usize,
     pub dense_seconds_per_token: f64,
     /// Routing statistics per language tag, and over all tokens (`"all"`).
@@ -161,6 +163,15 @@ pub struct Profile {
     /// `ProfileConfig::sensitivity_k` is empty); see [`add_sensitivity`].
     #[serde(default)]
     pub sensitivity: Option<Sensitivity>,
+    /// Whether the candidates' and the dense FFNs' seconds per token were measured
+    /// (`ProfileConfig::latency_repeats` > 0); only a latency budget needs them. Profiles made
+    /// before this field always measured them.
+    #[serde(default = "measured")]
+    pub latency_measured: bool,
+}
+
+fn measured() -> bool {
+    true
 }
 
 /// What one probe policy on one layer does to the calibration perplexity when that layer alone

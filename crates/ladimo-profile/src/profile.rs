@@ -38,6 +38,8 @@ pub struct ProfileConfig {
     #[arg(long, value_delimiter = ',', default_values_t = ProfileConfig::default().tau_grid)]
     pub tau_grid: Vec<f32>,
     /// Tokens the latency of each policy is measured on, and repeats (median; one warm-up).
+    /// Repeats 0: no latency is measured (about 3 s per layer saved on SmolLM2); the profile then
+    /// serves parameter budgets only.
     #[arg(long, default_value_t = ProfileConfig::default().latency_tokens)]
     pub latency_tokens: usize,
     #[arg(long, default_value_t = ProfileConfig::default().latency_repeats)]
@@ -478,13 +480,18 @@ pub fn profile_model(
         let lat_n = cfg.latency_tokens.min(n_tok);
         let x_lat = Tensor::<2>::from_data(TensorData::new(d.x[..lat_n * h].to_vec(), [lat_n, h]), &device);
         let dense_ffn = &dense.layers[l].ffn;
-        let dense_s = ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
+        let timed = cfg.latency_repeats > 0;
+        let dense_s = if !timed {
+            0.0
+        } else {
+            ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
             let y = dense_ffn
                 .forward(x_lat.clone().reshape([1, lat_n, h]))
                 .map_err(|source| ModelError::Ffn { layer: l, source })?;
             let _ = to_vec(y.narrow(1, 0, 1));
             Ok(())
-        })?;
+            })?
+        };
         let fixed = block.fixed_params();
         let expert_params = block.expert_params().to_vec();
         let dense_params = dense_ffn.total_params();
@@ -502,11 +509,15 @@ pub fn profile_model(
             // their measured time does not credit what they save.
             b.set_sparsity(sparsity.clone())?;
             let b: &MoeBlock = b;
-            let secs = ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
-                let y = b.forward_tokens(x_lat.clone())?;
-                let _ = to_vec(y.narrow(0, 0, 1));
-                Ok(())
-            })?;
+            let secs = if !timed {
+                0.0
+            } else {
+                ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
+                    let y = b.forward_tokens(x_lat.clone())?;
+                    let _ = to_vec(y.narrow(0, 0, 1));
+                    Ok(())
+                })?
+            };
             let nt = n_tok as f64;
             costs.push(CandidateCost {
                 policy: policy.clone(),
@@ -596,6 +607,7 @@ pub fn profile_model(
         dense_ppl,
         uniform,
         sensitivity: None,
+        latency_measured: cfg.latency_repeats > 0,
     };
     if cfg.measures_sensitivity() {
         add_sensitivity(&mut profile, moe, dense, texts, cfg, &mut progress)?;

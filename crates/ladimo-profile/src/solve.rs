@@ -293,6 +293,14 @@ fn ppl_slope_fitted(profile: &Profile, cost: Cost) -> f64 {
 
 /// Pick one candidate per profiled layer minimising the summed `cost` within `budget`.
 pub fn solve_profile(profile: &Profile, budget: &Budget, cost: Cost) -> Result<Solved, ProfileError> {
+    if budget.kind == BudgetKind::Latency && !profile.latency_measured {
+        return Err(ProfileError::Invalid(
+            "a latency budget needs measured latencies, and this profile has none (it was made \
+             with latency_repeats = 0, which `convert` uses unless stage2.budget.of = \"latency\"); \
+             profile again with latency_repeats > 0"
+                .into(),
+        ));
+    }
     let weight = |c: &CandidateCost| match budget.kind {
         BudgetKind::FfnParams | BudgetKind::Params => c.active_params,
         BudgetKind::Latency => c.seconds_per_token,
