@@ -485,11 +485,11 @@ pub fn profile_model(
             0.0
         } else {
             ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
-            let y = dense_ffn
-                .forward(x_lat.clone().reshape([1, lat_n, h]))
-                .map_err(|source| ModelError::Ffn { layer: l, source })?;
-            let _ = to_vec(y.narrow(1, 0, 1));
-            Ok(())
+                let y = dense_ffn
+                    .forward(x_lat.clone().reshape([1, lat_n, h]))
+                    .map_err(|source| ModelError::Ffn { layer: l, source })?;
+                let _ = to_vec(y.narrow(1, 0, 1));
+                Ok(())
             })?
         };
         let fixed = block.fixed_params();
