@@ -15,6 +15,7 @@ use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Tensor, TensorData};
 use ladimo_distill::train::{TrainConfig, train_step};
 use ladimo_io::{Checkpoint, HostTensor};
+use ladimo_kernel::testdata::uniform;
 use ladimo_model::Transformer;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_moe::{Combine, CombineWeights, HostFfn, MoeBlock, MoeParams, Policy};
@@ -159,19 +160,6 @@ fn tiny_llama3_logits_agree_across_backends() {
 )]
 fn tiny_llama_linear_logits_agree_across_backends() {
     tiny_logits("tiny-llama-linear");
-}
-
-/// Deterministic uniform values in [-a, a].
-fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-        })
-        .collect()
 }
 
 const HIDDEN: usize = 64;

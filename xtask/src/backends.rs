@@ -14,7 +14,8 @@ use clap::Args;
 use ladimo_distill::train::{TrainConfig, train_step};
 use ladimo_io::{Checkpoint, fetch};
 
-use crate::bench::{MOE_HIDDEN, bench_ffn, bench_parts, forward_on, median, moe_on, prompt_ids, uniform};
+use crate::bench::{MOE_HIDDEN, bench_ffn, bench_parts, forward_on, median, moe_on, prompt_ids};
+use ladimo_kernel::testdata::uniform;
 
 #[derive(Args)]
 pub struct BackendsArgs {

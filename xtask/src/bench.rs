@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Subcommand;
 use ladimo_io::{Checkpoint, fetch};
+use ladimo_kernel::testdata::uniform;
 use ladimo_model::Transformer;
 use ladimo_model::util::to_vec;
 
@@ -249,10 +250,6 @@ fn forward_moe(
         dense.prepare_host_decode(d)?;
         moe.prepare_host_decode(d)?;
     }
-    if let Some(d) = dtype {
-        dense.prepare_host_decode(d)?;
-        moe.prepare_host_decode(d)?;
-    }
     let ids = prompt_ids(prompt_len, ckpt.config.vocab_size);
     let ((dp, dd), (mp, md)) =
         ladimo_convert::evaluate::speed_side_by_side(&dense, &moe, &ids, decode, repeats, || {})?;
@@ -270,19 +267,6 @@ fn forward_moe(
     println!("{:<8} {mp:>14.1} {md:>14.1}", "moe");
     println!("moe/dense: prefill {:.2}x, decode {:.2}x", mp / dp, md / dd);
     Ok(())
-}
-
-/// Deterministic uniform values in [-a, a].
-pub fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-        })
-        .collect()
 }
 
 /// The median seconds of `f` over `repeats` runs after a warm-up.

@@ -16,6 +16,8 @@
 //! - [`elementwise`]: for many tokens (prefill), SwiGLU's `silu(g) * u` and the policies'
 //!   thresholds in one pass each, on activations a tensor library computed the products of.
 //!
+//! [`testdata`] gives the deterministic inputs the workspace's tests and benchmarks share.
+//!
 //! The inner loops ([`simd`]) have AVX-512F, AVX2+FMA+F16C and scalar versions, chosen once at run
 //! time ([`Isa::get`]; `LADIMO_KERNEL_ISA=scalar|avx2|avx512` overrides it).
 
@@ -25,6 +27,7 @@ mod ffn;
 mod isa;
 mod matrix;
 pub mod simd;
+pub mod testdata;
 
 pub use attention::attend;
 pub use ffn::{FfnKernel, GateUpLayout, Selection};

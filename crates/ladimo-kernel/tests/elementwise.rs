@@ -2,8 +2,7 @@
 //! each cut, thresholds, on every instruction set this CPU has and lengths that are not a
 //! multiple of any vector width or of the parallel chunk.
 
-mod common;
-use common::uniform;
+use ladimo_kernel::testdata::uniform;
 
 use ladimo_kernel::Isa;
 use ladimo_kernel::elementwise::{Cut, exp, swiglu, threshold};

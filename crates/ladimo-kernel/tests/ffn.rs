@@ -1,8 +1,7 @@
 //! The kernels against a plain f64 loop: every selection, expert sizes 1 to 64, 1, 2 and 7 tokens,
 //! every weight type, every instruction set this CPU has.
 
-mod common;
-use common::uniform;
+use ladimo_kernel::testdata::uniform;
 
 use std::ops::Range;
 

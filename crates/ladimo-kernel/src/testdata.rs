@@ -1,6 +1,7 @@
-//! Helpers shared by this crate's tests.
+//! Deterministic inputs for the tests and benchmarks of this workspace (xorshift, so none of them
+//! needs a random-number crate, and the same seed gives the same values everywhere).
 
-/// Deterministic values in [-a, a] (xorshift, so no test needs a random-number crate).
+/// `n` values in [-a, a] from `seed`.
 pub fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
