@@ -38,8 +38,8 @@ pub struct ProfileConfig {
     #[arg(long, value_delimiter = ',', default_values_t = ProfileConfig::default().tau_grid)]
     pub tau_grid: Vec<f32>,
     /// Tokens the latency of each policy is measured on, and repeats (median; one warm-up).
-    /// Repeats 0: no latency is measured (about 3 s per layer saved on SmolLM2); the profile then
-    /// serves parameter budgets only.
+    /// Repeats 0: no latency is measured (on SmolLM2's default stage 1 the profile took 139 s
+    /// instead of 308 s); the profile then serves parameter budgets only.
     #[arg(long, default_value_t = ProfileConfig::default().latency_tokens)]
     pub latency_tokens: usize,
     #[arg(long, default_value_t = ProfileConfig::default().latency_repeats)]
@@ -480,18 +480,13 @@ pub fn profile_model(
         let lat_n = cfg.latency_tokens.min(n_tok);
         let x_lat = Tensor::<2>::from_data(TensorData::new(d.x[..lat_n * h].to_vec(), [lat_n, h]), &device);
         let dense_ffn = &dense.layers[l].ffn;
-        let timed = cfg.latency_repeats > 0;
-        let dense_s = if !timed {
-            0.0
-        } else {
-            ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
-                let y = dense_ffn
-                    .forward(x_lat.clone().reshape([1, lat_n, h]))
-                    .map_err(|source| ModelError::Ffn { layer: l, source })?;
-                let _ = to_vec(y.narrow(1, 0, 1));
-                Ok(())
-            })?
-        };
+        let dense_s = latency(cfg.latency_repeats, || {
+            let y = dense_ffn
+                .forward(x_lat.clone().reshape([1, lat_n, h]))
+                .map_err(|source| ModelError::Ffn { layer: l, source })?;
+            let _ = to_vec(y.narrow(1, 0, 1));
+            Ok(())
+        })?;
         let fixed = block.fixed_params();
         let expert_params = block.expert_params().to_vec();
         let dense_params = dense_ffn.total_params();
@@ -509,15 +504,11 @@ pub fn profile_model(
             // their measured time does not credit what they save.
             b.set_sparsity(sparsity.clone())?;
             let b: &MoeBlock = b;
-            let secs = if !timed {
-                0.0
-            } else {
-                ladimo_model::timing::median_seconds::<ProfileError>(cfg.latency_repeats, || {
-                    let y = b.forward_tokens(x_lat.clone())?;
-                    let _ = to_vec(y.narrow(0, 0, 1));
-                    Ok(())
-                })?
-            };
+            let secs = latency(cfg.latency_repeats, || {
+                let y = b.forward_tokens(x_lat.clone())?;
+                let _ = to_vec(y.narrow(0, 0, 1));
+                Ok(())
+            })?;
             let nt = n_tok as f64;
             costs.push(CandidateCost {
                 policy: policy.clone(),
@@ -613,6 +604,15 @@ pub fn profile_model(
         add_sensitivity(&mut profile, moe, dense, texts, cfg, &mut progress)?;
     }
     Ok(profile)
+}
+
+/// The median seconds of `f` over `repeats` runs after a warm-up; 0 when `repeats` is 0 (latency
+/// not measured, `Profile::latency_measured`).
+fn latency(repeats: usize, f: impl FnMut() -> Result<(), ProfileError>) -> Result<f64, ProfileError> {
+    if repeats == 0 {
+        return Ok(0.0);
+    }
+    ladimo_model::timing::median_seconds(repeats, f)
 }
 
 /// The sensitivity windows: whole windows of `seq_len`, one from each text in turn, until
