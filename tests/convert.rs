@@ -191,11 +191,19 @@ fn stage_2_teal_candidates_meet_a_budget_routing_alone_cannot() {
     // of the FFN; a quarter needs thresholds inside the experts.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny-teal");
-    let r = run(args(
-        &out,
-        &["stage2.teal_sparsities=[0.4, 0.7]", "stage2.budget.fraction=0.25"],
-    ))
-    .expect("convert");
+    // With the polish under the chosen policies and thresholds (stage2.polish).
+    let teal = ["stage2.teal_sparsities=[0.4, 0.7]", "stage2.budget.fraction=0.25"];
+    let polish = ["stage2.polish.epochs=1", "stage2.polish.lr=1e-3"];
+    let r = run(args(&out, &[&teal[..], &polish[..]].concat())).expect("convert");
+    let (before, after, kept) = r.stage2_polish_kl.expect("the polish under the policies ran");
+    assert_eq!(kept, after < before, "kept only when the KL fell: {before} -> {after}");
+    assert!(
+        r.times
+            .iter()
+            .any(|t| t.stage == "stage 2: polish under the policies" && !t.earlier)
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("The polish under these policies and thresholds"), "{md}");
     let policy = std::fs::read_to_string(out.join("policy.toml")).unwrap();
     assert!(policy.contains("Teal"), "{policy}");
     let split = r
@@ -224,4 +232,19 @@ fn stage_2_teal_candidates_meet_a_budget_routing_alone_cannot() {
     );
     let stock = std::fs::read_to_string(out.join("stock-export.txt")).unwrap();
     assert!(stock.contains("No export format carries TEAL thresholds"), "{stock}");
+    // Another polish setting polishes again from the same profile; without the polish the
+    // report has none.
+    let mut a = args(
+        &out,
+        &[&teal[..], &["stage2.polish.epochs=1", "stage2.polish.lr=3e-4"][..]].concat(),
+    );
+    a.force = true;
+    let again = run(a).expect("convert with another polish lr");
+    let earlier = |r: &Report, stage: &str| r.times.iter().any(|t| t.stage == stage && t.earlier);
+    assert!(earlier(&again, "stage 2: profile") && earlier(&again, "stage 2: layer sensitivity"));
+    assert!(!earlier(&again, "stage 2: polish under the policies"));
+    let mut a = args(&out, &teal);
+    a.force = true;
+    let off = run(a).expect("convert without the polish");
+    assert!(off.stage2_polish_kl.is_none() && earlier(&off, "stage 2: profile"));
 }

@@ -105,7 +105,10 @@ impl Default for Stage1Config {
             seq_len: 512,
             keep_capture: false,
             train: TrainConfig::default(),
-            finetune: FinetuneConfig::default(),
+            finetune: FinetuneConfig {
+                policies: [4, 3, 5].map(|k| Policy::TopK { k }).to_vec(),
+                ..FinetuneConfig::default()
+            },
         }
     }
 }
@@ -131,6 +134,11 @@ pub struct Stage2Config {
     /// (with renormalised combine weights that makes a Hugging Face Mixtral checkpoint). The
     /// budget is then only reported against.
     pub fixed_policy: Option<Policy>,
+    /// After solving: every block polished end to end (KL to the dense model, on stage 1's
+    /// calibration windows) under the policies and thresholds stage 2 chose
+    /// (`ladimo_distill::finetune::finetune_under`; `epochs = 0` skips it, `policies` must be
+    /// empty). The polished blocks replace the stage-1 ones only when the held-back KL fell.
+    pub polish: FinetuneConfig,
 }
 
 impl Default for Stage2Config {
@@ -140,6 +148,7 @@ impl Default for Stage2Config {
             budget: Budget::default(),
             cost: Cost::Sensitivity,
             fixed_policy: None,
+            polish: FinetuneConfig::default(),
         }
     }
 }
@@ -278,6 +287,15 @@ impl ConvertConfig {
             s1.finetune
                 .check(s1.train.experts, s1.tokens / s1.seq_len, s1.seq_len)
                 .map_err(|e| anyhow::anyhow!("stage1.finetune.{e}"))?;
+        }
+        let polish = &self.stage2.polish;
+        if polish.epochs > 0 {
+            polish
+                .check_run(s1.tokens / s1.seq_len, s1.seq_len)
+                .map_err(|e| anyhow::anyhow!("stage2.polish.{e}"))?;
+            if !polish.policies.is_empty() {
+                bail!("stage2.polish.policies: must be [] (the polish trains under the policies stage 2 chose)");
+            }
         }
         let p = &self.stage2.profile;
         if p.tokens < p.seq_len {

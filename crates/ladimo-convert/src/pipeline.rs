@@ -6,6 +6,8 @@
 //!               optionally polish every block end to end (stage1::polish, work/stage1-finetune)
 //!   -> stage 2: profile routers and candidate policies          (stage2::profile, work/stage2)
 //!               -> solve one policy per layer                                 (stage2::solve)
+//!               optionally polish every block under those policies (stage2::polish,
+//!               work/stage2-polish)
 //!   -> export: MoE checkpoint (Mixtral when exact) + policy.toml        (export, work/final)
 //!   -> evaluate dense vs MoE: held-out PPL, training-free baselines, zero-shot tasks, params,
 //!      tokens/s                                                      (measure, work/eval)
@@ -89,12 +91,14 @@ pub fn convert(cfg: &ConvertConfig, config_name: &str, paths: &Paths, on: &Compu
     // polished end to end; every later step loads the blocks from `s1.blocks`.
     let s1 = stage1::distil(cfg, &inputs, work, &mut times, on)?;
     let s1 = stage1::polish(cfg, &inputs, s1, work, &mut times, on)?;
-    let mut moe = stage1::load_model(&inputs, &s1, &cfg.stage1.train, on.device)?;
+    let mut moe = stage1::load_model(&inputs, &s1.blocks, &cfg.stage1.train, on.device)?;
 
     // Stage 2: profile the routers and every candidate policy (and the layers' sensitivity),
     // then solve for one policy per layer within the budget; the policies are applied to `moe`.
     let profiled = stage2::profile(cfg, &inputs, &s1, &mut moe, work, &mut times, on)?;
     let s2 = stage2::solve(cfg, profiled, &mut moe, work)?;
+    // Optionally, every block polished end to end under those policies and thresholds.
+    let s2 = stage2::polish(cfg, &inputs, &s1, s2, &mut moe, work, &mut times, on)?;
 
     // Export: the MoE checkpoint under the chosen policies, in work/final.
     let fin = work.join("final");
@@ -252,6 +256,7 @@ fn write_report(r: ReportInputs, fin: &Path) -> Result<Report> {
         data_sources: inputs.data_sources.clone(),
         stage1_val_rel_error: r.s1.layers.iter().map(|l| l.val_rel_error).collect(),
         stage1_polish_kl: r.s1.polish.as_ref().map(|p| (p.val_kl_init, p.val_kl)),
+        stage2_polish_kl: r.s2.polish.as_ref().map(|(p, kept)| (p.val_kl_init, p.val_kl, *kept)),
         solved: {
             let mut sv = solved_summary(&r.s2.solved);
             if let Some(p) = &cfg.stage2.fixed_policy {

@@ -38,6 +38,10 @@ pub struct Report {
     /// on held-back calibration windows, before and after.
     #[serde(default)]
     pub stage1_polish_kl: Option<(f64, f64)>,
+    /// The polish under the chosen policies (`stage2.polish`), when it ran: the held-back KL
+    /// before and after, and whether the polished blocks were kept (only when it fell).
+    #[serde(default)]
+    pub stage2_polish_kl: Option<(f64, f64, bool)>,
     pub solved: SolvedSummary,
     pub mixtral_exact: bool,
     pub why_not_mixtral: Option<String>,
@@ -352,6 +356,17 @@ pub fn markdown(r: &Report) -> String {
             100.0 * f.by_experts_not_read / f.dense_ffn_params,
             f.by_thresholds,
             100.0 * f.by_thresholds / f.dense_ffn_params
+        );
+    }
+    if let Some((before, after, kept)) = r.stage2_polish_kl {
+        let _ = writeln!(
+            s,
+            "The polish under these policies and thresholds took the KL from the dense model's next-token distribution (held-back calibration windows) from {before:.4} to {after:.4} nats per token; {}.\n",
+            if kept {
+                "the polished blocks are the ones exported"
+            } else {
+                "it did not fall, so the stage-1 blocks are exported"
+            }
         );
     }
     let _ = writeln!(s, "| layer | policy | stage-1 relative error |\n|---|---|---|");

@@ -179,10 +179,11 @@ pub(crate) fn polish(
     })
 }
 
-/// The dense model with every FFN replaced by its stage-1 block (under the training policy).
-pub(crate) fn load_model(inputs: &Inputs, s1: &Stage1, train: &TrainConfig, device: &Device) -> Result<Transformer> {
+/// The dense model with every FFN replaced by its block from `blocks` (a stage-1 or polish
+/// folder), under the training policy.
+pub(crate) fn load_model(inputs: &Inputs, blocks: &Path, train: &TrainConfig, device: &Device) -> Result<Transformer> {
     Ok(Transformer::from_checkpoint_with(&inputs.ckpt, device, |l| {
-        let b = load_layer_block(&s1.blocks, l, train.train_policy.clone(), device)
+        let b = load_layer_block(blocks, l, train.train_policy.clone(), device)
             .map_err(|e| ladimo_model::ModelError::Invalid(e.to_string()))?;
         Ok(Box::new(b))
     })?)

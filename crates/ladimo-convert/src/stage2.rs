@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use ladimo_data::{Part, take_tokens};
+use ladimo_distill::finetune::{FinetuneReport, finetune_under};
+use ladimo_distill::run_dir::finished_finetune;
 use ladimo_model::Transformer;
 use ladimo_profile::{Budget, Profile, ProfileConfig, Solved, profile_model, solve_profile};
 
@@ -33,6 +35,8 @@ pub(crate) struct Stage2 {
     pub texts: Vec<(String, Vec<u32>)>,
     pub profile: Profile,
     pub solved: Solved,
+    /// The polish under the chosen policies, when it ran, and whether its blocks were kept.
+    pub polish: Option<(FinetuneReport, bool)>,
 }
 
 /// Profile `moe` against the dense model into work/stage2/profile.json, then, as a step of its
@@ -160,6 +164,79 @@ pub(crate) fn solve(cfg: &ConvertConfig, p: Profiled, moe: &mut Transformer, wor
         texts: p.texts,
         profile: p.profile,
         solved,
+        polish: None,
+    })
+}
+
+/// When `stage2.polish.epochs > 0`: polish every block end to end under the policies (and TEAL
+/// thresholds) `s2` chose, on stage 1's calibration windows, into work/stage2-polish. The
+/// polished blocks replace those in `moe` (under the same policies) only when the held-back KL
+/// fell; the thresholds stay as solved.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn polish(
+    cfg: &ConvertConfig,
+    inputs: &Inputs,
+    s1: &Stage1,
+    s2: Stage2,
+    moe: &mut Transformer,
+    work: &Path,
+    times: &mut Vec<StageTime>,
+    on: &Compute,
+) -> Result<Stage2> {
+    let pcfg = &cfg.stage2.polish;
+    if pcfg.epochs == 0 {
+        return Ok(s2);
+    }
+    let under = &s2.solved.policies.layers;
+    let policy_text = toml::to_string(&s2.solved.policies).context("stage 2: the policy file")?;
+    let key = step_key("stage2-polish", &[s2.key.as_bytes(), policy_text.as_bytes()], pcfg)?;
+    let step = Step::new(work.join("stage2-polish"), "stage 2: polish under the policies", key);
+    let report = step.run(
+        times,
+        |dir| Ok(finished_finetune(dir)),
+        |dir, _| {
+            let label = "2/4 stage 2: polish";
+            let pb = on.progress.start(1, label);
+            let r = finetune_under(
+                &inputs.ckpt,
+                &inputs.dense,
+                &s1.blocks,
+                dir,
+                &inputs.calib,
+                cfg.stage1.seq_len,
+                pcfg,
+                under,
+                |step, total, kl| {
+                    pb.set_len(total);
+                    pb.set_position(step);
+                    pb.set_label(&format!("{label}, KL {kl:.3}"));
+                },
+            )?;
+            pb.finish();
+            Ok(r)
+        },
+    )?;
+    let kept = report.val_kl < report.val_kl_init;
+    tracing::info!(
+        "stage 2 polish: held-back KL {:.4} -> {:.4} nats/token in {:.0} s; {}",
+        report.val_kl_init,
+        report.val_kl,
+        report.seconds,
+        if kept {
+            "polished blocks kept"
+        } else {
+            "stage-1 blocks kept (the KL did not fall)"
+        }
+    );
+    if kept {
+        *moe = crate::stage1::load_model(inputs, &step.dir, &cfg.stage1.train, on.device)?;
+        let policy_path = work.join("stage2").join("policy.toml");
+        s2.solved.policies.apply(moe, &policy_path)?;
+    }
+    Ok(Stage2 {
+        key: step.key.clone(),
+        polish: Some((report, kept)),
+        ..s2
     })
 }
 

@@ -26,20 +26,23 @@ pub const NOT_IN_KEY: &[(&str, &[&str])] = &[
     // `keep_capture` only keeps a temporary; the polish is a step of its own.
     ("stage1", &["keep_capture", "finetune"]),
     ("polish", &[]),
-    // The solve is redone on every run (it takes milliseconds); the layer sensitivity is a step
-    // of its own, so that changing its settings keeps the profile.
+    // The solve is redone on every run (it takes milliseconds); the layer sensitivity and the
+    // polish under the chosen policies are steps of their own, so that changing their settings
+    // keeps the profile.
     (
         "profile",
         &[
             "budget",
             "cost",
             "fixed_policy",
+            "polish",
             "sensitivity_k",
             "sensitivity_tokens",
             "sensitivity_context",
         ],
     ),
-    ("sensitivity", &["budget", "cost", "fixed_policy"]),
+    ("sensitivity", &["budget", "cost", "fixed_policy", "polish"]),
+    ("stage2-polish", &[]),
     ("eval", &[]),
 ];
 

@@ -20,7 +20,9 @@
 //!
 //! Attention, norms and embeddings stay frozen; with `Unit` combine weights the router gets no
 //! gradient from this loss and keeps its layer-wise training, unless `train_router` turns on a
-//! straight-through estimator for it. Every 20th window is held back to
+//! straight-through estimator for it. [`finetune_under`] trains instead under fixed per-layer
+//! policies with TEAL thresholds inside the experts (stage 2's choice: the polish of the model
+//! that will run, zeroed entries passing no gradient). Every 20th window is held back to
 //! measure the KL before and after. The result is written like a stage-1 run (one
 //! `layerNNN.moe.safetensors` + `layerNNN.json` per layer, temporary names, then renamed) plus
 //! `finetune.json`, written last: a folder with `finetune.json` for the same settings is finished
@@ -38,7 +40,8 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use ladimo_io::Checkpoint;
 use ladimo_model::util::to_vec;
 use ladimo_model::{ModelError, Transformer};
-use ladimo_moe::{CombineWeights, MoeBlock, Policy, RoutingPolicy};
+use ladimo_moe::policy_file::LayerPolicy;
+use ladimo_moe::{CombineWeights, MoeBlock, Policy, RoutingPolicy, Sparsity};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -85,7 +88,7 @@ impl Default for FinetuneConfig {
         Self {
             epochs: 0,
             max_steps: 0,
-            policies: [4, 3, 5].map(|k| Policy::TopK { k }).to_vec(),
+            policies: Vec::new(),
             batch_windows: 2,
             lr: 3e-4,
             warmup_frac: 0.05,
@@ -153,6 +156,10 @@ pub struct FinetuneReport {
     /// otherwise, and in reports written before it existed).
     #[serde(default)]
     pub teacher_seconds: f64,
+    /// [`finetune_under`]: the per-layer policies (and thresholds) it trained under; empty for
+    /// [`finetune`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub under: Vec<LayerPolicy>,
 }
 
 /// Attention, norms and the final norm of `student` take no gradient: only the FFN blocks train
@@ -178,9 +185,14 @@ pub(crate) fn moe_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
     ffn.downcast_mut::<MoeBlock>().expect("every layer holds an MoE block")
 }
 
-fn set_policies(model: &mut Transformer, policies: &[Policy]) -> Result<(), DistillError> {
-    for (l, p) in policies.iter().enumerate() {
-        moe_mut(model, l).set_policy(p.clone())?;
+/// One layer's policy for a step: routing, and TEAL thresholds inside the experts (or none).
+type Turn = (Policy, Option<Sparsity>);
+
+fn set_policies(model: &mut Transformer, turn: &[Turn]) -> Result<(), DistillError> {
+    for (l, (p, s)) in turn.iter().enumerate() {
+        let block = moe_mut(model, l);
+        block.set_policy(p.clone())?;
+        block.set_sparsity(s.clone())?;
     }
     Ok(())
 }
@@ -197,10 +209,31 @@ pub fn finetune(
     tokens: &[u32],
     seq_len: usize,
     cfg: &FinetuneConfig,
+    progress: impl FnMut(usize, usize, f64),
+) -> Result<FinetuneReport, DistillError> {
+    finetune_under(ckpt, teacher, run_dir, out_dir, tokens, seq_len, cfg, &[], progress)
+}
+
+/// [`finetune`] under `under`: one routing policy and, optionally, TEAL thresholds per layer
+/// (a solved policy file's layers), in every step and in the held-back KL, instead of
+/// `cfg.policies` (which must then be empty). The thresholds are fixed: zeroed entries pass no
+/// gradient. Empty `under` is [`finetune`]. The saved blocks are as [`finetune`] saves them;
+/// the policies stay the caller's to apply.
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_under(
+    ckpt: &Checkpoint,
+    teacher: &Transformer,
+    run_dir: &Path,
+    out_dir: &Path,
+    tokens: &[u32],
+    seq_len: usize,
+    cfg: &FinetuneConfig,
+    under: &[LayerPolicy],
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<FinetuneReport, DistillError> {
     let start = Instant::now();
     let n_layers = ckpt.config.num_layers;
+    let fixed = under_turn(under, n_layers, cfg)?;
     if out_dir == run_dir {
         return Err(DistillError::Invalid(format!(
             "finetune would overwrite the stage-1 run {}: give another output folder",
@@ -229,6 +262,7 @@ pub fn finetune(
     let train: Vec<&[u32]> = train_idx.iter().map(|&i| windows[i]).collect();
     if let Some(r) = finished_finetune(out_dir)
         && r.config == *cfg
+        && r.under == under
         && r.seq_len == seq_len
         && (0..n_layers).all(|l| finished(out_dir, l).is_some())
     {
@@ -237,18 +271,24 @@ pub fn finetune(
     }
 
     // Per layer, the policies the steps take turns with.
-    let turns: Vec<Vec<Policy>> = if cfg.policies.is_empty() {
-        vec![reports.iter().map(|r| r.config.train_policy.clone()).collect()]
+    let turns: Vec<Vec<Turn>> = if let Some(turn) = fixed {
+        vec![turn]
+    } else if cfg.policies.is_empty() {
+        vec![reports.iter().map(|r| (r.config.train_policy.clone(), None)).collect()]
     } else {
-        cfg.policies.iter().map(|p| vec![p.clone(); n_layers]).collect()
+        cfg.policies.iter().map(|p| vec![(p.clone(), None); n_layers]).collect()
     };
     // A checkpoint of an interrupted polish with these settings, if any: training goes on from it.
-    let resume = load_resume(out_dir, cfg, seq_len, train.len());
+    let resume = load_resume(out_dir, cfg, under, seq_len, train.len());
     let src = resume.as_ref().map_or(run_dir.to_path_buf(), |(dir, _)| dir.clone());
     // The student: the teacher's attention, norms and embeddings (frozen) with the blocks.
     let ad = teacher.device.clone().autodiff();
     let mut student = Transformer::from_checkpoint_with(ckpt, &ad, |l| {
-        let block = load_layer_block(&src, l, turns[0][l].clone(), &ad)
+        let (policy, sparsity) = &turns[0][l];
+        let mut block = load_layer_block(&src, l, policy.clone(), &ad)
+            .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
+        block
+            .set_sparsity(sparsity.clone())
             .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
         Ok(Box::new(block))
     })?;
@@ -268,11 +308,12 @@ pub fn finetune(
     let val_kl = |student: &mut Transformer| -> Result<f64, DistillError> {
         let plain = Transformer::from_checkpoint_with(ckpt, &teacher.device, |l| {
             let b = moe_mut(student, l);
-            Ok(Box::new(MoeBlock::from_params(
-                b.params.valid(),
-                b.combine,
-                turns[0][l].clone(),
-            )))
+            let (policy, sparsity) = &turns[0][l];
+            let mut plain = MoeBlock::from_params(b.params.valid(), b.combine, policy.clone());
+            plain
+                .set_sparsity(sparsity.clone())
+                .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
+            Ok(Box::new(plain))
         })?;
         let mut sum = 0.0;
         for w in &val {
@@ -320,6 +361,7 @@ pub fn finetune(
                 .collect();
             let state = ResumeState {
                 config: cfg.clone(),
+                under: under.to_vec(),
                 seq_len,
                 train_windows: train.len(),
                 step: 0,
@@ -431,6 +473,7 @@ pub fn finetune(
     for (l, report) in reports.iter().enumerate() {
         let block = moe_mut(&mut student, l);
         block.set_policy(report.config.train_policy.clone())?;
+        block.set_sparsity(None)?;
         block.combine = report.config.combine;
         save_layer(out_dir, block, report)?;
     }
@@ -445,6 +488,7 @@ pub fn finetune(
         val_kl: val_kl_after,
         seconds: earlier + start.elapsed().as_secs_f64(),
         teacher_seconds,
+        under: under.to_vec(),
     };
     let p = report_file(out_dir);
     ladimo_io::atomic::write_atomic(&p, &serde_json::to_vec_pretty(&report).unwrap())?;
@@ -454,4 +498,32 @@ pub fn finetune(
         }
     }
     Ok(report)
+}
+
+/// `under` as one turn of per-layer policies (`None` when empty); refused when it does not give
+/// every layer a routing policy or when `cfg.policies` would compete with it.
+fn under_turn(under: &[LayerPolicy], n_layers: usize, cfg: &FinetuneConfig) -> Result<Option<Vec<Turn>>, DistillError> {
+    if under.is_empty() {
+        return Ok(None);
+    }
+    if !cfg.policies.is_empty() {
+        return Err(DistillError::Invalid(
+            "policies: must be empty when the polish trains under fixed per-layer policies".into(),
+        ));
+    }
+    let mut turn: Vec<Option<Turn>> = vec![None; n_layers];
+    for l in under {
+        let (Some(slot), Some(policy)) = (turn.get_mut(l.layer), &l.policy) else {
+            return Err(DistillError::Invalid(format!(
+                "layer {}: {l} is not a routing policy of one of the model's {n_layers} MoE layers",
+                l.layer
+            )));
+        };
+        *slot = Some((policy.clone(), l.sparsity.clone()));
+    }
+    turn.into_iter()
+        .enumerate()
+        .map(|(l, t)| t.ok_or_else(|| DistillError::Invalid(format!("layer {l}: no policy to train under"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

@@ -20,6 +20,7 @@ use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use ladimo_model::Transformer;
+use ladimo_moe::policy_file::LayerPolicy;
 use ladimo_moe::{MoeBlock, Policy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,9 @@ pub(crate) fn optim_path(dir: &Path, layer: usize) -> PathBuf {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ResumeState {
     pub config: FinetuneConfig,
+    /// `finetune_under`'s per-layer policies (empty for `finetune`).
+    #[serde(default)]
+    pub under: Vec<LayerPolicy>,
     pub seq_len: usize,
     pub train_windows: usize,
     /// Optimiser steps done.
@@ -190,13 +194,18 @@ pub(crate) fn save_resume(
 pub(crate) fn load_resume(
     out_dir: &Path,
     cfg: &FinetuneConfig,
+    under: &[LayerPolicy],
     seq_len: usize,
     train_windows: usize,
 ) -> Option<(PathBuf, ResumeState)> {
     let dir = resume_dir(out_dir);
     [dir.clone(), dir.with_extension("part")].into_iter().find_map(|d| {
         let state: ResumeState = serde_json::from_str(&std::fs::read_to_string(d.join("state.json")).ok()?).ok()?;
-        if state.config != *cfg || state.seq_len != seq_len || state.train_windows != train_windows {
+        if state.config != *cfg
+            || state.under != under
+            || state.seq_len != seq_len
+            || state.train_windows != train_windows
+        {
             tracing::warn!("{}: a checkpoint of other settings; starting over", d.display());
             return None;
         }

@@ -1,12 +1,13 @@
 //! The end-to-end polish (`finetune`): it lowers the held-back KL to the teacher, a finished
 //! folder is not trained again, a crashed polish resumes to the same weights, and bad settings
-//! are clear errors that write nothing.
+//! are clear errors that write nothing; `finetune_under` trains under fixed per-layer policies
+//! with the TEAL thresholds in the loop.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune};
+use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune, finetune_under};
 use ladimo_distill::run_dir::{block_path, finished, finished_finetune, load_layer_block};
 use ladimo_distill::sequential::run_layers_sequential;
 use ladimo_distill::teacher_topk::teacher_top_k_path;
@@ -14,7 +15,8 @@ use ladimo_distill::train::{Inputs, TrainConfig};
 use ladimo_io::Checkpoint;
 use ladimo_model::Transformer;
 use ladimo_model::util::to_vec;
-use ladimo_moe::{CombineWeights, Policy};
+use ladimo_moe::policy_file::LayerPolicy;
+use ladimo_moe::{CombineWeights, Policy, Sparsity};
 
 /// A tiny model's finished stage-1 run in `tmp/stage1` (tmp is a fresh temporary folder):
 /// `(tmp, run, ckpt, model, tokens)`.
@@ -342,4 +344,88 @@ fn finetune_bad_settings_are_clear_errors_and_write_nothing() {
     let e = err(&run, &out, &tokens, &top5);
     assert!(e.contains("layer 0") && e.contains("policies: top-5"), "{e}");
     assert!(!out.exists());
+}
+
+#[test]
+fn finetune_under_trains_under_each_layers_policy_with_the_thresholds_in_the_loop() {
+    let (dir, run, ckpt, model, tokens) = stage1();
+    let cfg = FinetuneConfig {
+        epochs: 1,
+        batch_windows: 2,
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let layer = |layer, k, sparsity| LayerPolicy {
+        layer,
+        policy: Some(Policy::TopK { k }),
+        sparsity,
+    };
+    let under_with = |s0| vec![layer(0, 1, s0), layer(1, 2, None)];
+    let go = |under: &[LayerPolicy], name: &str| {
+        finetune_under(
+            &ckpt,
+            &model,
+            &run,
+            &dir.path().join(name),
+            &tokens,
+            64,
+            &cfg,
+            under,
+            |_, _, _| {},
+        )
+    };
+    // Layer 0 at top-1 with thresholds that zero part of x and of h: the KL falls, and the report
+    // says what it trained under.
+    let teal = Some(Sparsity::Teal { x: 0.3, h: 0.02 });
+    let under = under_with(teal.clone());
+    let r = go(&under, "teal").unwrap();
+    assert_eq!(r.under, under);
+    assert!(r.val_kl < r.val_kl_init, "KL {} -> {}", r.val_kl_init, r.val_kl);
+    // The thresholds are applied: without them the same routing starts nearer the teacher.
+    let plain = go(&under_with(None), "plain").unwrap();
+    assert!(
+        plain.val_kl_init < r.val_kl_init,
+        "{} without thresholds, {} with",
+        plain.val_kl_init,
+        r.val_kl_init
+    );
+    // Entries zeroed pass no gradient: with every h of layer 0 under its threshold, layer 0's
+    // block gets none and stays as stage 1 left it, while layer 1's trains.
+    let all = go(&under_with(Some(Sparsity::Teal { x: 0.0, h: 1e30 })), "all-zero").unwrap();
+    assert!(all.val_kl.is_finite());
+    let out = dir.path().join("all-zero");
+    ladimo_tests::assert_same_bytes(
+        &block_path(&run, 0),
+        &block_path(&out, 0),
+        "a layer whose h is all zero",
+    );
+    assert_ne!(
+        std::fs::read(block_path(&run, 1)).unwrap(),
+        std::fs::read(block_path(&out, 1)).unwrap()
+    );
+    // Finished under these policies: the same call does not train again.
+    let again = go(&under, "teal").unwrap();
+    assert_eq!(again.seconds, r.seconds);
+    // Policies that compete with `under`, or a layer left out: clear errors, nothing written.
+    let two = FinetuneConfig {
+        policies: vec![Policy::TopK { k: 2 }],
+        ..cfg.clone()
+    };
+    let e = finetune_under(
+        &ckpt,
+        &model,
+        &run,
+        &dir.path().join("x"),
+        &tokens,
+        64,
+        &two,
+        &under,
+        |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("policies: must be empty"), "{e}");
+    let e = go(&under[..1], "y").unwrap_err().to_string();
+    assert!(e.contains("layer 1: no policy"), "{e}");
+    assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
 }
