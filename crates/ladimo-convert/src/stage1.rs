@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
-use ladimo_distill::finetune::{FinetuneReport, finetune};
+use ladimo_distill::finetune::{FinetuneConfig, FinetuneReport, finetune_under};
 use ladimo_distill::run_dir::{finished, finished_finetune, load_layer_block};
 use ladimo_distill::train::{Inputs as TrainInputs, LayerReport, TrainConfig, run_layers};
 use ladimo_model::Transformer;
+use ladimo_moe::policy_file::LayerPolicy;
 
 use crate::config::ConvertConfig;
 use crate::pipeline::{Compute, Inputs};
@@ -145,23 +146,7 @@ pub(crate) fn polish(
         times,
         |dir| Ok(finished_finetune(dir)),
         |dir, _| {
-            let label = "1/4 stage 1: polish";
-            let pb = on.progress.start(1, label);
-            let r = finetune(
-                &inputs.ckpt,
-                &inputs.dense,
-                &s1.blocks,
-                dir,
-                &inputs.calib,
-                cfg.stage1.seq_len,
-                ft,
-                |step, total, kl| {
-                    pb.set_len(total);
-                    pb.set_position(step);
-                    pb.set_label(&format!("{label}, KL {kl:.3}"));
-                },
-            )?;
-            pb.finish();
+            let r = polish_blocks(cfg, inputs, &s1.blocks, dir, ft, &[], "1/4 stage 1: polish", on)?;
             tracing::info!(
                 "polish: held-back KL {:.4} -> {:.4} nats/token in {:.0} s",
                 r.val_kl_init,
@@ -177,6 +162,40 @@ pub(crate) fn polish(
         polish: Some(report),
         ..s1
     })
+}
+
+/// Polish the blocks in `blocks` end to end into `dir` on stage 1's calibration windows, under
+/// `under` (per-layer policies and thresholds; empty: `ft.policies`), with a progress bar
+/// labelled `label`: what stage 1's polish and stage 2's share.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn polish_blocks(
+    cfg: &ConvertConfig,
+    inputs: &Inputs,
+    blocks: &Path,
+    dir: &Path,
+    ft: &FinetuneConfig,
+    under: &[LayerPolicy],
+    label: &str,
+    on: &Compute,
+) -> Result<FinetuneReport> {
+    let pb = on.progress.start(1, label);
+    let r = finetune_under(
+        &inputs.ckpt,
+        &inputs.dense,
+        blocks,
+        dir,
+        &inputs.calib,
+        cfg.stage1.seq_len,
+        ft,
+        under,
+        |step, total, kl| {
+            pb.set_len(total);
+            pb.set_position(step);
+            pb.set_label(&format!("{label}, KL {kl:.3}"));
+        },
+    )?;
+    pb.finish();
+    Ok(r)
 }
 
 /// The dense model with every FFN replaced by its block from `blocks` (a stage-1 or polish

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use ladimo_data::{Part, take_tokens};
-use ladimo_distill::finetune::{FinetuneReport, finetune_under};
+use ladimo_distill::finetune::FinetuneReport;
 use ladimo_distill::run_dir::finished_finetune;
 use ladimo_model::Transformer;
 use ladimo_profile::{Budget, Profile, ProfileConfig, Solved, profile_model, solve_profile};
@@ -16,7 +16,7 @@ use crate::config::ConvertConfig;
 use crate::pipeline::{Compute, Inputs};
 use crate::progress::Tracker;
 use crate::report::StageTime;
-use crate::stage1::Stage1;
+use crate::stage1::{Stage1, polish_blocks};
 use crate::step::{Step, ids_bytes, step_key};
 
 /// What stage 2 measured: [`profile`]'s result.
@@ -194,27 +194,7 @@ pub(crate) fn polish(
     let report = step.run(
         times,
         |dir| Ok(finished_finetune(dir)),
-        |dir, _| {
-            let label = "2/4 stage 2: polish";
-            let pb = on.progress.start(1, label);
-            let r = finetune_under(
-                &inputs.ckpt,
-                &inputs.dense,
-                &s1.blocks,
-                dir,
-                &inputs.calib,
-                cfg.stage1.seq_len,
-                pcfg,
-                under,
-                |step, total, kl| {
-                    pb.set_len(total);
-                    pb.set_position(step);
-                    pb.set_label(&format!("{label}, KL {kl:.3}"));
-                },
-            )?;
-            pb.finish();
-            Ok(r)
-        },
+        |dir, _| polish_blocks(cfg, inputs, &s1.blocks, dir, pcfg, under, "2/4 stage 2: polish", on),
     )?;
     let kept = report.val_kl < report.val_kl_init;
     tracing::info!(

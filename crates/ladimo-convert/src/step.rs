@@ -187,12 +187,13 @@ mod tests {
         check_every_field("profile", &s2);
         check_every_field("sensitivity", &s2);
         // The stage-2 result the evaluation is keyed on: every field but the solver's own (which
-        // reach the evaluation through the policy file) changes the sensitivity key.
+        // reach the evaluation through the policy file) and the polish's (through its own step's
+        // key, the evaluation's parent when it runs) changes the sensitivity key.
         let solver_only = NOT_IN_KEY.iter().find(|(s, _)| *s == "sensitivity").unwrap().1;
         assert!(
             solver_only
                 .iter()
-                .all(|f| ["budget", "cost", "fixed_policy"].contains(f))
+                .all(|f| ["budget", "cost", "fixed_policy", "polish"].contains(f))
         );
     }
 
@@ -201,6 +202,7 @@ mod tests {
         let c = ConvertConfig::default();
         check_every_field("stage1", &c.stage1);
         check_every_field("polish", &c.stage1.finetune);
+        check_every_field("stage2-polish", &c.stage2.polish);
         check_every_field("eval", &c.eval);
     }
 
