@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use ladimo_io::{Checkpoint, HostTensor};
+use ladimo_kernel::testdata::uniform;
 use ladimo_model::Transformer;
 use ladimo_model::util::{ids_tensor, to_vec};
 use ladimo_moe::policy_file::LayerPolicy;
@@ -21,19 +22,6 @@ fn device() -> burn::tensor::Device {
     ladimo_backend::device()
 }
 
-/// Deterministic pseudo-random values in [-a, a].
-fn values(n: usize, seed: u64, a: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * a
-        })
-        .collect()
-}
-
 /// Layer `layer` of `ckpt` cut into `n` contiguous experts (plus `shared` neurons from the end).
 fn block(ckpt: &Checkpoint, layer: usize, n: usize, shared: usize, combine: Combine, policy: Policy) -> MoeBlock {
     let ffn = HostFfn::from_checkpoint(ckpt, layer).unwrap();
@@ -43,7 +31,7 @@ fn block(ckpt: &Checkpoint, layer: usize, n: usize, shared: usize, combine: Comb
         .map(|e| ffn.select_neurons(&(e * routed / n..(e + 1) * routed / n).collect::<Vec<_>>()))
         .collect();
     let shared = (shared > 0).then(|| ffn.select_neurons(&(routed..f).collect::<Vec<_>>()));
-    let router = HostTensor::new(vec![n, h], values(n * h, layer as u64 + 7, 0.5));
+    let router = HostTensor::new(vec![n, h], uniform(n * h, 0.5, layer as u64 + 7));
     MoeBlock::new(&router, None, &experts, shared.as_ref(), combine, policy, &device()).unwrap()
 }
 
@@ -269,7 +257,7 @@ fn policy_files_apply_and_bad_ones_are_refused() {
 
 fn texts() -> Vec<(String, Vec<u32>)> {
     let ids = |seed: u64| -> Vec<u32> {
-        values(64, seed, 1.0)
+        uniform(64, 1.0, seed)
             .into_iter()
             .map(|v| ((v + 1.0) * 60.0) as u32 % 120)
             .collect()

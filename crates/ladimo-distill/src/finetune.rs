@@ -188,11 +188,15 @@ pub(crate) fn moe_mut(model: &mut Transformer, layer: usize) -> &mut MoeBlock {
 /// One layer's policy for a step: routing, and TEAL thresholds inside the experts (or none).
 type Turn = (Policy, Option<Sparsity>);
 
+/// `block` under `turn`'s routing policy and thresholds.
+fn set_turn(block: &mut MoeBlock, (policy, sparsity): &Turn) -> Result<(), ladimo_moe::MoeError> {
+    block.set_policy(policy.clone())?;
+    block.set_sparsity(sparsity.clone())
+}
+
 fn set_policies(model: &mut Transformer, turn: &[Turn]) -> Result<(), DistillError> {
-    for (l, (p, s)) in turn.iter().enumerate() {
-        let block = moe_mut(model, l);
-        block.set_policy(p.clone())?;
-        block.set_sparsity(s.clone())?;
+    for (l, t) in turn.iter().enumerate() {
+        set_turn(moe_mut(model, l), t)?;
     }
     Ok(())
 }
@@ -284,12 +288,9 @@ pub fn finetune_under(
     // The student: the teacher's attention, norms and embeddings (frozen) with the blocks.
     let ad = teacher.device.clone().autodiff();
     let mut student = Transformer::from_checkpoint_with(ckpt, &ad, |l| {
-        let (policy, sparsity) = &turns[0][l];
-        let mut block = load_layer_block(&src, l, policy.clone(), &ad)
-            .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
-        block
-            .set_sparsity(sparsity.clone())
-            .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
+        let invalid = |e: &dyn std::fmt::Display| ModelError::Invalid(format!("layer {l}: {e}"));
+        let mut block = load_layer_block(&src, l, turns[0][l].0.clone(), &ad).map_err(|e| invalid(&e))?;
+        set_turn(&mut block, &turns[0][l]).map_err(|e| invalid(&e))?;
         Ok(Box::new(block))
     })?;
     freeze_all_but_ffns(&mut student);
@@ -308,11 +309,8 @@ pub fn finetune_under(
     let val_kl = |student: &mut Transformer| -> Result<f64, DistillError> {
         let plain = Transformer::from_checkpoint_with(ckpt, &teacher.device, |l| {
             let b = moe_mut(student, l);
-            let (policy, sparsity) = &turns[0][l];
-            let mut plain = MoeBlock::from_params(b.params.valid(), b.combine, policy.clone());
-            plain
-                .set_sparsity(sparsity.clone())
-                .map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
+            let mut plain = MoeBlock::from_params(b.params.valid(), b.combine, turns[0][l].0.clone());
+            set_turn(&mut plain, &turns[0][l]).map_err(|e| ModelError::Invalid(format!("layer {l}: {e}")))?;
             Ok(Box::new(plain))
         })?;
         let mut sum = 0.0;
