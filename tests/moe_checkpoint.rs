@@ -448,6 +448,13 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
         );
         assert!(one.delta_ln_ppl_by_lang.values().all(|v| v.is_finite()));
         assert!(l.weight.is_finite());
+        // The KL to the dense model: recorded with the dense context, about 0 where the block
+        // is the dense FFN, positive where it is lossy, and never negative (unlike the ln-PPL
+        // change, which is a difference of two sampled losses).
+        let kl = |q: &ladimo_profile::SensitivityProbe| q.kl.expect("KL with the dense context");
+        assert!(kl(all).abs() < 1e-5, "layer {}: top-4 of 4 KL {}", l.layer, kl(all));
+        assert!(kl(one) > 1e-4, "layer {}: top-1 KL {}", l.layer, kl(one));
+        assert!(l.probes.iter().all(|q| kl(q) >= -1e-6));
     }
     // The same probes measured inside profile_model.
     let p2 = profile_model(&mut moe, &dense, &texts(), &cfg, "tiny", |_, _, _| {}).unwrap();
@@ -459,12 +466,12 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
     }
     // Sensitivity data makes it the default cost; the prediction is the summed cost itself.
     assert_eq!(Cost::default_for(&p), Cost::Sensitivity);
-    for cost in [Cost::Sensitivity, Cost::SensitivityLinear] {
+    for cost in [Cost::Sensitivity, Cost::SensitivityLinear, Cost::SensitivityKl] {
         let table = cost.table(&p).unwrap();
         for (l, costs) in p.layers.iter().zip(&table) {
             let at = |k: usize| topk_cost(l, costs, k);
             assert!(at(4).abs() < 1e-4, "{cost:?} layer {}", l.layer);
-            if cost == Cost::Sensitivity {
+            if cost != Cost::SensitivityLinear {
                 // Non-increasing in experts run and non-negative.
                 assert!(at(1) >= at(2) && at(2) >= at(4) && at(4) >= 0.0, "layer {}", l.layer);
             }
@@ -549,6 +556,11 @@ fn sensitivity_around_the_moe_operating_point() {
     let b = ffn_budget(0.6);
     let sol = solve_profile(&p, &b, Cost::Sensitivity).unwrap();
     assert!((sol.predicted_ppl_ratio - predict_ppl_ratio(&p, Cost::Sensitivity, sol.cost)).abs() < 1e-12);
+    // The KL is measured against the dense model only: not with the MoE as context, and the
+    // KL cost says so instead of reading missing probes as free.
+    assert!(s.layers.iter().all(|l| l.probes.iter().all(|q| q.kl.is_none())));
+    let err = solve_profile(&p, &b, Cost::SensitivityKl).unwrap_err().to_string();
+    assert!(err.contains("sensitivity-kl") && err.contains("no KL"), "{err}");
     // A profile from before the context existed reads as dense-context.
     let mut old = serde_json::to_value(&p).unwrap();
     let so = old["sensitivity"].as_object_mut().unwrap();

@@ -169,8 +169,8 @@ pub struct SolveArgs {
     #[command(flatten)]
     pub budget: Budget,
     /// The per-layer cost to minimise: sensitivity (measured end-to-end layer sensitivity,
-    /// interpolated in rel MSE; the default when the profile has it), sensitivity-linear (fitted
-    /// weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
+    /// interpolated in rel MSE; the default when the profile has it), sensitivity-kl (the same
+    /// probes' KL to the dense model), sensitivity-linear (fitted weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
     /// resid-mse (relative to the residual stream).
     #[arg(long, value_enum)]
     pub cost: Option<Cost>,

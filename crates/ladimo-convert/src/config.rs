@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use ladimo_distill::finetune::FinetuneConfig;
 use ladimo_distill::train::TrainConfig;
 use ladimo_moe::Policy;
-use ladimo_profile::{Budget, Cost, ProfileConfig};
+use ladimo_profile::{Budget, Cost, ProfileConfig, SensitivityContext};
 use serde::{Deserialize, Serialize};
 
 /// Everything `convert` does, in pipeline order.
@@ -128,7 +128,8 @@ pub struct Stage2Config {
     /// params or latency; `fraction` of the dense value, or `max` (absolute).
     pub budget: Budget,
     /// The per-layer cost the solver minimises: sensitivity (the measured ln-PPL changes,
-    /// interpolated by experts run), sensitivity-linear, rel-mse or resid-mse.
+    /// interpolated by experts run), sensitivity-kl (the same probes' KL to the dense model),
+    /// sensitivity-linear, rel-mse or resid-mse.
     pub cost: Cost,
     /// Skip the solver and give every MoE layer this policy, e.g. `{ type = "TopK", k = 6 }`
     /// (with renormalised combine weights that makes a Hugging Face Mixtral checkpoint). The
@@ -310,6 +311,12 @@ impl ConvertConfig {
             bail!(
                 "stage2.cost = {:?} needs stage2.sensitivity_k (the probes it is made of)",
                 self.stage2.cost
+            );
+        }
+        if self.stage2.cost == Cost::SensitivityKl && p.sensitivity_context != SensitivityContext::Dense {
+            bail!(
+                "stage2.cost = \"sensitivity-kl\" needs stage2.sensitivity_context = \"dense\" (the KL is \
+                 measured against the dense model)"
             );
         }
         if self.eval.ppl_tokens < self.eval.seq_len {

@@ -185,6 +185,11 @@ pub struct SensitivityProbe {
     /// ln(ppl) - ln(dense ppl) on the sensitivity tokens (all languages), and per language tag.
     pub delta_ln_ppl: f64,
     pub delta_ln_ppl_by_lang: BTreeMap<String, f64>,
+    /// Mean KL(dense || probed) of the next-token distributions over the same tokens, in nats
+    /// per token (never negative; measured with the dense context only; absent in profiles made
+    /// before it was recorded). What `Cost::SensitivityKl` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -640,14 +640,47 @@ fn sensitivity_windows(texts: &[(String, Vec<u32>)], seq_len: usize, tokens: usi
     out
 }
 
+/// Next-token log-probabilities `[1, n - 1, vocab]` of a window of `n` tokens, given the last
+/// hidden states `h` (before the final norm).
+fn hidden_logp(model: &Transformer, h: Tensor<3>, n: usize) -> Tensor<3> {
+    let logits = model.logits(model.norm.forward(h));
+    log_softmax(logits.narrow(1, 0, n - 1), 2)
+}
+
+/// Summed NLL of `window[1..]` under next-token log-probabilities `logp` ([`hidden_logp`]).
+fn window_nll(logp: Tensor<3>, window: &[u32]) -> f64 {
+    let n = window.len();
+    let targets: Vec<i64> = window[1..].iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n - 1]), &logp.device()).reshape([1, n - 1, 1]);
+    -to_vec(logp.gather(2, targets)).iter().map(|&x| x as f64).sum::<f64>()
+}
+
 /// Summed NLL of `window[1..]` given the last hidden states `h` (before the final norm).
 pub(crate) fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f64 {
-    let n = window.len();
-    let logits = model.logits(model.norm.forward(h));
-    let logp = log_softmax(logits.narrow(1, 0, n - 1), 2);
-    let targets: Vec<i64> = window[1..].iter().map(|&t| t as i64).collect();
-    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n - 1]), &model.device).reshape([1, n - 1, 1]);
-    -to_vec(logp.gather(2, targets)).iter().map(|&x| x as f64).sum::<f64>()
+    window_nll(hidden_logp(model, h, window.len()), window)
+}
+
+/// The dense side of a window's KL, computed once: the next-token probabilities `p` and, per
+/// token, `sum_v p ln p` (minus the entropy).
+struct DenseDist {
+    p: Tensor<3>,
+    p_ln_p: Tensor<3>,
+}
+
+impl DenseDist {
+    fn new(logp: Tensor<3>) -> Self {
+        let p = logp.clone().exp();
+        let p_ln_p = (p.clone() * logp).sum_dim(2);
+        DenseDist { p, p_ln_p }
+    }
+
+    /// Summed over the window's tokens: KL(p || q) = sum_v p ln p - sum_v p ln q, for `logq` the
+    /// other model's log-probabilities (each token's sums over the vocabulary in f32, the tokens
+    /// added in f64).
+    fn kl(&self, logq: Tensor<3>) -> f64 {
+        let per_token = self.p_ln_p.clone() - (self.p.clone() * logq).sum_dim(2);
+        to_vec(per_token).iter().map(|&x| x as f64).sum()
+    }
 }
 
 /// Measure, end to end on calibration text, how much each profiled MoE layer's routing error
@@ -655,7 +688,9 @@ pub(crate) fn hidden_nll(model: &Transformer, h: Tensor<3>, window: &[u32]) -> f
 /// calibration ln(perplexity) when layer l runs the MoE under that policy and every other layer
 /// runs the context (`cfg.sensitivity_context`): the dense teacher (default), or the MoE under
 /// its loaded policies (then the change is from the MoE's own ln-PPL, stored as
-/// `context_ln_ppl`). The context's hidden state at each layer input is computed once, so a
+/// `context_ln_ppl`). With the dense context each probe also records its mean KL from the dense
+/// model's next-token distributions on the same tokens (`SensitivityProbe::kl`, what
+/// `Cost::SensitivityKl` reads). The context's hidden state at each layer input is computed once, so a
 /// probe of layer l runs only layers l..L and the head. Sets `profile.sensitivity` (and
 /// replaces any there); the profile's candidates (for the probes' `rel_mse`) must be of `moe`.
 /// `progress(stage, done, total)`.
@@ -701,10 +736,13 @@ pub fn add_sensitivity(
     // per window, and the NLL per language; and the dense NLL (the same pass when dense).
     let context = cfg.sensitivity_context;
     let mut inputs: Vec<Vec<Tensor<3>>> = Vec::with_capacity(windows.len());
+    // With the dense context, also the dense model's next-token distribution per window (the
+    // probes' KL is measured against it; 4 windows of 512 are 400 MB for SmolLM2).
+    let mut dense_dist: Vec<DenseDist> = Vec::new();
     let mut dense_nll = vec![0f64; n_lang];
     let mut context_nll = vec![0f64; n_lang];
     for (wi, (t, ids)) in windows.iter().enumerate() {
-        let run = |m: &Transformer, keep: bool| -> Result<(f64, Vec<Tensor<3>>), ProfileError> {
+        let run = |m: &Transformer, keep: bool| -> Result<(Tensor<3>, Vec<Tensor<3>>), ProfileError> {
             let mut h = m.embed(ids_tensor(ids, 1, &m.device));
             let mut hs = Vec::with_capacity(if keep { m.layers.len() } else { 0 });
             for (l, layer) in m.layers.iter().enumerate() {
@@ -715,16 +753,20 @@ pub fn add_sensitivity(
                     .forward(h, &m.rope, &mut None)
                     .map_err(|source| ModelError::Ffn { layer: l, source })?;
             }
-            Ok((hidden_nll(dense, h, ids), hs))
+            Ok((hidden_logp(dense, h, ids.len()), hs))
         };
-        let (nll, hs) = match context {
+        let (logp, hs) = match context {
             SensitivityContext::Dense => run(dense, true)?,
             SensitivityContext::Moe => run(moe, true)?,
         };
+        let nll = window_nll(logp.clone(), ids);
         context_nll[*t] += nll;
         dense_nll[*t] += match context {
-            SensitivityContext::Dense => nll,
-            SensitivityContext::Moe => run(dense, false)?.0,
+            SensitivityContext::Dense => {
+                dense_dist.push(DenseDist::new(logp));
+                nll
+            }
+            SensitivityContext::Moe => window_nll(run(dense, false)?.0, ids),
         };
         inputs.push(hs);
         progress("sensitivity context", wi + 1, windows.len());
@@ -754,7 +796,8 @@ pub fn add_sensitivity(
                 .ok_or_else(|| ProfileError::Invalid(format!("probe {policy} is not a candidate of layer {l}")))?;
             moe_block_mut(moe, l).expect("MoE layer").set_policy(policy.clone())?;
             let mut nll = vec![0f64; n_lang];
-            for ((t, ids), hs) in windows.iter().zip(&inputs) {
+            let mut kl = 0f64;
+            for (wi, ((t, ids), hs)) in windows.iter().zip(&inputs).enumerate() {
                 let mut h = moe.layers[l]
                     .forward(hs[l].clone(), &moe.rope, &mut None)
                     .map_err(|source| ModelError::Ffn { layer: l, source })?;
@@ -767,13 +810,18 @@ pub fn add_sensitivity(
                         .forward(h, &dense.rope, &mut None)
                         .map_err(|source| ModelError::Ffn { layer: j, source })?;
                 }
-                nll[*t] += hidden_nll(dense, h, ids);
+                let logq = hidden_logp(dense, h, ids.len());
+                if let Some(d) = dense_dist.get(wi) {
+                    kl += d.kl(logq.clone());
+                }
+                nll[*t] += window_nll(logq, ids);
             }
             probes.push(SensitivityProbe {
                 policy: policy.clone(),
                 rel_mse: cand.rel_mse,
                 mean_experts: cand.mean_experts,
                 delta_ln_ppl: ln_ppl(&nll) - context_ln_ppl,
+                kl: (context == SensitivityContext::Dense).then(|| kl / total_count as f64),
                 delta_ln_ppl_by_lang: texts
                     .iter()
                     .enumerate()

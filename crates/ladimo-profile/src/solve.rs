@@ -6,7 +6,7 @@ use ladimo_moe::{Policy, PolicyFile};
 use ladimo_solve::Choice;
 use serde::{Deserialize, Serialize};
 
-use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError, SensitivityContext};
+use crate::{CandidateCost, LayerSensitivity, Profile, ProfileError, SensitivityContext, SensitivityProbe};
 
 /// What the budget limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -81,12 +81,48 @@ pub enum Cost {
     /// Predicted calibration ln-PPL change `w_l * rel_mse`, `w_l` the layer's least-squares
     /// sensitivity weight (`LayerSensitivity::weight`).
     SensitivityLinear,
+    /// As `Sensitivity`, with each probe's KL from the dense model's next-token distribution
+    /// (`SensitivityProbe::kl`) in place of its measured ln-PPL change, and for thresholds the
+    /// least-squares KL per unit of relative MSE over the probes. The KL is never negative and
+    /// has far less variance on the same tokens than a difference of two perplexities (which,
+    /// on 2,048 tokens, is noise for SmolLM2's middle layers). Needs the dense context.
+    SensitivityKl,
+}
+
+/// Which of a probe's measurements a sensitivity cost interpolates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Measure {
+    LnPpl,
+    Kl,
+}
+
+impl Measure {
+    fn of(self, p: &SensitivityProbe) -> f64 {
+        match self {
+            Measure::LnPpl => p.delta_ln_ppl,
+            Measure::Kl => p.kl.unwrap_or(f64::NAN),
+        }
+    }
+
+    /// The layer's cost per unit of relative MSE: least squares through the origin over its
+    /// probes (`LayerSensitivity::weight` for ln-PPL).
+    fn weight(self, s: &LayerSensitivity) -> f64 {
+        match self {
+            Measure::LnPpl => s.weight,
+            Measure::Kl => {
+                let (num, den) = s.probes.iter().fold((0.0, 0.0), |(n, d), p| {
+                    (n + self.of(p) * p.rel_mse, d + p.rel_mse * p.rel_mse)
+                });
+                if den > 0.0 { num / den } else { 0.0 }
+            }
+        }
+    }
 }
 
 impl Cost {
     /// Whether the summed cost is itself a predicted ln(ppl / dense ppl).
     pub fn is_ln_ppl(&self) -> bool {
-        matches!(self, Cost::Sensitivity | Cost::SensitivityLinear)
+        matches!(self, Cost::Sensitivity | Cost::SensitivityLinear | Cost::SensitivityKl)
     }
 
     /// The default for a profile: `Sensitivity` where it has sensitivity data, else `RelMse`.
@@ -106,7 +142,7 @@ impl Cost {
             .map(|l| match self {
                 Cost::RelMse => Ok(l.candidates.iter().map(|c| c.rel_mse).collect()),
                 Cost::ResidMse => Ok(l.candidates.iter().map(|c| c.resid_mse).collect()),
-                Cost::Sensitivity | Cost::SensitivityLinear => {
+                Cost::Sensitivity | Cost::SensitivityLinear | Cost::SensitivityKl => {
                     let s = profile
                         .sensitivity
                         .as_ref()
@@ -118,11 +154,20 @@ impl Cost {
                                 l.layer
                             ))
                         })?;
+                    if *self == Cost::SensitivityKl && s.probes.iter().any(|p| p.kl.is_none()) {
+                        return Err(ProfileError::Invalid(format!(
+                            "cost sensitivity-kl: the sensitivity probes of layer {} have no KL (measured with \
+                             sensitivity_context = \"moe\", or by an older ladimo); measure the sensitivity again \
+                             with the dense context",
+                            l.layer
+                        )));
+                    }
                     Ok(l.candidates
                         .iter()
                         .map(|c| match self {
                             Cost::SensitivityLinear => s.weight * c.rel_mse,
-                            _ => sensitivity_cost(s, &l.candidates, c, lift(profile, s)),
+                            Cost::SensitivityKl => sensitivity_cost(s, &l.candidates, c, 0.0, Measure::Kl),
+                            _ => sensitivity_cost(s, &l.candidates, c, lift(profile, s), Measure::LnPpl),
                         })
                         .collect())
                 }
@@ -147,23 +192,30 @@ impl Cost {
 /// routing only, so a candidate with thresholds costs its routing's interpolated ln-PPL
 /// ([`by_experts`] on the candidate with the same policy and no thresholds) plus the layer's
 /// ln-PPL per unit of relative MSE (`s.weight`) times the error the thresholds add.
-fn sensitivity_cost(s: &LayerSensitivity, candidates: &[CandidateCost], c: &CandidateCost, lift: f64) -> f64 {
+/// `m` picks what the probes measured (ln-PPL change, or KL for `Cost::SensitivityKl`).
+fn sensitivity_cost(
+    s: &LayerSensitivity,
+    candidates: &[CandidateCost],
+    c: &CandidateCost,
+    lift: f64,
+    m: Measure,
+) -> f64 {
     let plain = c
         .sparsity
         .as_ref()
         .and_then(|_| candidates.iter().find(|p| p.policy == c.policy && p.is_plain()));
     match plain {
-        Some(p) => by_experts(s, p, lift) + s.weight * (c.rel_mse - p.rel_mse).max(0.0),
-        None => by_experts(s, c, lift),
+        Some(p) => by_experts(s, p, lift, m) + m.weight(s) * (c.rel_mse - p.rel_mse).max(0.0),
+        None => by_experts(s, c, lift, m),
     }
 }
 
-fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64) -> f64 {
+fn by_experts(s: &LayerSensitivity, c: &CandidateCost, lift: f64, m: Measure) -> f64 {
     let mut pts: Vec<(f64, f64, f64)> = s
         .probes
         .iter()
-        .filter(|p| p.mean_experts.is_finite() && p.delta_ln_ppl.is_finite())
-        .map(|p| (p.mean_experts, (p.delta_ln_ppl + lift).max(0.0), p.rel_mse))
+        .filter(|p| p.mean_experts.is_finite() && m.of(p).is_finite())
+        .map(|p| (p.mean_experts, (m.of(p) + lift).max(0.0), p.rel_mse))
         .collect();
     if pts.is_empty() {
         return 0.0;
@@ -441,7 +493,6 @@ pub fn uniform_cost(profile: &Profile, policy: &Policy, cost: Cost) -> Option<(f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SensitivityProbe;
     use ladimo_moe::Policy;
 
     fn cand(k: usize, rel_mse: f64) -> CandidateCost {
@@ -467,6 +518,7 @@ mod tests {
             mean_experts: k as f64,
             delta_ln_ppl: delta,
             delta_ln_ppl_by_lang: Default::default(),
+            kl: None,
         };
         let s = LayerSensitivity {
             layer: 0,
@@ -474,15 +526,15 @@ mod tests {
             weight: 1.0,
         };
         assert!(
-            (by_experts(&s, &cand(6, 0.15), 0.0) - 0.125).abs() < 1e-12,
+            (by_experts(&s, &cand(6, 0.15), 0.0, Measure::LnPpl) - 0.125).abs() < 1e-12,
             "between probes: linear"
         );
         // Every expert of a block that sums back to its FFN: about no cost, not the top-7 delta.
-        assert!((by_experts(&s, &cand(8, 0.001), 0.0) - 0.0005).abs() < 1e-12);
+        assert!((by_experts(&s, &cand(8, 0.001), 0.0, Measure::LnPpl) - 0.0005).abs() < 1e-12);
         // Never above the last probe's delta, never below the first's.
-        assert_eq!(by_experts(&s, &cand(8, 0.5), 0.0), 0.05);
-        assert!((by_experts(&s, &cand(4, 0.4), 0.0) - 0.4).abs() < 1e-12);
-        assert_eq!(by_experts(&s, &cand(4, 0.1), 0.0), 0.2);
+        assert_eq!(by_experts(&s, &cand(8, 0.5), 0.0, Measure::LnPpl), 0.05);
+        assert!((by_experts(&s, &cand(4, 0.4), 0.0, Measure::LnPpl) - 0.4).abs() < 1e-12);
+        assert_eq!(by_experts(&s, &cand(4, 0.1), 0.0, Measure::LnPpl), 0.2);
     }
 
     #[test]
@@ -493,6 +545,7 @@ mod tests {
             mean_experts: k as f64,
             delta_ln_ppl: delta,
             delta_ln_ppl_by_lang: Default::default(),
+            kl: None,
         };
         let s = LayerSensitivity {
             layer: 0,
@@ -506,10 +559,48 @@ mod tests {
             ..cand(6, 0.19)
         };
         let all = [plain.clone(), teal.clone()];
-        assert_eq!(sensitivity_cost(&s, &all, &plain, 0.0), by_experts(&s, &plain, 0.0));
+        assert_eq!(
+            sensitivity_cost(&s, &all, &plain, 0.0, Measure::LnPpl),
+            by_experts(&s, &plain, 0.0, Measure::LnPpl)
+        );
         // Same experts run, so by experts alone it would cost the same as the plain top-6.
-        assert_eq!(by_experts(&s, &teal, 0.0), by_experts(&s, &plain, 0.0));
+        assert_eq!(
+            by_experts(&s, &teal, 0.0, Measure::LnPpl),
+            by_experts(&s, &plain, 0.0, Measure::LnPpl)
+        );
         let want = 0.125 + 2.0 * (0.19 - 0.15);
-        assert!((sensitivity_cost(&s, &all, &teal, 0.0) - want).abs() < 1e-12);
+        assert!((sensitivity_cost(&s, &all, &teal, 0.0, Measure::LnPpl) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_kl_cost_interpolates_the_probes_kl_and_fits_its_own_weight() {
+        // ln-PPL changes that noise made negative at top-7; KLs that are not.
+        let probe = |k: usize, delta: f64, kl: f64, rel_mse: f64| SensitivityProbe {
+            policy: Policy::TopK { k },
+            rel_mse,
+            mean_experts: k as f64,
+            delta_ln_ppl: delta,
+            delta_ln_ppl_by_lang: Default::default(),
+            kl: Some(kl),
+        };
+        let s = LayerSensitivity {
+            layer: 0,
+            probes: vec![probe(5, 0.001, 0.04, 0.2), probe(7, -0.002, 0.01, 0.1)],
+            weight: 0.0,
+        };
+        // Between the probes: linear in the KLs (the ln-PPL curve is flat at 0.001 there).
+        assert!((by_experts(&s, &cand(6, 0.15), 0.0, Measure::Kl) - 0.025).abs() < 1e-12);
+        assert!((by_experts(&s, &cand(6, 0.15), 0.0, Measure::LnPpl) - 0.0005).abs() < 1e-12);
+        // Its weight: least squares through the origin of KL on rel MSE, (0.04*0.2 + 0.01*0.1) /
+        // (0.2^2 + 0.1^2) = 0.18.
+        assert!((Measure::Kl.weight(&s) - 0.18).abs() < 1e-12);
+        let plain = cand(6, 0.15);
+        let teal = CandidateCost {
+            sparsity: Some(ladimo_moe::Sparsity::Teal { x: 0.1, h: 0.01 }),
+            ..cand(6, 0.19)
+        };
+        let all = [plain, teal.clone()];
+        let want = 0.025 + 0.18 * (0.19 - 0.15);
+        assert!((sensitivity_cost(&s, &all, &teal, 0.0, Measure::Kl) - want).abs() < 1e-12);
     }
 }
