@@ -173,14 +173,10 @@ fn bad_input_is_a_clear_error_and_no_output() {
         run(args(&out, &["stage1.finetune.policies=[{ type = \"TopK\", k = 9 }]"])).unwrap_err()
     );
     assert!(e.contains("stage1.finetune.policies") && e.contains('9'), "{e}");
-    // The KL cost with the MoE as the probes' context, where no KL is measured.
+    // The KL cost (the default) with the MoE as the probes' context, where no KL is measured.
     let e = format!(
         "{:#}",
-        run(args(
-            &out,
-            &["stage2.cost=\"sensitivity-kl\"", "stage2.sensitivity_context=\"moe\""]
-        ))
-        .unwrap_err()
+        run(args(&out, &["stage2.sensitivity_context=\"moe\""])).unwrap_err()
     );
     assert!(e.contains("sensitivity-kl") && e.contains("sensitivity_context"), "{e}");
     // A model folder whose weights are unreadable.

@@ -464,8 +464,9 @@ fn layer_sensitivity_is_zero_when_lossless_and_drives_an_exact_solver() {
             assert!((x.delta_ln_ppl - y.delta_ln_ppl).abs() < 1e-5);
         }
     }
-    // Sensitivity data makes it the default cost; the prediction is the summed cost itself.
-    assert_eq!(Cost::default_for(&p), Cost::Sensitivity);
+    // Sensitivity data with its KL makes the KL cost the default; the prediction is the summed
+    // cost itself.
+    assert_eq!(Cost::default_for(&p), Cost::SensitivityKl);
     for cost in [Cost::Sensitivity, Cost::SensitivityLinear, Cost::SensitivityKl] {
         let table = cost.table(&p).unwrap();
         for (l, costs) in p.layers.iter().zip(&table) {
@@ -559,6 +560,7 @@ fn sensitivity_around_the_moe_operating_point() {
     // The KL is measured against the dense model only: not with the MoE as context, and the
     // KL cost says so instead of reading missing probes as free.
     assert!(s.layers.iter().all(|l| l.probes.iter().all(|q| q.kl.is_none())));
+    assert_eq!(Cost::default_for(&p), Cost::Sensitivity);
     let err = solve_profile(&p, &b, Cost::SensitivityKl).unwrap_err().to_string();
     assert!(err.contains("sensitivity-kl") && err.contains("no KL"), "{err}");
     // A profile from before the context existed reads as dense-context.

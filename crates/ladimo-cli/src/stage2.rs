@@ -144,16 +144,23 @@ fn print_profile(p: &Profile) {
             let probes: Vec<String> = l
                 .probes
                 .iter()
-                .map(|q| format!("{} {:+.4} (rel {:.3})", q.policy, q.delta_ln_ppl, q.rel_mse))
+                .map(|q| match q.kl {
+                    Some(kl) => format!(
+                        "{} {:+.4} KL {:.4} (rel {:.3})",
+                        q.policy, q.delta_ln_ppl, kl, q.rel_mse
+                    ),
+                    None => format!("{} {:+.4} (rel {:.3})", q.policy, q.delta_ln_ppl, q.rel_mse),
+                })
                 .collect();
             println!("{:>5} w {:>7.4} | {}", l.layer, l.weight, probes.join("  "));
         }
+        let cost = Cost::default_for(p);
         for u in &p.uniform {
-            if let Some((c, _)) = uniform_cost(p, &u.policy, Cost::Sensitivity) {
+            if let Some((c, _)) = uniform_cost(p, &u.policy, cost) {
                 println!(
-                    "  uniform {}: summed sensitivity predicts ppl x{:.3} of dense; measured x{:.3}",
+                    "  uniform {}: summed {cost:?} predicts ppl x{:.3} of dense; measured x{:.3}",
                     u.policy,
-                    predict_ppl_ratio(p, Cost::Sensitivity, c),
+                    predict_ppl_ratio(p, cost, c),
                     u.ppl / p.dense_ppl
                 );
             }
@@ -168,9 +175,10 @@ pub struct SolveArgs {
     /// The budget: --budget FRACTION of the dense value or --max VALUE, of --of.
     #[command(flatten)]
     pub budget: Budget,
-    /// The per-layer cost to minimise: sensitivity (measured end-to-end layer sensitivity,
-    /// interpolated in rel MSE; the default when the profile has it), sensitivity-kl (the same
-    /// probes' KL to the dense model), sensitivity-linear (fitted weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
+    /// The per-layer cost to minimise: sensitivity-kl (the sensitivity probes' KL to the dense
+    /// model, interpolated by experts run; the default when the profile has it), sensitivity
+    /// (the probes' measured ln-PPL changes; the default for probes without KL),
+    /// sensitivity-linear (fitted weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
     /// resid-mse (relative to the residual stream).
     #[arg(long, value_enum)]
     pub cost: Option<Cost>,

@@ -147,7 +147,7 @@ impl Default for Stage2Config {
         Self {
             profile: ProfileConfig::default(),
             budget: Budget::default(),
-            cost: Cost::Sensitivity,
+            cost: Cost::SensitivityKl,
             fixed_policy: None,
             polish: FinetuneConfig::default(),
         }

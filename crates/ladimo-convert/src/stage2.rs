@@ -114,7 +114,8 @@ pub(crate) fn profile(
         let sens = Step::new(
             step.dir.join("sensitivity"),
             "stage 2: layer sensitivity",
-            step_key("sensitivity", &[step.key.as_bytes()], s2cfg)?,
+            // "kl": probes measured before they recorded their KL are measured again.
+            step_key("sensitivity", &[step.key.as_bytes(), b"kl"], s2cfg)?,
         );
         // A profile made again (its step was cut short) has lost the sensitivity.
         let have = profile.sensitivity.is_some();

@@ -125,12 +125,13 @@ impl Cost {
         matches!(self, Cost::Sensitivity | Cost::SensitivityLinear | Cost::SensitivityKl)
     }
 
-    /// The default for a profile: `Sensitivity` where it has sensitivity data, else `RelMse`.
+    /// The default for a profile: `SensitivityKl` where its sensitivity probes have their KL,
+    /// `Sensitivity` where they have none (the MoE context, or an older profile), else `RelMse`.
     pub fn default_for(profile: &Profile) -> Cost {
-        if profile.sensitivity.is_some() {
-            Cost::Sensitivity
-        } else {
-            Cost::RelMse
+        match &profile.sensitivity {
+            Some(s) if s.layers.iter().all(|l| l.probes.iter().all(|p| p.kl.is_some())) => Cost::SensitivityKl,
+            Some(_) => Cost::Sensitivity,
+            None => Cost::RelMse,
         }
     }
 
