@@ -144,12 +144,9 @@ fn print_profile(p: &Profile) {
             let probes: Vec<String> = l
                 .probes
                 .iter()
-                .map(|q| match q.kl {
-                    Some(kl) => format!(
-                        "{} {:+.4} KL {:.4} (rel {:.3})",
-                        q.policy, q.delta_ln_ppl, kl, q.rel_mse
-                    ),
-                    None => format!("{} {:+.4} (rel {:.3})", q.policy, q.delta_ln_ppl, q.rel_mse),
+                .map(|q| {
+                    let kl = q.kl.map(|kl| format!(" KL {kl:.4}")).unwrap_or_default();
+                    format!("{} {:+.4}{kl} (rel {:.3})", q.policy, q.delta_ln_ppl, q.rel_mse)
                 })
                 .collect();
             println!("{:>5} w {:>7.4} | {}", l.layer, l.weight, probes.join("  "));
@@ -178,7 +175,8 @@ pub struct SolveArgs {
     /// The per-layer cost to minimise: sensitivity-kl (the sensitivity probes' KL to the dense
     /// model, interpolated by experts run; the default when the profile has it), sensitivity
     /// (the probes' measured ln-PPL changes; the default for probes without KL),
-    /// sensitivity-linear (fitted weight x rel MSE), rel-mse (error relative to the FFN output; the default otherwise) or
+    /// sensitivity-linear (fitted weight x rel MSE), rel-mse (error relative to the FFN output;
+    /// the default otherwise) or
     /// resid-mse (relative to the residual stream).
     #[arg(long, value_enum)]
     pub cost: Option<Cost>,

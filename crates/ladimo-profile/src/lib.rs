@@ -201,6 +201,15 @@ pub struct LayerSensitivity {
     pub weight: f64,
 }
 
+/// Least squares through the origin of `y(probe)` against the probes' `rel_mse`: a layer's cost
+/// per unit of relative MSE (`LayerSensitivity::weight` for the ln-PPL changes; 0 without error).
+pub(crate) fn weight_of(probes: &[SensitivityProbe], y: impl Fn(&SensitivityProbe) -> f64) -> f64 {
+    let (num, den) = probes.iter().fold((0.0, 0.0), |(n, d), p| {
+        (n + y(p) * p.rel_mse, d + p.rel_mse * p.rel_mse)
+    });
+    if den > 0.0 { num / den } else { 0.0 }
+}
+
 /// End-to-end layer sensitivities measured on calibration text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sensitivity {

@@ -835,13 +835,10 @@ pub fn add_sensitivity(
         let b = moe_block_mut(moe, l).expect("MoE layer");
         b.set_policy(original)?;
         b.reset_stats();
-        let (num, den) = probes.iter().fold((0.0, 0.0), |(n, d), p| {
-            (n + p.delta_ln_ppl * p.rel_mse, d + p.rel_mse * p.rel_mse)
-        });
         layers.push(LayerSensitivity {
             layer: l,
+            weight: crate::weight_of(&probes, |p| p.delta_ln_ppl),
             probes,
-            weight: if den > 0.0 { num / den } else { 0.0 },
         });
     }
     profile.sensitivity = Some(Sensitivity {

@@ -109,12 +109,7 @@ impl Measure {
     fn weight(self, s: &LayerSensitivity) -> f64 {
         match self {
             Measure::LnPpl => s.weight,
-            Measure::Kl => {
-                let (num, den) = s.probes.iter().fold((0.0, 0.0), |(n, d), p| {
-                    (n + self.of(p) * p.rel_mse, d + p.rel_mse * p.rel_mse)
-                });
-                if den > 0.0 { num / den } else { 0.0 }
-            }
+            Measure::Kl => crate::weight_of(&s.probes, |p| self.of(p)),
         }
     }
 }
