@@ -237,7 +237,10 @@ fn stage_2_teal_candidates_meet_a_budget_routing_alone_cannot() {
         "{md}"
     );
     let stock = std::fs::read_to_string(out.join("stock-export.txt")).unwrap();
-    assert!(stock.contains("No export format carries TEAL thresholds"), "{stock}");
+    assert!(
+        stock.contains("No stock format carries TEAL thresholds") && stock.contains("hf-remote"),
+        "{stock}"
+    );
     // Another polish setting polishes again from the same profile; without the polish the
     // report has none.
     let mut a = args(

@@ -304,3 +304,55 @@ fn dense_layers_with_teal_sparsity_export_to_hf_remote_exactly() {
         );
     }
 }
+
+#[test]
+fn teal_thresholds_inside_moe_experts_export_to_hf_remote_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = [
+        Policy::TopK { k: 2 },
+        Policy::Confidence {
+            tau: 0.4,
+            k_low: 1,
+            k_high: 3,
+        },
+    ];
+    let src = moe_checkpoint(dir.path(), "moe", CombineWeights::Unit, &policies);
+    let (ckpt, mut model) = load(&src);
+    let window: Vec<u32> = (0..128).map(|i| (i * 37 % 500) as u32).collect();
+    // Thresholds that zero 40% of each layer's x and of the run experts' h.
+    let sp = calibrate(&mut model, &[&window], Method::Teal, 0.6, |_, _| {}).unwrap();
+    let file = PolicyFile {
+        model: model_fingerprint(&model),
+        note: "test".into(),
+        layers: sp
+            .into_iter()
+            .enumerate()
+            .map(|(layer, s)| LayerPolicy {
+                layer,
+                policy: Some(policies[layer % policies.len()].clone()),
+                sparsity: Some(s),
+            })
+            .collect(),
+    };
+    let pf = dir.path().join("policy.toml");
+    file.write(&pf).unwrap();
+    file.apply(&mut model, &pf).unwrap();
+    let remote = dir.path().join("remote");
+    export(&ckpt, &model, &opts(Format::HfRemote), &remote).unwrap();
+    if let Some(r) = script("check_hf_export.py", &[s(&src), s(&remote), "--policy", s(&pf)]) {
+        assert!(
+            r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
+            "{r}"
+        );
+    }
+    // The thresholds matter: the same export without them computes something else.
+    let plain = dir.path().join("plain");
+    let (ckpt, model) = load(&src);
+    export(&ckpt, &model, &opts(Format::HfRemote), &plain).unwrap();
+    if let Some(r) = script(
+        "check_hf_export.py",
+        &[s(&src), s(&plain), "--policy", s(&pf), "--approximate"],
+    ) {
+        assert!(r["max_abs_diff"].as_f64().unwrap() > 1e-2, "{r}");
+    }
+}

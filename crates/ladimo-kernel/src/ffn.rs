@@ -33,6 +33,14 @@ pub enum Selection<'a> {
     Cats { gate: f32 },
     /// TEAL: `x_i = 0` where `|x_i| < x`, then `h_j = 0` where `|h_j| < h`.
     Teal { x: f32, h: f32 },
+    /// TEAL inside experts: per token, the neuron ranges of the experts that run and their
+    /// weights (as [`Selection::Blocks`]); `x_i = 0` where `|x_i| < x` (the same for every range),
+    /// then inside each range `h_j = 0` where `|h_j| < h`, before the range's weight.
+    TealBlocks {
+        x: f32,
+        h: f32,
+        blocks: &'a [Vec<(Range<usize>, f32)>],
+    },
 }
 
 /// A SwiGLU FFN's weights in a decode layout. Down is stored `[inter, hidden]` (neuron `j`'s
@@ -112,7 +120,7 @@ impl FfnKernel {
     /// The layout a selection's kernel needs: input-major for TEAL, neuron-major otherwise.
     pub fn layout_for(sel: &Selection) -> GateUpLayout {
         match sel {
-            Selection::Teal { .. } => GateUpLayout::InputMajor,
+            Selection::Teal { .. } | Selection::TealBlocks { .. } => GateUpLayout::InputMajor,
             _ => GateUpLayout::NeuronMajor,
         }
     }
@@ -140,7 +148,7 @@ impl FfnKernel {
             "{sel:?} needs gate/up stored {need:?}, they are {:?}",
             self.layout
         );
-        if let Selection::Blocks(b) = sel {
+        if let Selection::Blocks(b) | Selection::TealBlocks { blocks: b, .. } = sel {
             assert_eq!(b.len(), n, "{} token routes for {n} tokens", b.len());
         }
         let isa = Isa::get();
@@ -155,12 +163,20 @@ impl FfnKernel {
             let yt = &mut y[t * hd..(t + 1) * hd];
             read += match (*sel, self.layout) {
                 (Selection::All, GateUpLayout::InputMajor) => {
-                    self.columns(isa, xt, 0.0, 0.0, yt);
+                    self.columns(isa, xt, 0.0, 0.0, None, yt);
                     (3 * hd * f) as f64
                 }
                 (Selection::Teal { x, h }, GateUpLayout::InputMajor) => {
-                    let (kept_x, kept_h) = self.columns(isa, xt, x, h, yt);
+                    let (kept_x, kept_h) = self.columns(isa, xt, x, h, None, yt);
                     (2 * f * kept_x + hd * kept_h) as f64
+                }
+                (Selection::TealBlocks { x, h, blocks }, GateUpLayout::InputMajor) => {
+                    let run: usize = blocks[t].iter().map(|(r, _)| r.len()).sum();
+                    for (r, _) in &blocks[t] {
+                        assert!(r.end <= f, "neuron range {r:?} beyond {f} neurons");
+                    }
+                    let (kept_x, kept_h) = self.columns(isa, xt, x, h, Some(&blocks[t]), yt);
+                    (2 * run * kept_x + hd * kept_h) as f64
                 }
                 (Selection::All, GateUpLayout::NeuronMajor) => {
                     self.rows(isa, xt, &all, None, yt);
@@ -184,7 +200,9 @@ impl FfnKernel {
                     let kept = self.cats(isa, xt, gate, yt);
                     (hd * f + 2 * hd * kept) as f64
                 }
-                (Selection::Teal { .. }, GateUpLayout::NeuronMajor) => unreachable!("checked above"),
+                (Selection::Teal { .. } | Selection::TealBlocks { .. }, GateUpLayout::NeuronMajor) => {
+                    unreachable!("checked above")
+                }
             };
         }
         read
@@ -204,10 +222,19 @@ impl FfnKernel {
     }
 
     /// TEAL on the input-major layout: `x_i` below `tx` dropped, `h = silu(gate x) * (up x)` as a
-    /// sum of the kept inputs' columns, `h_j` below `th` dropped, `y = down h`. The neurons are
-    /// split between the threads (each owns a range of every column: no shared output), and each
-    /// adds its neurons' share of `y`. Returns the inputs and the neurons kept.
-    fn columns(&self, isa: Isa, x: &[f32], tx: f32, th: f32, y: &mut [f32]) -> (usize, usize) {
+    /// sum of the kept inputs' columns, `h_j` below `th` dropped, `y = down h`. With `blocks`, only
+    /// those neuron ranges run, each neuron's `h_j` (after the threshold) times its range's weight.
+    /// The neurons are split between the threads (each owns a range of every column: no shared
+    /// output), and each adds its neurons' share of `y`. Returns the inputs and the neurons kept.
+    fn columns(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        tx: f32,
+        th: f32,
+        blocks: Option<&[(Range<usize>, f32)]>,
+        y: &mut [f32],
+    ) -> (usize, usize) {
         let mut kept = Vec::with_capacity(x.len());
         let mut xs = Vec::with_capacity(x.len());
         for (i, &v) in x.iter().enumerate() {
@@ -219,7 +246,21 @@ impl FfnKernel {
         let parts = &self.parts;
         let kept_h = par_sum(parts.len(), y, |p, yp| {
             let r = parts[p].clone();
-            with_ffn!(self, (g, _u, d) => columns_part(isa, g, d, self.hidden, &kept, &xs, th, r, yp))
+            // The pieces of this thread's range that run, offsets within it, and their weights.
+            let pieces: Vec<(Range<usize>, f32)> = match blocks {
+                None => vec![(0..r.len(), 1.0)],
+                Some(b) => b
+                    .iter()
+                    .filter_map(|(b, w)| {
+                        let (s, e) = (b.start.max(r.start), b.end.min(r.end));
+                        (s < e).then(|| (s - r.start..e - r.start, *w))
+                    })
+                    .collect(),
+            };
+            if pieces.is_empty() {
+                return 0;
+            }
+            with_ffn!(self, (g, _u, d) => columns_part(isa, g, d, self.hidden, &kept, &xs, th, r, &pieces, yp))
         });
         (kept.len(), kept_h)
     }
@@ -360,9 +401,10 @@ impl Ahead {
     }
 }
 
-/// One thread's share of [`FfnKernel::columns`], neurons `r`: the kept columns' pieces added
-/// eight per pass (the f32 sums of `r` loaded and stored once per eight columns), then the down
-/// rows of the kept neurons. Returns the neurons kept (`|h_j| >= th`).
+/// One thread's share of [`FfnKernel::columns`], neurons `r`: for each piece of `r` that runs
+/// (offsets within `r`, with its weight), the kept columns' slices added eight per pass (the f32
+/// sums loaded and stored once per eight columns), then the down rows of the kept neurons.
+/// Returns the neurons kept (`|h_j| >= th`).
 #[allow(clippy::too_many_arguments)]
 fn columns_part<T: Elem>(
     isa: Isa,
@@ -373,45 +415,75 @@ fn columns_part<T: Elem>(
     xs: &[f32],
     th: f32,
     r: Range<usize>,
+    pieces: &[(Range<usize>, f32)],
     y: &mut [f32],
 ) -> usize {
     let mut gs = vec![0f32; r.len()];
     let mut us = vec![0f32; r.len()];
     // This thread's block: `[hidden, 2 * r.len()]` from `2 * r.start * hidden`.
     let block = at(g, 2 * r.start * hd, 2 * hd * r.len());
-    columns_sum(isa, block, r.len(), kept, xs, &mut gs, &mut us);
     let mut count = 0;
-    let pairs = gs.iter().zip(&us).enumerate().filter_map(|(k, (&g, &u))| {
-        let h = silu(g) * u;
-        (h.abs() >= th).then(|| {
-            count += 1;
-            ((r.start + k) as u32, h)
-        })
-    });
-    let pairs: Vec<(u32, f32)> = pairs.collect();
+    let mut pairs: Vec<(u32, f32)> = Vec::new();
+    for (c, w) in pieces {
+        columns_sum(
+            isa,
+            block,
+            r.len(),
+            c.clone(),
+            kept,
+            xs,
+            &mut gs[c.clone()],
+            &mut us[c.clone()],
+        );
+        for k in c.clone() {
+            let h = silu(gs[k]) * us[k];
+            if h.abs() >= th {
+                count += 1;
+                pairs.push(((r.start + k) as u32, h * w));
+            }
+        }
+    }
     down_nonzero(isa, d, hd, pairs.into_iter(), y);
     count
 }
 
-/// `gs += sum_k xs[k] * gate_{kept[k]}` and `us += sum_k xs[k] * up_{kept[k]}`, where row `i` of
-/// `m` is `gate_i` then `up_i` (each `len` long): eight rows per pass, so the sums are loaded and
-/// stored once per eight, the next eight rows prefetched meanwhile.
-fn columns_sum<T: Elem>(isa: Isa, m: &[T], len: usize, kept: &[u32], xs: &[f32], gs: &mut [f32], us: &mut [f32]) {
+/// `gs += sum_k xs[k] * gate_{kept[k]}[c]` and `us += sum_k xs[k] * up_{kept[k]}[c]`, where row
+/// `i` of `m` is `gate_i` then `up_i` (each `len` long) and `c` the columns that run: eight rows
+/// per pass, so the sums are loaded and stored once per eight, the next eight rows' slices
+/// prefetched meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn columns_sum<T: Elem>(
+    isa: Isa,
+    m: &[T],
+    len: usize,
+    c: Range<usize>,
+    kept: &[u32],
+    xs: &[f32],
+    gs: &mut [f32],
+    us: &mut [f32],
+) {
     let row = |k: usize| at(m, kept[k] as usize * 2 * len, 2 * len);
+    let gate = |k: usize| &row(k)[c.clone()];
+    let up = |k: usize| &row(k)[len + c.start..len + c.end];
     let n = kept.len();
     let mut k = 0;
     while k + 8 <= n {
         for q in k + 8..(k + 16).min(n) {
-            prefetch(row(q));
+            if c.len() == len {
+                prefetch(row(q));
+            } else {
+                prefetch(gate(q));
+                prefetch(up(q));
+            }
         }
         let a: [f32; 8] = std::array::from_fn(|q| xs[k + q]);
-        axpy_rows(isa, a, std::array::from_fn(|q| &row(k + q)[..len]), gs);
-        axpy_rows(isa, a, std::array::from_fn(|q| &row(k + q)[len..]), us);
+        axpy_rows(isa, a, std::array::from_fn(|q| gate(k + q)), gs);
+        axpy_rows(isa, a, std::array::from_fn(|q| up(k + q)), us);
         k += 8;
     }
     for (q, &a) in xs.iter().enumerate().skip(k) {
-        axpy_rows(isa, [a], [&row(q)[..len]], gs);
-        axpy_rows(isa, [a], [&row(q)[len..]], us);
+        axpy_rows(isa, [a], [gate(q)], gs);
+        axpy_rows(isa, [a], [up(q)], us);
     }
 }
 

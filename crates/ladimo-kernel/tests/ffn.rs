@@ -40,7 +40,9 @@ fn weights_of(dtype: Dtype, hd: usize, f: usize) -> Weights {
 fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
     let (hidden, inter) = (w.hd, w.f);
     let x: Vec<f64> = match sel {
-        Selection::Teal { x: tx, .. } => x.iter().map(|&v| if v.abs() >= *tx { v as f64 } else { 0.0 }).collect(),
+        Selection::Teal { x: tx, .. } | Selection::TealBlocks { x: tx, .. } => {
+            x.iter().map(|&v| if v.abs() >= *tx { v as f64 } else { 0.0 }).collect()
+        }
         _ => x.iter().map(|&v| v as f64).collect(),
     };
     let row = |m: &[f32], j: usize| -> f64 { (0..hidden).map(|i| m[j * hidden + i] as f64 * x[i]).sum() };
@@ -48,7 +50,7 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
     match sel {
         Selection::All | Selection::Cats { .. } | Selection::Teal { .. } => scale.fill(1.0),
         Selection::Neurons(k) => k.iter().for_each(|&j| scale[j as usize] = 1.0),
-        Selection::Blocks(b) => {
+        Selection::Blocks(b) | Selection::TealBlocks { blocks: b, .. } => {
             for (r, wt) in &b[t] {
                 r.clone().for_each(|j| scale[j] += *wt as f64);
             }
@@ -64,7 +66,7 @@ fn reference(w: &Weights, x: &[f32], sel: &Selection, t: usize) -> Vec<f64> {
         let h = a * row(&w.up, j);
         let keep = match sel {
             Selection::Cats { gate } => a.abs() >= *gate as f64,
-            Selection::Teal { h: th, .. } => h.abs() >= *th as f64,
+            Selection::Teal { h: th, .. } | Selection::TealBlocks { h: th, .. } => h.abs() >= *th as f64,
             _ => true,
         };
         if keep {
@@ -141,6 +143,12 @@ fn odd_sizes_match_the_f64_loop() {
                 for size in [1, 3, 16] {
                     let r = routes_of(f, size, n);
                     check_shape(dtype, hd, f, &Selection::Blocks(&r), n, &format!("experts of {size}"));
+                    let sel = Selection::TealBlocks {
+                        x: 0.4,
+                        h: 0.02,
+                        blocks: &r,
+                    };
+                    check_shape(dtype, hd, f, &sel, n, &format!("TEAL in experts of {size}"));
                 }
             }
         }
@@ -159,6 +167,14 @@ fn every_selection_matches_the_f64_loop_on_the_same_weights() {
             for size in [1, 2, 3, 4, 8, 16, 32, 64] {
                 let r = routes(size, n);
                 check(dtype, &Selection::Blocks(&r), n, &format!("experts of {size}"));
+                for (tx, th) in [(0.0, 0.0), (0.4, 0.02)] {
+                    let sel = Selection::TealBlocks {
+                        x: tx,
+                        h: th,
+                        blocks: &r,
+                    };
+                    check(dtype, &sel, n, &format!("TEAL {tx}/{th} in experts of {size}"));
+                }
             }
         }
     }
@@ -257,6 +273,17 @@ fn the_parameters_read_follow_each_policy() {
     let kept_x = x.iter().filter(|v| v.abs() >= 0.4).count();
     let teal = t.forward(&x, 1, &Selection::Teal { x: 0.4, h: 0.0 }, &mut y);
     assert_eq!(teal, (2 * INTER * kept_x + HIDDEN * INTER) as f64);
+    // TEAL inside experts: gate and up read for the run neurons' kept inputs, down for every run
+    // neuron (h threshold 0).
+    let in_experts = Selection::TealBlocks {
+        x: 0.4,
+        h: 0.0,
+        blocks: &r,
+    };
+    assert_eq!(
+        t.forward(&x, 1, &in_experts, &mut y),
+        (2 * neurons * kept_x + HIDDEN * neurons) as f64
+    );
 }
 
 #[test]

@@ -19,10 +19,10 @@
 //! `3 * hidden * f_e` weights, so a token reads `R + sum_{e run} (2 f_e kept_x + hidden kept_h(e))`
 //! (the shared experts counted among the experts that run). [`RoutingStats::threshold_saved`]
 //! sums, over tokens, what the thresholds kept from being read; with thresholds of 0 nothing is
-//! zeroed and the output is the plain block's, bit for bit. The thresholds run on the burn path
-//! (masked dense products: the exact reference a sparse kernel must reproduce); the host kernel
-//! stores an expert's gate/up neuron-major and cannot skip input columns, so a block with
-//! thresholds does not take it.
+//! zeroed and the output is the plain block's, bit for bit. On the burn path the thresholds are
+//! masked dense products (the exact reference); a block with thresholds keeps its host kernel's
+//! gate/up input-major ([`ladimo_kernel::Selection::TealBlocks`]), so a zeroed `x_i` skips one
+//! contiguous slice of each run expert's columns and a zeroed `h_j` one row of its down.
 
 use std::sync::Mutex;
 
@@ -557,7 +557,8 @@ pub fn check_predictor_rank(rank: usize, hidden: usize) -> Result<(), MoeError> 
 
 /// An MoE block's weights for host-side decode: the router (f32) and every neuron of the shared
 /// and routed experts in one [`ladimo_kernel::FfnKernel`], each expert a contiguous block of
-/// neurons (so a chosen expert is one contiguous read of gate, up and down).
+/// neurons (neuron-major: a chosen expert is one contiguous read of gate, up and down;
+/// input-major, for TEAL thresholds: one contiguous slice per kept input).
 #[derive(Debug)]
 struct MoeKernel {
     /// The low-rank router's first map (rank x hidden), when there is one.
@@ -570,7 +571,7 @@ struct MoeKernel {
 }
 
 impl MoeKernel {
-    fn new(p: &MoeParams, dtype: ladimo_kernel::Dtype) -> Self {
+    fn new(p: &MoeParams, dtype: ladimo_kernel::Dtype, layout: ladimo_kernel::GateUpLayout) -> Self {
         let [r, e] = p.router.weight.dims();
         let predictor = p.predictor.as_ref().map(|q| {
             let [h, r] = q.weight.dims();
@@ -596,15 +597,7 @@ impl MoeKernel {
             predictor,
             router: ladimo_kernel::Matrix::transposed(e, r, &to_vec(p.router.weight.val()), ladimo_kernel::Dtype::F32),
             router_bias: p.router.bias.as_ref().map(|b| to_vec(b.val())),
-            ffn: ladimo_kernel::FfnKernel::new(
-                &gate,
-                &up,
-                &down,
-                h,
-                inter,
-                dtype,
-                ladimo_kernel::GateUpLayout::NeuronMajor,
-            ),
+            ffn: ladimo_kernel::FfnKernel::new(&gate, &up, &down, h, inter, dtype, layout),
             shared,
             experts,
         }
@@ -859,7 +852,21 @@ impl MoeBlock {
             Self::check_sparsity(s)?;
         }
         self.sparsity = sparsity;
+        // The host kernel's gate/up layout follows: input-major with thresholds.
+        if let Some(k) = &self.host
+            && k.ffn.layout != self.kernel_layout()
+        {
+            self.host = Some(MoeKernel::new(&self.params, k.ffn.dtype(), self.kernel_layout()));
+        }
         Ok(())
+    }
+
+    /// How the host kernel stores gate and up: input-major when thresholds skip input columns.
+    fn kernel_layout(&self) -> ladimo_kernel::GateUpLayout {
+        match self.sparsity {
+            Some(_) => ladimo_kernel::GateUpLayout::InputMajor,
+            None => ladimo_kernel::GateUpLayout::NeuronMajor,
+        }
     }
 
     pub fn sparsity(&self) -> Option<&Sparsity> {
@@ -954,11 +961,10 @@ impl MoeBlock {
     /// Sparse dispatch on flattened tokens `x: [tokens, hidden]`: each expert runs once, on the
     /// tokens routed to it, and the weighted outputs are scatter-added. Up to [`FEW_TOKENS`]
     /// tokens take the decode path instead (not differentiable in the router; training calls
-    /// [`MoeParams::forward_sparse`], which is). TEAL thresholds, if set, apply on both paths;
-    /// a block with thresholds never takes the host kernel (see the module header).
+    /// [`MoeParams::forward_sparse`], which is). TEAL thresholds, if set, apply on every path.
     pub fn forward_tokens(&self, x: Tensor<2>) -> Result<Tensor<2>, MoeError> {
         let n = x.dims()[0];
-        if n <= KERNEL_TOKENS && self.host.is_some() && self.sparsity.is_none() {
+        if n <= KERNEL_TOKENS && self.host.is_some() {
             let [_, h] = x.dims();
             let device = x.device();
             let y = self.forward_kernel(&to_vec(x), n).expect("host kernel present")?;
@@ -1053,14 +1059,9 @@ impl MoeBlock {
     /// The decode path on the host kernel (`x: [n, hidden]`), when [`FeedForward::prepare_host`]
     /// has built it: router on the host, then only the chosen experts' neuron blocks (and the
     /// shared experts) are read. The same function as [`MoeBlock::forward_tokens`].
-    ///
-    /// `None` when the block has TEAL thresholds: the kernel stores each expert's gate and up
-    /// neuron-major (an expert is one contiguous run of rows), so it cannot skip the columns of
-    /// zeroed `x` entries; such a block runs on burn ([`MoeBlock::forward_tokens`]).
+    /// With TEAL thresholds the kernel reads, of each expert that runs, only the kept inputs'
+    /// slices of gate and up and the kept neurons' rows of down (the module header's rule).
     pub fn forward_kernel(&self, x: &[f32], n: usize) -> Option<Result<Vec<f32>, MoeError>> {
-        if self.sparsity.is_some() {
-            return None;
-        }
         let k = self.host.as_ref()?;
         let e = self.num_experts();
         let mut probs = vec![0f32; n * e];
@@ -1105,8 +1106,23 @@ impl MoeBlock {
             })
             .collect();
         let mut y = vec![0f32; x.len()];
-        k.ffn.forward(x, n, &ladimo_kernel::Selection::Blocks(&blocks), &mut y);
-        self.record(&load, n, 0.0);
+        let saved = match self.teal() {
+            None => {
+                k.ffn.forward(x, n, &ladimo_kernel::Selection::Blocks(&blocks), &mut y);
+                0.0
+            }
+            Some((tx, th)) => {
+                let sel = ladimo_kernel::Selection::TealBlocks {
+                    x: tx,
+                    h: th,
+                    blocks: &blocks,
+                };
+                let read = k.ffn.forward(x, n, &sel, &mut y);
+                let run: usize = blocks.iter().flatten().map(|(r, _)| r.len()).sum();
+                (3 * k.ffn.hidden * run) as f64 - read
+            }
+        };
+        self.record(&load, n, saved);
         Some(Ok(y))
     }
 
@@ -1165,7 +1181,7 @@ impl FeedForward for MoeBlock {
             .iter()
             .chain(self.params.shared.as_ref())
             .any(biased);
-        self.host = (!any_bias).then(|| MoeKernel::new(&self.params, dtype));
+        self.host = (!any_bias).then(|| MoeKernel::new(&self.params, dtype, self.kernel_layout()));
     }
 
     fn describe(&self) -> String {

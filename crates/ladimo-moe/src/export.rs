@@ -7,14 +7,14 @@
 //! | `ladimo` | ladimo | everything but dense layers' sparsity (that stays in `policy.toml`) |
 //! | `mixtral` | transformers, vLLM (`MixtralForCausalLM`) | one top-k everywhere, Mixtral's combine rule, no shared experts |
 //! | `granitemoe` | transformers, vLLM (`GraniteMoeSharedForCausalLM`) | the same with always-on shared experts; HyperCLOVA X's muP scalars |
-//! | `hf-remote` | transformers with `trust_remote_code` (`modeling_ladimo.py` in the folder) | everything: per-layer policies, top-p, confidence, Unit / Raw weights, router bias, dense and sparse (static, CATS, TEAL) layers |
+//! | `hf-remote` | transformers with `trust_remote_code` (`modeling_ladimo.py` in the folder) | everything: per-layer policies, top-p, confidence, Unit / Raw weights, router bias, dense and sparse (static, CATS, TEAL) layers, TEAL thresholds inside MoE experts |
 //! | `gguf` | llama.cpp: `llama` with `*_exps` tensors, or `granitemoe` with `*_shexp` | what `mixtral` / `granitemoe` carry; F16 or Q8_0 |
 //!
 //! A low-rank router (a predictor in front of it) goes to every format but `ladimo` as its
 //! product, one full router: the same logits exactly, with more parameters.
 //!
-//! No format carries TEAL thresholds inside MoE experts yet: a model with them is refused by
-//! every format, naming the layers (the thresholds stay in the policy file).
+//! Only `hf-remote` carries TEAL thresholds inside MoE experts: every other format refuses a
+//! model with them, naming the layers (ladimo keeps them in the policy file).
 //!
 //! Mixtral's rule (GraniteMoe's too, and llama.cpp's for both architectures): the router's top-k
 //! logits, softmax over those k. That is ladimo's `Renormalized` weights with one `TopK` in every
@@ -205,8 +205,8 @@ fn layers(model: &Transformer) -> Result<Vec<Layer<'_>>, String> {
         .collect()
 }
 
-/// For each MoE layer with TEAL thresholds inside its experts, a phrase naming it (what no
-/// format carries yet).
+/// For each MoE layer with TEAL thresholds inside its experts, a phrase naming it (what only
+/// `hf-remote` carries).
 fn thresholded_layers(layers: &[Layer]) -> Vec<String> {
     layers
         .iter()
@@ -510,15 +510,15 @@ pub fn export(
         missing,
         suggestion: suggestion(opts.format, cfg, &layers),
     };
-    // No format (ladimo's own included) carries thresholds inside MoE experts yet: refuse rather
-    // than write a model that runs without them.
+    // Only hf-remote carries thresholds inside MoE experts (ladimo's own format keeps them in the
+    // policy file): refuse rather than write a model that runs without them.
     let thresholded = thresholded_layers(&layers);
-    if !thresholded.is_empty() {
+    if !thresholded.is_empty() && opts.format != Format::HfRemote {
         return Err(ExportError::Cannot {
             format: opts.format,
             missing: thresholded,
-            suggestion: "no export format carries them yet: export without them (a policy file without \
-                         `sparsity` on MoE layers) and pass the policy file to ladimo with --policy"
+            suggestion: "`hf-remote` (transformers with trust_remote_code) carries them exactly; ladimo runs \
+                         them from the policy file (--policy)"
                 .into(),
         });
     }
@@ -718,6 +718,8 @@ fn write_hf_remote(
                     "router_bias": has_bias, "policy": b.policy,
                     // The combine scale is folded into the routed down projections.
                     "weights": b.combine.weights,
+                    // TEAL thresholds inside the experts that run, or null.
+                    "sparsity": b.sparsity(),
                 }));
             }
         }
@@ -1105,7 +1107,7 @@ pub fn write_stock_beside(ckpt: &Checkpoint, model: &Transformer, folder: &Path)
     let thresholded = layers(model).map(|l| thresholded_layers(&l)).unwrap_or_default();
     let text = match best_stock_format(model) {
         _ if !thresholded.is_empty() => format!(
-            "No export format carries TEAL thresholds inside MoE experts yet ({}); ladimo runs them with policy.toml.",
+            "No stock format carries TEAL thresholds inside MoE experts ({}); ladimo runs them with policy.toml, and `ladimo export FOLDER --policy policy.toml --format hf-remote` writes a transformers folder (trust_remote_code) that carries them exactly.",
             thresholded.join("; ")
         ),
         Ok(Format::Mixtral) => "The checkpoint is itself a MixtralForCausalLM (transformers, vLLM).".to_string(),

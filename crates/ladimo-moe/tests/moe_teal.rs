@@ -176,11 +176,26 @@ fn teal_inside_experts_equals_a_masked_host_loop_and_counts_each_weight_read() {
                 let st = moe.stats();
                 assert_eq!(st.tokens as usize, n);
                 assert!(st.threshold_saved > 0.0, "{what}");
-                // A prepared host kernel cannot run the thresholds: the block stays on burn.
+                // The host kernel (gate/up input-major) runs the same thresholds, counts the same
+                // weights read, and is what the block's decode path takes.
                 moe.prepare_host(ladimo_kernel::Dtype::F32);
-                assert!(moe.forward_host(&xv, n).is_none(), "{what}");
-                let again = to_vec(moe.forward_tokens(x).unwrap());
-                assert!(rel_err(&again, &want) <= 1e-5, "{what}: with a host kernel prepared");
+                moe.reset_stats();
+                let on_kernel = moe.forward_host(&xv, n).expect("a host kernel").unwrap();
+                let e = rel_err(&on_kernel, &want);
+                assert!(e <= 1e-5, "{what}: host kernel relative error {e}");
+                // (Its sums run in another order: an h entry at the threshold may fall the other
+                // way, a down row of HIDDEN weights; allow two.)
+                let active = moe.active_params_per_token();
+                assert!(
+                    (active - per_token).abs() <= (2 * HIDDEN) as f64,
+                    "{what}: kernel counts {active}, weight by weight {per_token}"
+                );
+                assert_eq!(to_vec(moe.forward_tokens(x.clone()).unwrap()), on_kernel, "{what}");
+                // Removing the thresholds puts the kernel back to neuron-major, the plain block.
+                moe.set_sparsity(None).unwrap();
+                let plain = moe.forward_host(&xv, n).expect("a host kernel").unwrap();
+                let (want_plain, _) = host_block(&w, k, &xv, 0.0, 0.0);
+                assert!(rel_err(&plain, &want_plain) <= 1e-5, "{what}: without thresholds");
             }
         }
     }
@@ -451,8 +466,13 @@ fn a_policy_file_carries_teal_inside_moe_layers() {
         set_sparsity(&mut direct, l, Some(s.clone())).unwrap();
     }
     assert_eq!(to_vec(direct.forward(ids0.clone()).unwrap()), via_file);
-    // No export format carries the thresholds: every one refuses, naming the layers.
-    for format in Format::ALL {
+    // Only hf-remote carries the thresholds (tests/export.rs runs it in transformers): every
+    // other format refuses, naming the layers, and writes nothing.
+    let remote = dir.path().join("export-remote");
+    export(&ckpt, &model, &ExportOptions::new(Format::HfRemote), &remote).unwrap();
+    let config = std::fs::read_to_string(remote.join("config.json")).unwrap();
+    assert!(config.contains("\"Teal\""), "{config}");
+    for format in Format::ALL.into_iter().filter(|f| *f != Format::HfRemote) {
         let out = dir.path().join(format!("export-{format:?}"));
         let err = export(&ckpt, &model, &ExportOptions::new(format), &out)
             .unwrap_err()
@@ -470,7 +490,9 @@ fn a_policy_file_carries_teal_inside_moe_layers() {
     std::fs::create_dir(&beside).unwrap();
     let said = ladimo_moe::export::write_stock_beside(&ckpt, &model, &beside).unwrap();
     assert!(
-        said.contains("No export format carries TEAL thresholds") && said.contains("layer 1"),
+        said.contains("No stock format carries TEAL thresholds")
+            && said.contains("layer 1")
+            && said.contains("hf-remote"),
         "{said}"
     );
     assert_eq!(std::fs::read_dir(&beside).unwrap().count(), 1, "only stock-export.txt");

@@ -7,7 +7,10 @@ Attention, norms, embeddings and the head are transformers' classes; each layer 
   Confidence; most probable first, ties to the lower index); each chosen expert's output weighted
   by the combine rule (Unit: 1, Raw: its probability, Renormalized: its probability over the
   chosen ones' sum); plus the always-on shared experts. Any combine scale is already folded into
-  the routed experts' down projections.
+  the routed experts' down projections. With `sparsity` (TEAL inside the experts,
+  crates/ladimo-moe/src/block.rs header): the router sees the unthresholded input; then
+  `x_i = 0` where `|x_i| < x`, once, for every expert that runs (shared ones included), and inside
+  each of them `h_j = 0` where `|h_j| < h`, before its down projection and combine weight.
 - `sparse`: a dense SwiGLU FFN with activation sparsity (Static neuron set, CATS, TEAL).
 
 Written by `ladimo export --format hf-remote`; the same rules as crates/ladimo-moe (block.rs,
@@ -80,6 +83,14 @@ class LadimoMoe(nn.Module):
         self.shared = SwiGlu(hidden, spec["shared"], bias) if spec["shared"] else None
         self.policy = spec["policy"]
         self.weights = spec["weights"]
+        self.sparsity = spec.get("sparsity")
+
+    def run(self, expert, x):
+        """One expert on its tokens, with the in-expert TEAL `h` threshold when there is one."""
+        if self.sparsity is None:
+            return expert(x)
+        h = expert.activation(x)
+        return expert.down_proj(h.masked_fill(h.abs() < self.sparsity["h"], 0.0))
 
     def counts(self, sorted_probs):
         """How many experts each token runs, from its probabilities sorted high to low."""
@@ -117,12 +128,16 @@ class LadimoMoe(nn.Module):
             w = w / w.sum(dim=-1, keepdim=True)
         else:
             raise ValueError(f"unknown combine weights {self.weights}")
-        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        if self.sparsity is not None:
+            if self.sparsity["type"] != "Teal":
+                raise ValueError(f"only TEAL runs inside experts, not {self.sparsity['type']}")
+            x = x.masked_fill(x.abs() < self.sparsity["x"], 0.0)
+        out = self.run(self.shared, x) if self.shared is not None else torch.zeros_like(x)
         for i, expert in enumerate(self.experts):
             idx = chosen[:, i].nonzero().squeeze(-1)
             if idx.numel() == 0:
                 continue
-            y = expert(x[idx])
+            y = self.run(expert, x[idx])
             if w is not None:
                 y = y * w[idx, i, None].to(y.dtype)
             out = out.index_add(0, idx, y)
