@@ -87,8 +87,8 @@ def main():
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     theirs_text = tok.decode([t for t in new if t not in eos])
-    # ladimo holds back an incomplete UTF-8 tail (shown as U+FFFD by a whole decode).
-    theirs_text = theirs_text.rstrip("\ufffd")
+    # A continuation cut inside a UTF-8 character ends in U+FFFD on either side.
+    ours_text, theirs_text = ours_text.rstrip("\ufffd"), theirs_text.rstrip("\ufffd")
     same = ours_text == theirs_text
 
     print(f"{type(model).__name__} from {a.export}")

@@ -266,6 +266,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })?
             .len();
+            // The generation is over: whatever tail was held back is printed as it decodes.
+            if let Ok(s) = tok.decode(&out)
+                && s.len() > shown
+                && s.is_char_boundary(shown)
+            {
+                print!("{}", &s[shown..]);
+            }
             println!();
             let secs = t.elapsed().as_secs_f64();
             eprintln!(
