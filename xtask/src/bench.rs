@@ -33,6 +33,10 @@ pub enum Bench {
         /// With --moe: replace every layer's policy by this one (TOML, e.g. `{type="TopK",k=6}`).
         #[arg(long, requires = "moe")]
         policy: Option<String>,
+        /// With --moe: apply this policy file (e.g. OUT/policy.toml: per-layer routing, and TEAL
+        /// thresholds inside the experts, which ladimo's checkpoint format does not hold).
+        #[arg(long, requires = "moe", conflicts_with = "policy")]
+        policy_file: Option<std::path::PathBuf>,
         /// With --moe: both models' weights in this type (rounded as they load), decode on the
         /// host kernels, as `ladimo --dtype` and convert's report (eval.dtype). Default: burn, f32.
         #[arg(long, requires = "moe")]
@@ -90,6 +94,7 @@ pub fn run(b: Bench) -> Result<()> {
             python,
             moe,
             policy,
+            policy_file,
             dtype,
             sparse,
             dtypes,
@@ -105,7 +110,15 @@ pub fn run(b: Bench) -> Result<()> {
                 sizes,
                 python,
             }),
-            Some(dir) => forward_moe(&dir, policy.as_deref(), dtype, prompt_len, decode_tokens, repeats),
+            Some(dir) => forward_moe(
+                &dir,
+                policy.as_deref(),
+                policy_file.as_deref(),
+                dtype,
+                prompt_len,
+                decode_tokens,
+                repeats,
+            ),
             None => forward(prompt_len, decode_tokens, repeats, python),
         },
         Bench::Moe {
@@ -208,6 +221,7 @@ fn forward(prompt_len: usize, decode_tokens: usize, repeats: usize, python: Opti
 fn forward_moe(
     dir: &std::path::Path,
     policy: Option<&str>,
+    policy_file: Option<&std::path::Path>,
     dtype: Option<ladimo_model::Dtype>,
     prompt_len: usize,
     decode: usize,
@@ -230,6 +244,9 @@ fn forward_moe(
                 b.set_policy(p.clone())?;
             }
         }
+    }
+    if let Some(f) = policy_file {
+        ladimo_moe::PolicyFile::read(f)?.apply(&mut moe, f)?;
     }
     let t = Instant::now();
     moe.prepare_prefill();

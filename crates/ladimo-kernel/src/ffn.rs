@@ -246,16 +246,28 @@ impl FfnKernel {
         let parts = &self.parts;
         let kept_h = par_sum(parts.len(), y, |p, yp| {
             let r = parts[p].clone();
-            // The pieces of this thread's range that run, offsets within it, and their weights.
+            // The pieces of this thread's range that run, offsets within it, and their weights;
+            // neighbours of one weight (Unit combine: every piece) merged into one longer read.
             let pieces: Vec<(Range<usize>, f32)> = match blocks {
                 None => vec![(0..r.len(), 1.0)],
-                Some(b) => b
-                    .iter()
-                    .filter_map(|(b, w)| {
-                        let (s, e) = (b.start.max(r.start), b.end.min(r.end));
-                        (s < e).then(|| (s - r.start..e - r.start, *w))
-                    })
-                    .collect(),
+                Some(b) => {
+                    let mut v: Vec<(Range<usize>, f32)> = b
+                        .iter()
+                        .filter_map(|(b, w)| {
+                            let (s, e) = (b.start.max(r.start), b.end.min(r.end));
+                            (s < e).then(|| (s - r.start..e - r.start, *w))
+                        })
+                        .collect();
+                    v.sort_by_key(|(c, _)| c.start);
+                    let mut merged: Vec<(Range<usize>, f32)> = Vec::with_capacity(v.len());
+                    for (c, w) in v {
+                        match merged.last_mut() {
+                            Some((m, mw)) if m.end == c.start && *mw == w => m.end = c.end,
+                            _ => merged.push((c, w)),
+                        }
+                    }
+                    merged
+                }
             };
             if pieces.is_empty() {
                 return 0;
