@@ -120,8 +120,9 @@ impl Default for Stage1Config {
 pub struct Stage2Config {
     /// What to profile and how (`ladimo_profile::ProfileConfig`, its fields directly under
     /// `[stage2]`): tokens, seq_len, top_p_grid, tau_grid, latency_tokens, latency_repeats,
-    /// uniform_k, sensitivity_k, sensitivity_tokens, sensitivity_context, teal_sparsities (off by
-    /// default: candidates with TEAL thresholds inside the experts).
+    /// uniform_k, sensitivity_k, sensitivity_tokens, sensitivity_context, teal_sparsities
+    /// (candidates with TEAL thresholds inside the experts; here 0.1 to 0.5, where
+    /// `ladimo profile` leaves them out).
     #[serde(flatten)]
     pub profile: ProfileConfig,
     /// What the chosen policies may activate (`ladimo_profile::Budget`): `of` = ffn-params,
@@ -145,11 +146,20 @@ pub struct Stage2Config {
 impl Default for Stage2Config {
     fn default() -> Self {
         Self {
-            profile: ProfileConfig::default(),
+            profile: ProfileConfig {
+                teal_sparsities: vec![0.1, 0.2, 0.3, 0.4, 0.5],
+                ..ProfileConfig::default()
+            },
             budget: Budget::default(),
             cost: Cost::SensitivityKl,
             fixed_policy: None,
-            polish: FinetuneConfig::default(),
+            polish: FinetuneConfig {
+                epochs: 1,
+                max_steps: 30,
+                lr: 1e-4,
+                teacher_top_k: 128,
+                ..FinetuneConfig::default()
+            },
         }
     }
 }
