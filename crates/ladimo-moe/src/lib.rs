@@ -39,5 +39,5 @@ pub use checkpoint::{
 pub use error::MoeError;
 pub use host::HostFfn;
 pub use policy::{Policy, RoutingPolicy};
-pub use policy_file::{PolicyFile, model_fingerprint};
+pub use policy_file::{PolicyFile, fingerprint_matches, model_fingerprint};
 pub use sparsity::{Method as SparsityMethod, SparseFfn, Sparsity};

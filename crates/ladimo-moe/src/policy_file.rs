@@ -83,9 +83,21 @@ pub enum PolicyFileError {
 }
 
 /// Identifies an MoE model by what routing depends on: the config, and each MoE layer's router
-/// and expert shapes (hex SHA-256, 16 characters). Profiles and policy files carry it so that one
-/// made for another model is refused.
+/// (its weights rounded to f16) and expert shapes (hex SHA-256, 16 characters). Profiles and
+/// policy files carry it so that one made for another model is refused. The rounding makes the
+/// model loaded with f16 weights (`--dtype f16`, which rounds the routers as it reads them) the
+/// same model as in f32: rounding to f16 twice is rounding once.
 pub fn model_fingerprint(model: &Transformer) -> String {
+    fingerprint_with(model, |v| ladimo_model::Dtype::F16.round(v))
+}
+
+/// Whether `fp` (from a profile or policy file) names `model`: [`model_fingerprint`], or the
+/// exact-router fingerprint that files written before session 31 carry.
+pub fn fingerprint_matches(model: &Transformer, fp: &str) -> bool {
+    fp == model_fingerprint(model) || fp == fingerprint_with(model, |v| v)
+}
+
+fn fingerprint_with(model: &Transformer, round: impl Fn(f32) -> f32) -> String {
     let mut h = ladimo_io::hash::Hasher::new();
     h.update(serde_json::to_vec(&model.config).unwrap_or_default());
     for layer in 0..model.layers.len() {
@@ -95,7 +107,7 @@ pub fn model_fingerprint(model: &Transformer) -> String {
                 h.update((e.intermediate_size() as u64).to_le_bytes());
             }
             for v in ladimo_model::util::to_vec(b.params.router.weight.val()) {
-                h.update(v.to_le_bytes());
+                h.update(round(v).to_le_bytes());
             }
         }
     }
@@ -136,8 +148,8 @@ impl PolicyFile {
             path: path.to_path_buf(),
             msg,
         };
-        let fp = model_fingerprint(model);
-        if self.model != fp {
+        if !fingerprint_matches(model, &self.model) {
+            let fp = model_fingerprint(model);
             return Err(bad(format!("made for model {}, but this model is {fp}", self.model)));
         }
         let n = model.layers.len();

@@ -703,8 +703,8 @@ pub fn add_sensitivity(
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(), ProfileError> {
     let start = Instant::now();
-    let fp = ladimo_moe::model_fingerprint(moe);
-    if fp != profile.model {
+    if !ladimo_moe::fingerprint_matches(moe, &profile.model) {
+        let fp = ladimo_moe::model_fingerprint(moe);
         return Err(ProfileError::Invalid(format!(
             "the profile is of model {}, not of this one ({fp})",
             profile.model
