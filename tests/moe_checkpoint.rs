@@ -72,6 +72,15 @@ fn roundtrip(name: &str, blocks: impl Fn(&Checkpoint, usize) -> Option<MoeBlock>
     let d = max_abs_diff(&got, &want) / scale;
     assert!(d < 1e-5, "{name}: reloaded MoE logits differ by {d} (relative)");
     assert_eq!(model_fingerprint(&model), model_fingerprint(&loaded));
+    // Loaded with f16 weights (`--dtype f16` rounds the routers as it reads them) it is the same
+    // model to a policy file or profile.
+    let f16 = ladimo_model::open_rounded(&out, ladimo_model::Dtype::F16).unwrap();
+    let f16 = ladimo_moe::checkpoint::load_model_from(&f16, &device()).unwrap();
+    assert_eq!(model_fingerprint(&f16), model_fingerprint(&loaded), "{name}");
+    assert!(
+        ladimo_moe::fingerprint_matches(&f16, &model_fingerprint(&model)),
+        "{name}"
+    );
     // No temporary folder is left beside the output.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
