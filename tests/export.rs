@@ -127,6 +127,39 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A proof script's verdict on an exact export: logits within 1e-3 and the same greedy text.
+fn assert_exact(r: &serde_json::Value) {
+    assert!(
+        r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
+        "{r}"
+    );
+}
+
+/// TEAL thresholds calibrated on one window to zero 40% of each layer's x and h (inside the
+/// experts that run, in an MoE layer), with `policy(layer)` as the routing, written to
+/// `dir/policy.toml` and applied to `model`. Returns the file's path.
+fn apply_teal_policy(model: &mut Transformer, dir: &Path, policy: impl Fn(usize) -> Option<Policy>) -> PathBuf {
+    let window: Vec<u32> = (0..128).map(|i| (i * 37 % 500) as u32).collect();
+    let sp = calibrate(model, &[&window], Method::Teal, 0.6, |_, _| {}).unwrap();
+    let file = PolicyFile {
+        model: model_fingerprint(model),
+        note: "test".into(),
+        layers: sp
+            .into_iter()
+            .enumerate()
+            .map(|(layer, s)| LayerPolicy {
+                layer,
+                policy: policy(layer),
+                sparsity: Some(s),
+            })
+            .collect(),
+    };
+    let pf = dir.join("policy.toml");
+    file.write(&pf).unwrap();
+    file.apply(model, &pf).unwrap();
+    pf
+}
+
 #[test]
 fn renormalized_uniform_top_k_with_shared_experts_exports_exactly_to_granitemoe_remote_and_gguf() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,10 +215,7 @@ fn renormalized_uniform_top_k_with_shared_experts_exports_exactly_to_granitemoe_
 
     for folder in [&granite, &remote] {
         if let Some(r) = script("check_hf_export.py", &[s(&src), s(folder)]) {
-            assert!(
-                r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
-                "{r}"
-            );
+            assert_exact(&r);
         }
     }
     let text = ladimo_io::fetch::cache_dir().join("data/en/persuasion.txt");
@@ -257,10 +287,7 @@ fn unit_weights_and_per_layer_policies_need_hf_remote_or_an_approximation() {
         r.approximations
     );
     if let Some(r) = script("check_hf_export.py", &[s(&src), s(&remote)]) {
-        assert!(
-            r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
-            "{r}"
-        );
+        assert_exact(&r);
     }
     // The approximation's cost is measured, not bounded.
     script("check_hf_export.py", &[s(&src), s(&approx), "--approximate"]);
@@ -272,24 +299,7 @@ fn dense_layers_with_teal_sparsity_export_to_hf_remote_exactly() {
     let path = fixture("tiny-llama3");
     let ckpt = Checkpoint::open(&path).unwrap();
     let mut model = ladimo_moe::checkpoint::load_model_from(&ckpt, &device()).unwrap();
-    let window: Vec<u32> = (0..128).map(|i| (i * 37 % 500) as u32).collect();
-    let sp = calibrate(&mut model, &[&window], Method::Teal, 0.6, |_, _| {}).unwrap();
-    let file = PolicyFile {
-        model: model_fingerprint(&model),
-        note: "test".into(),
-        layers: sp
-            .into_iter()
-            .enumerate()
-            .map(|(layer, s)| LayerPolicy {
-                layer,
-                policy: None,
-                sparsity: Some(s),
-            })
-            .collect(),
-    };
-    let pf = dir.path().join("policy.toml");
-    file.write(&pf).unwrap();
-    file.apply(&mut model, &pf).unwrap();
+    let pf = apply_teal_policy(&mut model, dir.path(), |_| None);
     // ladimo's format keeps sparsity in the policy file: refused, pointing at hf-remote.
     let err = export(&ckpt, &model, &opts(Format::Ladimo), &dir.path().join("l"))
         .unwrap_err()
@@ -298,10 +308,7 @@ fn dense_layers_with_teal_sparsity_export_to_hf_remote_exactly() {
     let remote = dir.path().join("remote");
     export(&ckpt, &model, &opts(Format::HfRemote), &remote).unwrap();
     if let Some(r) = script("check_hf_export.py", &[s(&path), s(&remote), "--policy", s(&pf)]) {
-        assert!(
-            r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
-            "{r}"
-        );
+        assert_exact(&r);
     }
 }
 
@@ -318,32 +325,11 @@ fn teal_thresholds_inside_moe_experts_export_to_hf_remote_exactly() {
     ];
     let src = moe_checkpoint(dir.path(), "moe", CombineWeights::Unit, &policies);
     let (ckpt, mut model) = load(&src);
-    let window: Vec<u32> = (0..128).map(|i| (i * 37 % 500) as u32).collect();
-    // Thresholds that zero 40% of each layer's x and of the run experts' h.
-    let sp = calibrate(&mut model, &[&window], Method::Teal, 0.6, |_, _| {}).unwrap();
-    let file = PolicyFile {
-        model: model_fingerprint(&model),
-        note: "test".into(),
-        layers: sp
-            .into_iter()
-            .enumerate()
-            .map(|(layer, s)| LayerPolicy {
-                layer,
-                policy: Some(policies[layer % policies.len()].clone()),
-                sparsity: Some(s),
-            })
-            .collect(),
-    };
-    let pf = dir.path().join("policy.toml");
-    file.write(&pf).unwrap();
-    file.apply(&mut model, &pf).unwrap();
+    let pf = apply_teal_policy(&mut model, dir.path(), |l| Some(policies[l % policies.len()].clone()));
     let remote = dir.path().join("remote");
     export(&ckpt, &model, &opts(Format::HfRemote), &remote).unwrap();
     if let Some(r) = script("check_hf_export.py", &[s(&src), s(&remote), "--policy", s(&pf)]) {
-        assert!(
-            r["max_abs_diff"].as_f64().unwrap() < 1e-3 && r["greedy_equal"] == true,
-            "{r}"
-        );
+        assert_exact(&r);
     }
     // The thresholds matter: the same export without them computes something else.
     let plain = dir.path().join("plain");

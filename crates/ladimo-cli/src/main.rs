@@ -146,9 +146,10 @@ pub(crate) fn load(
     let mut model = ladimo_moe::checkpoint::load_model_from(ckpt, &ladimo_backend::device())?;
     if let Some(p) = policy {
         ladimo_moe::PolicyFile::read(p)?.apply(&mut model, p)?;
-    } else if let Some(beside) = Some(ckpt.path.join("policy.toml")).filter(|p| p.is_file()) {
+    } else if ckpt.path.join("policy.toml").is_file() {
         // convert and sparsify write the thresholds (and per-layer routing) there, which the
         // checkpoint itself may not hold: say so rather than run another model silently.
+        let beside = ckpt.path.join("policy.toml");
         tracing::warn!(
             "{} is not applied: the model runs as its checkpoint stores it (`--policy {}` runs it as \
              convert / sparsify measured it)",

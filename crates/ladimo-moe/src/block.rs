@@ -1106,23 +1106,18 @@ impl MoeBlock {
             })
             .collect();
         let mut y = vec![0f32; x.len()];
-        let saved = match self.teal() {
-            None => {
-                k.ffn.forward(x, n, &ladimo_kernel::Selection::Blocks(&blocks), &mut y);
-                0.0
-            }
-            Some((tx, th)) => {
-                let sel = ladimo_kernel::Selection::TealBlocks {
-                    x: tx,
-                    h: th,
-                    blocks: &blocks,
-                };
-                let read = k.ffn.forward(x, n, &sel, &mut y);
-                let run: usize = blocks.iter().flatten().map(|(r, _)| r.len()).sum();
-                (3 * k.ffn.hidden * run) as f64 - read
-            }
+        let sel = match self.teal() {
+            None => ladimo_kernel::Selection::Blocks(&blocks),
+            Some((tx, th)) => ladimo_kernel::Selection::TealBlocks {
+                x: tx,
+                h: th,
+                blocks: &blocks,
+            },
         };
-        self.record(&load, n, saved);
+        let read = k.ffn.forward(x, n, &sel, &mut y);
+        // What the thresholds kept from being read (0 without them: the blocks are read whole).
+        let run: usize = blocks.iter().flatten().map(|(r, _)| r.len()).sum();
+        self.record(&load, n, (3 * k.ffn.hidden * run) as f64 - read);
         Some(Ok(y))
     }
 
