@@ -249,6 +249,14 @@ impl ConvertConfig {
         let mut unknown = Vec::new();
         unknown_keys(&value, &read, "", &mut unknown);
         if !unknown.is_empty() {
+            // A field set to what its serialization skips (e.g. `teal_sparsities = []`) is
+            // absent from `read`; the built-in default names it.
+            let known = toml::Table::try_from(ConvertConfig::default()).context("serializing the default")?;
+            let mut not_in_default = Vec::new();
+            unknown_keys(&value, &known, "", &mut not_in_default);
+            unknown.retain(|k| not_in_default.contains(k));
+        }
+        if !unknown.is_empty() {
             bail!("{name}: invalid config: unknown field(s) {}", unknown.join(", "));
         }
         cfg.resolve_paths(&base);

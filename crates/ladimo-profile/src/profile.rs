@@ -71,6 +71,7 @@ pub struct ProfileConfig {
     /// thresholds that zero these shares (each in (0, 1)) of the layer's x and of h over the
     /// experts that run, calibrated per layer on the profiled tokens. See [`profile_model`].
     #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub teal_sparsities: Vec<f64>,
 }
 
